@@ -1,0 +1,112 @@
+"""Files: finding a checkpoint (file, directory or hub repo id), reading its tensors, and writing
+files atomically so that an interrupted save never leaves a half-written file behind."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call `write(tmp_path)` then rename tmp_path over `path` (atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def write_safetensors(state_dict: dict, path: str | Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file or of a torch checkpoint (`.pth`, `.bin`: loaded with
+    weights_only=True; an mmseg `{"state_dict": ...}` wrapper is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
+        return obj
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file, or truncated ({e})") from None
+
+
+def resolve(source: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) for a file, a directory, or a hub repo id.
+
+    Hub ids go through huggingface_hub, so its cache, HF_HOME, HF_HUB_OFFLINE=1 and tokens apply."""
+    path = Path(source)
+    if path.is_file():
+        config = path.parent / "config.json"
+        return path, config if path.name in WEIGHT_FILES and config.is_file() else None
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                config = path / "config.json"
+                return path / name, config if config.is_file() else None
+        raise FileNotFoundError(f"{path}: directory holds none of {', '.join(WEIGHT_FILES)}")
+    if _looks_like_path(str(source)):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    return _download(str(source))
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+            or Path(source).suffix in TORCH_SUFFIXES + (".safetensors",))
+
+
+def _download(repo_id: str) -> tuple[Path, Path | None]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    def fetch(filename):
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: not cached, and offline
+            raise
+        except EntryNotFoundError:  # the repository has no such file
+            return None
+
+    try:
+        config = fetch("config.json")
+        for name in WEIGHT_FILES:
+            weights = fetch(name)
+            if weights is not None:
+                return weights, config
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo_id}: neither a local path nor a repository on the hub") from None
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
+                                f"(offline mode or no network): {e}") from None
+    raise FileNotFoundError(f"{repo_id}: the repository holds none of {', '.join(WEIGHT_FILES)}")

@@ -1,0 +1,148 @@
+"""SegFormer settings: one dataclass, one table of variants (B0..B5), and the mapping to the
+`config.json` that transformers writes and reads.
+
+The variants come from Table 6 of the paper (Xie et al., 2021, "SegFormer: Simple and Efficient
+Design for Semantic Segmentation with Transformers"): they share heads (1, 2, 5, 8), reduction
+ratios (8, 4, 2, 1), patch sizes (7, 3, 3, 3) and strides (4, 2, 2, 2), and differ in widths,
+depths and the decoder width.
+"""
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+VARIANTS = {
+    #       hidden_sizes            depths          decoder_hidden_size
+    "b0": ((32, 64, 160, 256), (2, 2, 2, 2), 256),
+    "b1": ((64, 128, 320, 512), (2, 2, 2, 2), 256),
+    "b2": ((64, 128, 320, 512), (3, 4, 6, 3), 768),
+    "b3": ((64, 128, 320, 512), (3, 4, 18, 3), 768),
+    "b4": ((64, 128, 320, 512), (3, 8, 27, 3), 768),
+    "b5": ((64, 128, 320, 512), (3, 6, 40, 3), 768),
+}
+
+
+@dataclass
+class SegFormerConfig:
+    # Mix Transformer encoder: one entry per stage.
+    hidden_sizes: tuple[int, ...] = (32, 64, 160, 256)
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)  # the paper's R is sr_ratio**2 (a strided conv per axis)
+    patch_sizes: tuple[int, ...] = (7, 3, 3, 3)
+    strides: tuple[int, ...] = (4, 2, 2, 2)
+    mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)
+    in_channels: int = 3
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly over all blocks
+    dropout: float = 0.0  # after the attention output and inside Mix-FFN (transformers: hidden_dropout_prob)
+    attention_dropout: float = 0.0
+    # All-MLP decoder.
+    decoder_hidden_size: int = 256
+    classifier_dropout: float = 0.1
+    num_labels: int = 150
+    id2label: dict[int, str] = field(default_factory=dict)  # empty: LABEL_<i> names
+
+    def __post_init__(self):
+        for name in ("hidden_sizes", "depths", "num_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios"):
+            value = tuple(int(v) for v in getattr(self, name))
+            if len(value) != len(self.hidden_sizes):
+                raise ValueError(f"config.{name} has {len(value)} entries, expected one per stage ({len(self.hidden_sizes)})")
+            setattr(self, name, value)
+        for width, heads in zip(self.hidden_sizes, self.num_heads):
+            if width % heads:
+                raise ValueError(f"hidden size {width} is not divisible by its {heads} attention heads")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        if self.id2label and sorted(self.id2label) != list(range(self.num_labels)):
+            raise ValueError(f"id2label must name the classes 0..{self.num_labels - 1}, got ids {sorted(self.id2label)[:10]}...")
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "SegFormerConfig":
+        if name.lower() not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+        hidden_sizes, depths, decoder_hidden_size = VARIANTS[name.lower()]
+        base = cls(hidden_sizes=hidden_sizes, depths=depths, decoder_hidden_size=decoder_hidden_size)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            overrides["id2label"] = {}
+        return replace(base, **overrides)
+
+    @property
+    def variant(self) -> str | None:
+        """'b0'..'b5' when the widths, depths and decoder width are those of a variant, else None."""
+        for name, (hidden_sizes, depths, decoder_hidden_size) in VARIANTS.items():
+            if (self.hidden_sizes, self.depths, self.decoder_hidden_size) == (hidden_sizes, depths, decoder_hidden_size):
+                return name
+        return None
+
+    def label_names(self) -> list[str]:
+        return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+
+    # ---- transformers' config.json -------------------------------------------------------------
+
+    def to_hf_dict(self) -> dict:
+        """The `config.json` of `SegformerForSemanticSegmentation` for these settings."""
+        names = self.label_names()
+        return {
+            "architectures": ["SegformerForSemanticSegmentation"],
+            "model_type": "segformer",
+            "num_channels": self.in_channels,
+            "num_encoder_blocks": len(self.hidden_sizes),
+            "hidden_sizes": list(self.hidden_sizes),
+            "depths": list(self.depths),
+            "num_attention_heads": list(self.num_heads),
+            "sr_ratios": list(self.sr_ratios),
+            "patch_sizes": list(self.patch_sizes),
+            "strides": list(self.strides),
+            "mlp_ratios": list(self.mlp_ratios),
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "drop_path_rate": self.drop_path_rate,
+            "classifier_dropout_prob": self.classifier_dropout,
+            "decoder_hidden_size": self.decoder_hidden_size,
+            "initializer_range": 0.02,
+            "layer_norm_eps": 1e-6,
+            "reshape_last_stage": True,
+            "semantic_loss_ignore_index": 255,
+            "num_labels": self.num_labels,
+            "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)},
+        }
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, *, source: str = "config.json") -> "SegFormerConfig":
+        """Read a transformers `SegformerConfig` dict; fields it lacks keep transformers' defaults."""
+        if hf.get("model_type", "segformer") != "segformer":
+            raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'segformer'")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
+        if hf.get("reshape_last_stage", True) is not True:
+            raise ValueError(f"{source}: reshape_last_stage=False is not supported")
+        mapping = {  # our field <- transformers' key
+            "in_channels": "num_channels", "hidden_sizes": "hidden_sizes", "depths": "depths",
+            "num_heads": "num_attention_heads", "sr_ratios": "sr_ratios", "patch_sizes": "patch_sizes",
+            "strides": "strides", "mlp_ratios": "mlp_ratios", "dropout": "hidden_dropout_prob",
+            "attention_dropout": "attention_probs_dropout_prob", "drop_path_rate": "drop_path_rate",
+            "classifier_dropout": "classifier_dropout_prob", "decoder_hidden_size": "decoder_hidden_size",
+        }
+        kwargs = {ours: hf[theirs] for ours, theirs in mapping.items() if theirs in hf}
+        id2label = {int(k): v for k, v in hf.get("id2label", {}).items()}
+        kwargs["num_labels"] = int(hf.get("num_labels", len(id2label) or 2))
+        if _is_default_names(id2label):
+            id2label = {}
+        kwargs["id2label"] = id2label
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SegFormerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown SegFormerConfig keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+def _is_default_names(id2label: dict[int, str]) -> bool:
+    return all(name == f"LABEL_{i}" for i, name in id2label.items())

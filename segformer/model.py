@@ -1,0 +1,132 @@
+"""SegFormer = Mix Transformer encoder + all-MLP decoder, with loading and saving of checkpoints.
+
+    model = SegFormer.from_pretrained("nvidia/segformer-b0-finetuned-ade-512-512")  # or a dir / file
+    logits = model(pixel_values)  # (B, 3, H, W) -> (B, num_labels, ceil(H/4), ceil(W/4))
+"""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, layouts
+from .config import SegFormerConfig
+from .decoder import AllMLPDecoder
+from .encoder import MixTransformer
+
+
+class SegFormer(nn.Module):
+    def __init__(self, config: SegFormerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = MixTransformer(config)
+        self.decoder = AllMLPDecoder(config)
+        self.apply(_init_weights)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(pixel_values))  # (B, num_labels, H/4, W/4)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.config.label_names()))
+
+    @classmethod
+    def from_variant(cls, name: str = "b0", **overrides) -> "SegFormer":
+        """A freshly initialised variant ('b0'..'b5'); keyword arguments override config fields."""
+        return cls(SegFormerConfig.from_variant(name, **overrides))
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, num_labels: int | None = None,
+                        id2label: dict[int, str] | None = None, **overrides) -> "SegFormer":
+        """Load a checkpoint in any layout (see `layouts.py`) from a `.safetensors` or `.pth` file, a
+        directory holding `model.safetensors` (+ `config.json`), or a hub repo id.
+
+        The settings come from `config.json` when there is one, else from the weights' shapes. Asking
+        for another `num_labels` than the checkpoint's re-initialises the classifier; an encoder-only
+        checkpoint (ImageNet) gets a fresh decoder. Both are reported in one line. Missing,
+        unexpected or mis-shaped weights raise an error naming them."""
+        weights_path, config_path = checkpoint.resolve(source)
+        state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(weights_path), source=str(weights_path))
+
+        if config_path is not None:
+            try:
+                hf = json.loads(Path(config_path).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            config = SegFormerConfig.from_hf_dict(hf, source=str(config_path))
+        else:
+            config = layouts.infer_config(state_dict)
+        has_head = "decoder.classifier.weight" in state_dict
+        changes, notes = dict(overrides), []
+        if id2label is not None:
+            changes["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+            num_labels = len(id2label) if num_labels is None else num_labels
+        if num_labels is None and not has_head:
+            num_labels = 150  # no head to read it from: ADE20K-sized, the common fine-tuning target
+        if num_labels is not None and num_labels != config.num_labels:
+            changes["num_labels"] = num_labels
+            changes.setdefault("id2label", {})
+            if has_head:
+                notes.append(f"the classifier is re-initialised for {num_labels} labels "
+                             f"(the checkpoint's has {state_dict['decoder.classifier.weight'].shape[0]})")
+                state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.classifier.")}
+        config = replace(config, **changes)
+
+        model = cls(config)
+        missing_ok = "decoder.classifier."
+        if not any(k.startswith("decoder.") for k in state_dict):
+            missing_ok = "decoder."
+            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): the decode head is freshly initialised")
+        model.load_native_state_dict(state_dict, source=str(weights_path), missing_ok=missing_ok)
+        if dropped:
+            notes.append(f"unused weights ignored: {layouts._shorten(dropped, 3)}")
+        if notes:
+            print(f"SegFormer.from_pretrained({source}): " + "; ".join(notes))
+        return model
+
+    def load_native_state_dict(self, state_dict: dict, *, source: str, missing_ok: str | None = None) -> None:
+        """`load_state_dict` that names every missing, unexpected and mis-shaped key (with both
+        shapes). Missing keys under the prefix `missing_ok` keep their fresh initialisation."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict and not (missing_ok and k.startswith(missing_ok))]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+        problems = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                problems.append(f"{len(keys)} {what}: {layouts._shorten(keys)}")
+        if problems:
+            raise layouts.LayoutError(f"{source} does not fit the model {self.config.variant or 'custom'} "
+                                      f"(num_labels={self.config.num_labels}): " + "; ".join(problems))
+        self.load_state_dict(state_dict, strict=False)
+
+    # ---- saving --------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `model.safetensors` (hub layout) and `config.json` so that both this class and
+        `transformers.SegformerForSemanticSegmentation.from_pretrained(directory)` load it."""
+        directory = Path(directory)
+        checkpoint.write_safetensors(layouts.native_to_hf(self.state_dict()), directory / "model.safetensors")
+        checkpoint.write_json(self.config.to_hf_dict(), directory / "config.json")
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The original code's initialisation (NVlabs mix_transformer.py)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
