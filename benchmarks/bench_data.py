@@ -1,0 +1,83 @@
+"""Our evaluation and training transforms vs the reference image processor, side by side, one worker.
+
+    python benchmarks/bench_data.py                                       # generated 640x480 scenes
+    python benchmarks/bench_data.py --folder ../shared/data/ade20k-samples --split validation
+
+Both sides start from the same decoded PIL images and end with pixel_values + labels tensors:
+  reference eval  = SegformerImageProcessor(do_reduce_labels=True)(image, annotation)
+  reference train = the guide's ColorJitter(0.25, 0.25, 0.25, 0.1) on the PIL image, then the processor
+  ours            = SegmentationDataset.__getitem__ (checks, label reduction, transform)
+Prints images/s and the ratio (ours / reference; > 1 means we are faster)."""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, ".")
+from data.dataset import SegmentationDataset  # noqa: E402
+from data.sources import open_source  # noqa: E402
+from data.transforms import build_transform  # noqa: E402
+
+
+def generated(n, height=480, width=640):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = []
+    for i in range(n):
+        image = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], -1) + rng.integers(0, 30, (height, width, 3))
+        label = (xx // 40 + yy // 40 * 3 + i) % 151
+        out.append((Image.fromarray(image.clip(0, 255).astype(np.uint8)), Image.fromarray(label.astype(np.uint8)), f"gen{i}"))
+    return out
+
+
+def rate(fn, items, repeats):
+    fn(items[0])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for item in items:
+            fn(item)
+    return repeats * len(items) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", help="an ADE-layout folder to read images from (default: generated images)")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--n", type=int, default=16, help="number of generated images")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one worker, one thread: what a DataLoader worker gets
+
+    from torchvision.transforms import ColorJitter
+    from transformers import SegformerImageProcessor
+    processor = SegformerImageProcessor(do_reduce_labels=True)
+    jitter = ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.1)
+
+    if args.folder:
+        source = open_source(args.folder, args.split, train=False)
+        items = [source[i] for i in range(len(source))]
+    else:
+        items = generated(args.n)
+    print(f"{len(items)} images, e.g. {items[0][0].size[0]}x{items[0][0].size[1]}; torch threads = 1")
+
+    ours_eval = SegmentationDataset(items, build_transform(train=False), train=False, num_labels=150)
+    ours_train = SegmentationDataset(items, build_transform(train=True), train=True, num_labels=150)
+    index = {id(item): i for i, item in enumerate(items)}
+    rows = [
+        ("evaluation", lambda it: processor(images=it[0], segmentation_maps=it[1], return_tensors="pt"),
+         lambda it: ours_eval[index[id(it)]]),
+        ("training (guide)", lambda it: processor(images=jitter(it[0]), segmentation_maps=it[1], return_tensors="pt"),
+         lambda it: ours_train[index[id(it)]]),
+    ]
+    print(f"{'':18}{'reference':>14}{'ours':>14}{'ratio':>8}")
+    for name, reference, ours in rows:
+        ref_rate, our_rate = rate(reference, items, args.repeats), rate(ours, items, args.repeats)
+        print(f"{name:18}{ref_rate:>9.1f} img/s{our_rate:>9.1f} img/s{our_rate / ref_rate:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

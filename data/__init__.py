@@ -1,0 +1,55 @@
+"""Data for SegFormer: sources (synthetic scenes, ADE-layout folders, Hugging Face datasets), joint
+image/mask transforms identical to the reference image processor, and the DataLoader.
+
+    from data import build_dataset, build_loader
+    ds = build_dataset("synthetic", split="validation", train=False, num_labels=7, size=128)
+    ds[0]  # {"pixel_values": float (3, H, W), "labels": int64 (H, W)}
+    loader = build_loader(ds, batch_size=2, shuffle=True, num_workers=2, seed=0)
+"""
+
+from .dataset import SegmentationDataset, build_loader, collate
+from .sources import DataError, open_source
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .transforms import IGNORE_INDEX, build_transform, reduce_labels
+
+SYNTHETIC_SIZE = 128  # the synthetic scenes are rendered at 128x128, their default training size
+
+
+def build_dataset(source: str, split: str = "validation", *, train: bool = False, num_labels: int | None = None,
+                  reduce_labels: bool | None = None, size: int | None = None, recipe: str = "guide",
+                  eval_mode: str = "resize", test_size: float | None = None, split_seed: int = 0,
+                  image_column: str = "image", annotation_column: str = "annotation", seed: int = 0,
+                  skip_bad: bool = False, class_names=None) -> SegmentationDataset:
+    """A dataset yielding what the guide's transformed dataset yields.
+
+    source: "synthetic", an ADE-layout folder, a `save_to_disk` directory, parquet file(s) (a glob is
+        fine) or a hub dataset id (`scene_parse_150` is read through its parquet export).
+    split: a split expression, "train", "validation", "train[:50]", "train[:10%]".
+    train: training transform (`recipe` "guide" or "paper") and shuffling; else the evaluation
+        transform (`eval_mode` "resize", the processor's 512x512 squash, or "aspect", the paper's).
+    num_labels: classes after reduction (150 for ADE20K; the synthetic set's 7 by default).
+    reduce_labels: 0 -> 255, k -> k-1 (default on: ADE convention, also the synthetic set's).
+    test_size: hold out this fraction of `split` by `train_test_split(test_size, seed=split_seed)`
+        and take its train part when `train`, its test part otherwise (the guide uses 0.2).
+    seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising.
+    """
+    samples = open_source(source, split, train=train, test_size=test_size, split_seed=split_seed,
+                          image_column=image_column, annotation_column=annotation_column)
+    if len(samples) == 0:
+        raise DataError(f"{source}: split {split!r} is empty")
+    if source == "synthetic":
+        num_labels = num_labels or len(SYNTHETIC_CLASSES)
+        size = size or SYNTHETIC_SIZE
+        class_names = class_names or SYNTHETIC_CLASSES
+    if num_labels is None:
+        num_labels = 150
+        from segformer.labels import ADE20K_CLASSES
+        class_names = class_names or ADE20K_CLASSES
+    transform = build_transform(train=train, recipe=recipe, size=size or 512, eval_mode=eval_mode)
+    return SegmentationDataset(samples, transform, train=train, num_labels=num_labels,
+                               reduce_labels=True if reduce_labels is None else reduce_labels, seed=seed,
+                               skip_bad=skip_bad, class_names=class_names)
+
+
+__all__ = ["build_dataset", "build_loader", "collate", "SegmentationDataset", "DataError", "IGNORE_INDEX",
+           "SYNTHETIC_CLASSES", "reduce_labels", "open_source"]

@@ -1,0 +1,160 @@
+"""The PyTorch `Dataset` and `DataLoader`: decoding checks, label reduction, transforms, seeding.
+
+Every sample is checked before it reaches a model: the image decodes, the annotation is a single
+channel label map of the image's size, and after reduction every label is a class id or 255. A bad
+sample raises a `DataError` naming it; with `skip_bad=True` it is skipped with a warning instead
+and counted (`SegmentationDataset.skipped` in the main process, `batch["skipped"]` from workers).
+
+Augmentation is repeatable: sample `i` of epoch `e` is transformed under a torch generator seeded
+from (seed, e, i), whatever the number of workers or processes. The sampler hands the epoch to the
+workers along with each index, so this also holds with persistent workers.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .sources import DataError
+from .transforms import IGNORE_INDEX, reduce_labels
+
+ANNOTATION_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
+
+
+def image_to_tensor(image: Image.Image, name: str) -> torch.Tensor:
+    """Any PIL mode -> RGB uint8 (3, H, W). 16- and 32-bit greys are scaled to 8 bits; alpha is dropped."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        array = np.repeat(grey.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    elif image.mode == "F":
+        array = np.repeat(np.asarray(image).clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DataError(f"{name}: cannot convert image of mode {image.mode} to RGB")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def annotation_to_tensor(annotation: Image.Image, name: str) -> torch.Tensor:
+    """A single-channel label map (L, P, I;16) -> (H, W) tensor of the values as stored (palette
+    indices for P): uint8 for 8-bit maps, int64 for 16-bit ones."""
+    if annotation.mode not in ANNOTATION_MODES:
+        raise DataError(f"{name}: annotation has mode {annotation.mode!r} ({len(annotation.getbands())} channels); "
+                        f"expected a single-channel label map (L, P or I;16)")
+    array = np.asarray(annotation)
+    return torch.from_numpy(array.copy() if array.dtype == np.uint8 else array.astype(np.int64))
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, transform, *, train: bool, num_labels: int, reduce_labels: bool = True,
+                 seed: int = 0, skip_bad: bool = False, class_names=None):
+        self.samples, self.transform, self.train = samples, transform, train
+        self.num_labels, self.reduce_labels, self.seed, self.skip_bad = num_labels, reduce_labels, seed, skip_bad
+        self.class_names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_labels)]
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        """`ds[i]`, or `ds[(epoch, i)]` as the sampler of `build_loader` asks for it."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        try:
+            image, labels = self.load(index)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            self.skipped += 1
+            warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
+            return None
+        with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            pixel_values, labels = self.transform(image, labels)
+        return {"pixel_values": pixel_values, "labels": labels.long()}
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded, checked and label-reduced sample: uint8 (3, H, W) image, (H, W) labels."""
+        image, annotation, name = self.samples[index]
+        image = image_to_tensor(image, name)
+        labels = annotation_to_tensor(annotation, name)
+        if image.shape[-2:] != labels.shape:
+            raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
+                            f"{image.shape[2]}x{image.shape[1]}")
+        if self.reduce_labels:
+            labels = reduce_labels(labels)
+        bad = labels[(labels >= self.num_labels) & (labels != IGNORE_INDEX)].unique()
+        if len(bad):
+            raise DataError(f"{name}: label values {bad.tolist()[:10]} (after reduction={self.reduce_labels}) are "
+                            f"not class ids 0..{self.num_labels - 1} nor {IGNORE_INDEX} (ignored); check num_labels "
+                            f"and reduce_labels")
+        return image, labels
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack into `pixel_values` (B, 3, H, W) and `labels` (B, H, W); skipped samples are dropped and
+    counted in `skipped`."""
+    kept = [s for s in samples if s is not None]
+    batch = {"skipped": len(samples) - len(kept)}
+    if kept:
+        sizes = {tuple(s["pixel_values"].shape) for s in kept} | {tuple(s["labels"].shape) for s in kept}
+        if len(sizes) > 2:
+            raise DataError(f"samples of different sizes cannot be stacked ({sorted(sizes)}); use batch_size=1 "
+                            f"for the aspect-preserving evaluation")
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in kept])
+        batch["labels"] = torch.stack([s["labels"] for s in kept])
+    return batch
+
+
+class EpochSampler(DistributedSampler):
+    """`DistributedSampler` (one process: num_replicas=1) that yields (epoch, index) pairs and can
+    start part-way through an epoch, for an exact resume."""
+
+    def __init__(self, dataset, *, shuffle: bool, seed: int, drop_last: bool):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Resume at sample `start` (counted on this process) of `epoch`."""
+        self.set_epoch(epoch)
+        self.start = start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle or self.drop_last:
+            return list(super().__iter__())
+        # Evaluation: every sample exactly once over all processes (DistributedSampler would pad with
+        # repeats to even out the shards, and the repeats would count twice in the metric).
+        return list(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __iter__(self):
+        indices = self._indices()[self.start:]
+        self.start = 0
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return len(self._indices()) - self.start
+
+
+def build_loader(dataset: SegmentationDataset, batch_size: int = 2, *, shuffle: bool | None = None,
+                 num_workers: int = 0, seed: int = 0, drop_last: bool | None = None,
+                 pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over `dataset` with an `EpochSampler` (call `loader.sampler.set_epoch(e)` each
+    epoch, as with DistributedSampler). Defaults follow the dataset: shuffling and drop_last for
+    training, neither for evaluation."""
+    train = dataset.train
+    sampler = EpochSampler(dataset, shuffle=train if shuffle is None else shuffle, seed=seed,
+                           drop_last=train if drop_last is None else drop_last)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=train if drop_last is None else drop_last,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,228 @@
+"""Where samples come from. Each source is a sequence of `(image, annotation, name)` where image and
+annotation are PIL images (not yet checked or converted) and name identifies the sample in errors:
+a file path, or `dataset[index]`.
+
+* `"synthetic"`: the built-in procedural scenes (`synthetic.py`).
+* a folder in the ADEChallengeData2016 layout, `images/{training,validation}/*.jpg` +
+  `annotations/{training,validation}/*.png` paired by stem, or a flat `images/` + `annotations/`;
+* Hugging Face datasets: a hub id, a `save_to_disk` directory, or parquet files.
+
+Split expressions take the `datasets` form: `train`, `train[:50]`, `train[10:20]`, `train[:10%]`.
+When the requested split does not exist and the source has a single split (a folder of parquet
+files, one saved Dataset, a flat folder), that split is divided with the guide's
+`train_test_split(test_size=0.2, seed=0)`: `train=True` takes its train part, otherwise its test part.
+"""
+
+import io
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import SyntheticScenes
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+ADE_SPLITS = {"train": "training", "training": "training", "validation": "validation", "val": "validation",
+              "test": "validation"}
+# The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
+# automatic parquet export of it (revision refs/convert/parquet, config "scene_parsing") is read instead.
+PARQUET_EXPORTS = {"scene_parse_150": "zhoubolei/scene_parse_150", "zhoubolei/scene_parse_150": "zhoubolei/scene_parse_150"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the sample or file."""
+
+
+def parse_split(split: str) -> tuple[str, slice | None, bool]:
+    """'train[10:20%]' -> ('train', slice, is_percent)."""
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*", split)
+    if not m:
+        raise ValueError(f"cannot parse split {split!r}; expected e.g. 'train', 'train[:50]', 'validation[:10%]'")
+    name, start, p1, stop, p2 = m.groups()
+    if start is None and stop is None and not p1 and not p2 and "[" not in split:
+        return name, None, False
+    return name, slice(int(start) if start else None, int(stop) if stop else None), bool(p1 or p2)
+
+
+def apply_slice(indices: list[int], sl: slice | None, percent: bool) -> list[int]:
+    if sl is None:
+        return indices
+    if percent:
+        n = len(indices)
+        sl = slice(None if sl.start is None else round(sl.start * n / 100),
+                   None if sl.stop is None else round(sl.stop * n / 100))
+    return indices[sl]
+
+
+def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> list[int]:
+    """The guide's `Dataset.train_test_split(test_size, seed=seed)`, applied to the sample indices: the
+    same parts that call gives on the real dataset, whatever the source."""
+    from datasets import Dataset
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be between 0 and 1, got {test_size}")
+    parts = Dataset.from_dict({"index": indices}).train_test_split(test_size=test_size, seed=seed)
+    return list(parts["train" if train else "test"]["index"])
+
+
+class Subset:
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+        self.class_names = getattr(source, "class_names", None)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+class FolderSource:
+    """Image/annotation pairs matched by file stem, ordered by stem."""
+
+    def __init__(self, images_dir: Path, annotations_dir: Path):
+        images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        annotations = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        lonely = sorted(set(images) ^ set(annotations))
+        if lonely:
+            listing = [str(images.get(s) or annotations.get(s)) for s in lonely]
+            raise DataError(f"{len(lonely)} unpaired files (an image without annotation or the reverse): "
+                            + ", ".join(listing[:10]) + (" ..." if len(listing) > 10 else ""))
+        self.pairs = [(images[s], annotations[s]) for s in sorted(images)]
+        self.class_names = None
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        image_path, annotation_path = self.pairs[i]
+        return (_open(image_path.read_bytes(), str(image_path)), _open(annotation_path.read_bytes(), str(annotation_path)),
+                str(image_path))
+
+
+class HFSource:
+    """A `datasets.Dataset` read with its image columns undecoded, so that we decode (and name the
+    sample in any error) ourselves."""
+
+    def __init__(self, dataset, *, image_column: str = "image", annotation_column: str = "annotation", origin: str):
+        from datasets import Image as ImageFeature
+        missing = [c for c in (image_column, annotation_column) if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{origin}: missing column(s) {missing}; the dataset has {dataset.column_names} "
+                            f"(choose them with image_column= / annotation_column=)")
+        for column in (image_column, annotation_column):
+            if isinstance(dataset.features[column], ImageFeature):
+                dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        self.dataset, self.columns, self.origin = dataset, (image_column, annotation_column), origin
+        self.class_names = None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        row = self.dataset[i]
+        name = f"{self.origin}[{i}]"
+        image, annotation = (self._decode(row[c], f"{name} column {c!r}") for c in self.columns)
+        return image, annotation, name
+
+    @staticmethod
+    def _decode(value, name):
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
+            return _open(data, name)
+        raise DataError(f"{name}: expected an image, got {type(value).__name__}")
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    """Decode fully now, so that a corrupt or truncated file fails here with its name."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def open_source(source: str, split: str, *, train: bool, test_size: float | None = None, split_seed: int = 0,
+                image_column: str = "image", annotation_column: str = "annotation", synthetic_size: int = 128):
+    """The samples of `split` of `source` (see module docstring)."""
+    name, sl, percent = parse_split(split)
+    if source == "synthetic":
+        data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train", size=synthetic_size)
+        data.class_names = SYNTHETIC_CLASSES
+        if test_size:
+            raise ValueError("the synthetic set has its own validation split; test_size does not apply")
+        return Subset(data, apply_slice(list(range(len(data))), sl, percent))
+
+    path = Path(source)
+    paths = sorted(Path().glob(source)) if any(ch in source for ch in "*?[") else [path]
+    if path.is_dir() and (path / "images").is_dir() and (path / "annotations").is_dir():
+        data, single = _ade_folder(path, name)
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        data, single = _saved_dataset(path, name, image_column, annotation_column)
+    elif paths and all(p.suffix == ".parquet" for p in paths) or (path.is_dir() and list(path.glob("*.parquet"))):
+        files = [str(p) for p in (sorted(path.glob("*.parquet")) if path.is_dir() else paths)]
+        from datasets import load_dataset
+        dataset = load_dataset("parquet", data_files=files, split="train")
+        data, single = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
+                                origin=str(source)), True
+    elif path.exists():
+        raise DataError(f"{source}: not a dataset; expected 'synthetic', an ADE-layout folder (images/ + "
+                        f"annotations/), a save_to_disk directory, parquet files, or a hub dataset id")
+    else:
+        return _hub_dataset(source, split, train=train, test_size=test_size, split_seed=split_seed,
+                            image_column=image_column, annotation_column=annotation_column)
+
+    indices = list(range(len(data)))
+    if single and test_size is None and name not in ("train", "training", "all"):
+        test_size = 0.2  # one split only: hold out 20% as the guide does
+    indices = apply_slice(indices, sl, percent)
+    if test_size:
+        indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
+    return Subset(data, indices)
+
+
+def _ade_folder(root: Path, split_name: str):
+    images, annotations = root / "images", root / "annotations"
+    if split_name in ADE_SPLITS and (images / ADE_SPLITS[split_name]).is_dir():
+        sub = ADE_SPLITS[split_name]
+        return FolderSource(images / sub, annotations / sub), False
+    if any(p.is_dir() for p in images.iterdir()):
+        raise DataError(f"{root}: no split {split_name!r}; found {sorted(p.name for p in images.iterdir() if p.is_dir())}")
+    return FolderSource(images, annotations), True  # flat layout: one split
+
+
+def _saved_dataset(path: Path, split_name: str, image_column, annotation_column):
+    from datasets import DatasetDict, load_from_disk
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        if split_name in loaded:
+            return HFSource(loaded[split_name], image_column=image_column, annotation_column=annotation_column,
+                            origin=f"{path}:{split_name}"), False
+        if len(loaded) == 1:
+            only = next(iter(loaded))
+            return HFSource(loaded[only], image_column=image_column, annotation_column=annotation_column,
+                            origin=f"{path}:{only}"), True
+        raise DataError(f"{path}: no split {split_name!r}; it has {list(loaded)}")
+    return HFSource(loaded, image_column=image_column, annotation_column=annotation_column, origin=str(path)), True
+
+
+def _hub_dataset(repo_id: str, split: str, *, train, test_size, split_seed, image_column, annotation_column):
+    from datasets import load_dataset
+    name, _, _ = parse_split(split)
+    kwargs = {}
+    if repo_id in PARQUET_EXPORTS:
+        repo_id, kwargs = PARQUET_EXPORTS[repo_id], {"name": "scene_parsing", "revision": "refs/convert/parquet"}
+    try:
+        dataset = load_dataset(repo_id, split=split, **kwargs)
+    except ValueError as e:  # unknown split: fall back to the single train split + a holdout
+        if "split" not in str(e).lower() or name == "train":
+            raise
+        dataset, test_size = load_dataset(repo_id, split="train", **kwargs), test_size or 0.2
+    data = HFSource(dataset, image_column=image_column, annotation_column=annotation_column, origin=f"{repo_id}:{split}")
+    indices = list(range(len(data)))
+    if test_size:
+        indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
+    return Subset(data, indices)

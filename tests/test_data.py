@@ -1,0 +1,232 @@
+"""The data pipeline: sources agree, transforms equal the reference image processor, bad input is named."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DataError, build_dataset, build_loader, reduce_labels
+from data.sources import parse_split
+from data.synthetic import SyntheticScenes
+from data.transforms import PaperTrainTransform, aspect_size
+
+SIZES = [(67, 91), (120, 80), (64, 64), (75, 130), (90, 101)]  # (H, W), none a multiple of 32
+
+
+def make_pairs(n=len(SIZES), num_classes=150):
+    """Images with structure (gradients + noise) and ADE-convention annotations containing 0, 255 and
+    class values up to num_classes."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(n):
+        H, W = SIZES[i % len(SIZES)]
+        yy, xx = np.mgrid[0:H, 0:W]
+        image = np.stack([xx * 255 // W, yy * 255 // H, (xx + yy) % 256], -1) + rng.integers(0, 40, (H, W, 3))
+        label = rng.integers(0, num_classes + 1, (H, W))
+        label[: H // 5] = 0
+        label[-3:] = 255
+        pairs.append((Image.fromarray(image.clip(0, 255).astype(np.uint8)), Image.fromarray(label.astype(np.uint8))))
+    return pairs
+
+
+def write_ade_folder(root, pairs, split="training"):
+    for i, (image, label) in enumerate(pairs):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        image.save(root / "images" / split / f"ADE_{split}_{i:08d}.png")
+        label.save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    return root
+
+
+def hf_dataset(pairs):
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+    features = Features({"image": ImageFeature(), "annotation": ImageFeature()})
+    return Dataset.from_dict({"image": [p[0] for p in pairs], "annotation": [p[1] for p in pairs]}, features=features)
+
+
+def batches(ds, **kwargs):
+    loader = build_loader(ds, batch_size=2, seed=0, **kwargs)
+    return [b for epoch in range(2) if loader.sampler.set_epoch(epoch) is None for b in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
+
+
+def test_label_reduction_is_exact():
+    labels = torch.tensor([0, 1, 2, 150, 254, 255])
+    assert reduce_labels(labels).tolist() == [255, 0, 1, 149, 253, 255]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_every_source_yields_the_same_batches(tmp_path, train):
+    pairs = make_pairs()
+    folder = write_ade_folder(tmp_path / "ade", pairs)
+    hf_dataset(pairs).save_to_disk(str(tmp_path / "saved"))
+    hf_dataset(pairs).to_parquet(str(tmp_path / "part-0.parquet"))
+    common = dict(split="train", train=train, size=64, num_labels=150)
+    from_folder = batches(build_dataset(str(folder), **common))
+    from_disk = batches(build_dataset(str(tmp_path / "saved"), **common))
+    from_parquet = batches(build_dataset(str(tmp_path / "part-0.parquet"), **common))
+    assert_same_batches(from_folder, from_disk)
+    assert_same_batches(from_folder, from_parquet)
+
+
+def test_augmentation_repeats_exactly_whatever_the_workers():
+    ds = build_dataset("synthetic", split="train[:12]", train=True)
+    single = batches(ds, num_workers=0)
+    assert_same_batches(single, batches(ds, num_workers=2))
+    assert not torch.equal(single[0]["pixel_values"], single[len(single) // 2]["pixel_values"])  # epochs differ
+    other_seed = build_loader(build_dataset("synthetic", split="train[:12]", train=True, seed=1), batch_size=2, seed=0)
+    assert not torch.equal(next(iter(other_seed))["pixel_values"], single[0]["pixel_values"])
+
+
+def test_evaluation_transform_equals_the_reference_processor():
+    from transformers import SegformerImageProcessor
+    processor = SegformerImageProcessor(do_reduce_labels=True)
+    pairs = make_pairs()
+    pairs.append((Image.open(io.BytesIO(_jpeg_bytes(pairs[0][0]))), pairs[0][1]))  # a real JPEG too
+    for i, (image, label) in enumerate(pairs):
+        expected = processor(images=image, segmentation_maps=label, return_tensors="pt")
+        got = build_dataset_from_pairs([(image, label)])[0]
+        assert got["pixel_values"].shape == expected["pixel_values"][0].shape == (3, 512, 512)
+        assert torch.equal(got["labels"], expected["labels"][0]), i
+        assert (got["pixel_values"] - expected["pixel_values"][0]).abs().max().item() <= 0.02, i
+
+
+def build_dataset_from_pairs(pairs, **kwargs):
+    from data.dataset import SegmentationDataset
+    from data.transforms import build_transform
+    samples = [(image, label, f"pair{i}") for i, (image, label) in enumerate(pairs)]
+    return SegmentationDataset(samples, build_transform(train=False, **kwargs), train=False, num_labels=150)
+
+
+def _jpeg_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_images_of_any_mode_become_rgb(mode):
+    image, label = make_pairs(1)[0]
+    if mode == "I;16":
+        converted = Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+    else:
+        converted = image.convert(mode)
+    sample = build_dataset_from_pairs([(converted, label)])[0]
+    assert sample["pixel_values"].shape == (3, 512, 512) and torch.isfinite(sample["pixel_values"]).all()
+    if mode == "I;16":  # a 16-bit grey reads as its 8-bit grey
+        grey = build_dataset_from_pairs([(image.convert("L"), label)])[0]["pixel_values"]
+        assert (sample["pixel_values"] - grey).abs().max() < 0.02
+
+
+def test_aspect_mode_keeps_the_annotation_size():
+    image, label = make_pairs(1)[0]  # 67 x 91
+    sample = build_dataset_from_pairs([(image, label)], eval_mode="aspect", size=512)[0]
+    assert sample["pixel_values"].shape == (3, 512, 704)  # 91 * 512 / 67 = 695.4 -> 704
+    assert sample["labels"].shape == (67, 91)
+    assert aspect_size(512, 683, 512) == (512, 672)
+
+
+def test_paper_recipe_crops_pads_and_keeps_labels_discrete():
+    torch.manual_seed(0)
+    image, label = make_pairs(1)[0]
+    transform = PaperTrainTransform(size=96)
+    from data.dataset import annotation_to_tensor, image_to_tensor
+    mask = reduce_labels(annotation_to_tensor(label, "x"))
+    for _ in range(5):
+        pixels, labels = transform(image_to_tensor(image, "x"), mask)
+        assert pixels.shape == (3, 96, 96) and labels.shape == (96, 96)
+        assert set(labels.unique().tolist()) <= set(mask.unique().tolist())  # nearest only, + pad 255
+
+
+def test_split_expressions_and_the_guide_holdout(tmp_path):
+    assert parse_split("train[:50]") == ("train", slice(None, 50), False)
+    assert parse_split("validation[10:20%]") == ("validation", slice(10, 20), True)
+    with pytest.raises(ValueError, match="cannot parse split 'train\\[:x\\]'"):
+        parse_split("train[:x]")
+    pairs = make_pairs(10)
+    hf_dataset(pairs).save_to_disk(str(tmp_path / "one"))
+    train = build_dataset(str(tmp_path / "one"), split="train", train=True, test_size=0.2)
+    test = build_dataset(str(tmp_path / "one"), split="train", train=False, test_size=0.2)
+    assert len(train) == 8 and len(test) == 2
+    reference = hf_dataset(pairs).train_test_split(test_size=0.2, seed=0)  # what the guide's call picks
+    index_of = {np.asarray(image).tobytes(): i for i, (image, _) in enumerate(pairs)}
+    assert test.samples.indices == [index_of[np.asarray(im).tobytes()] for im in reference["test"]["image"]]
+    assert train.samples.indices == [index_of[np.asarray(im).tobytes()] for im in reference["train"]["image"]]
+    # a single-split source asked for "validation" holds out 20% on its own
+    assert len(build_dataset(str(tmp_path / "one"), split="validation")) == 2
+    assert len(build_dataset("synthetic", split="validation[:10]")) == 10
+
+
+def test_flat_folder_and_stem_order(tmp_path):
+    root = tmp_path / "flat"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for stem, (image, label) in zip(["b", "a", "c"], make_pairs(3)):
+        image.save(root / "images" / f"{stem}.jpg")
+        label.save(root / "annotations" / f"{stem}.png")
+    ds = build_dataset(str(root), split="train", test_size=None)
+    assert [name.rsplit("/", 1)[1] for *_, name in (ds.samples[i] for i in range(len(ds)))] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_unpaired_files_are_listed(tmp_path):
+    root = write_ade_folder(tmp_path / "ade", make_pairs(2))
+    (root / "images" / "training" / "ADE_lonely.png").write_bytes((root / "images" / "training" / "ADE_training_00000000.png").read_bytes())
+    with pytest.raises(DataError, match=r"1 unpaired files.*ADE_lonely\.png"):
+        build_dataset(str(root), split="training")
+
+
+def test_corrupt_and_truncated_images_are_named(tmp_path):
+    root = write_ade_folder(tmp_path / "ade", make_pairs(3))
+    first = root / "images" / "training" / "ADE_training_00000000.png"
+    first.write_bytes(first.read_bytes()[:200])  # truncated
+    (root / "images" / "training" / "ADE_training_00000001.png").write_text("not an image")
+    ds = build_dataset(str(root), split="training")
+    with pytest.raises(DataError, match=r"ADE_training_00000000\.png: cannot decode image"):
+        ds[0]
+    with pytest.raises(DataError, match=r"ADE_training_00000001\.png: cannot decode image"):
+        ds[1]
+    # opt-in: skip with a warning, count, keep the good sample
+    ds = build_dataset(str(root), split="training", skip_bad=True)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        batch = next(iter(build_loader(ds, batch_size=3, shuffle=False)))
+    assert batch["skipped"] == 2 and batch["pixel_values"].shape[0] == 1 and ds.skipped == 2
+
+
+def test_annotation_size_mode_and_values_are_checked(tmp_path):
+    image, label = make_pairs(1)[0]
+    with pytest.raises(DataError, match=r"pair0: annotation is 50x50 \(WxH\) but the image is 91x67"):
+        build_dataset_from_pairs([(image, label.resize((50, 50)))])[0]
+    with pytest.raises(DataError, match=r"pair0: annotation has mode 'RGB'.*single-channel"):
+        build_dataset_from_pairs([(image, label.convert("RGB"))])[0]
+    too_high = Image.fromarray(np.full((67, 91), 200, np.uint8))
+    with pytest.raises(DataError, match=r"pair0: label values \[199\].*not class ids 0\.\.149"):
+        build_dataset_from_pairs([(image, too_high)])[0]
+
+
+def test_empty_split_and_missing_column(tmp_path):
+    hf_dataset(make_pairs(3)).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"split 'train\[:0\]' is empty"):
+        build_dataset(str(tmp_path / "saved"), split="train[:0]")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['mask'\].*\['image', 'annotation'\]"):
+        build_dataset(str(tmp_path / "saved"), split="train", annotation_column="mask")
+    with pytest.raises(DataError, match=r"not a dataset"):
+        (tmp_path / "plain").mkdir()
+        build_dataset(str(tmp_path / "plain"))
+
+
+def test_synthetic_scenes_are_deterministic_and_varied():
+    a, b = SyntheticScenes("train"), SyntheticScenes("train")
+    assert np.array_equal(np.asarray(a[3][0]), np.asarray(b[3][0]))
+    labels = np.stack([np.asarray(a[i][1]) for i in range(40)])
+    assert set(np.unique(labels)) == set(range(8))  # 0 (unlabelled) and all seven classes
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(SyntheticScenes("validation")[0][0]))
