@@ -157,4 +157,5 @@ def build_loader(dataset: SegmentationDataset, batch_size: int = 2, *, shuffle: 
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=train if drop_last is None else drop_last,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # workers' base seed: leave the global RNG alone
     )

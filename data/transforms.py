@@ -22,8 +22,8 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from segformer.preprocess import aspect_size, normalize, resize_image
+
 IGNORE_INDEX = 255
 
 
@@ -31,17 +31,6 @@ def reduce_labels(mask: torch.Tensor) -> torch.Tensor:
     """ADE convention -> training ids, as the reference processor does it: 0 (unlabelled) -> 255,
     k -> k - 1, and 255 stays 255. Any integer dtype; uint8 stays uint8."""
     return torch.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1).to(mask.dtype)
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, H, W): (x / 255 - mean) / std, as one multiply-add per pixel."""
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    scale, shift = 1 / (255 * std), -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
-    return torch.addcmul(shift, image.float(), scale)
-
-
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return TF.resize(image, list(size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -57,13 +46,6 @@ def on_pil(image: torch.Tensor, transform) -> torch.Tensor:
     """Run a colour transform through PIL: its 8-bit HSV hue shift is ~1.5x faster than the float one
     of torchvision's tensor kernel, and it is exactly what the guide does (ColorJitter on PIL images)."""
     return TF.pil_to_tensor(transform(TF.to_pil_image(image)))
-
-
-def aspect_size(height: int, width: int, short_side: int, *, multiple: int = 32) -> tuple[int, int]:
-    """Short side to `short_side`, the other side scaled alike; both rounded to a multiple of 32."""
-    scale = short_side / min(height, width)
-    return (max(multiple, round(height * scale / multiple) * multiple),
-            max(multiple, round(width * scale / multiple) * multiple))
 
 
 class EvalTransform:

@@ -25,6 +25,7 @@ class SegFormer(nn.Module):
         self.encoder = MixTransformer(config)
         self.decoder = AllMLPDecoder(config)
         self.apply(_init_weights)
+        nn.init.normal_(self.decoder.classifier.weight, std=0.01)  # mmseg's decode heads start near uniform
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(pixel_values))  # (B, num_labels, H/4, W/4)

@@ -1,0 +1,162 @@
+"""Segment images with a SegFormer checkpoint: a mask, a coloured overlay and the segments of each.
+
+    python infer.py --checkpoint runs/synthetic/best photo.jpg photos/ --out predictions/
+    python infer.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 room.jpg --mode slide --tta
+    python infer.py            # demo: the checkpoint `python train.py` wrote, on fresh synthetic scenes
+
+For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <stem>_overlay.png
+(the image blended with the class colours, and a legend of the classes present) and <stem>.json
+(label, id, pixel count and fraction of each segment). Unreadable files are reported and skipped;
+the exit status is 1 when any file failed. Existing outputs are kept unless --overwrite.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from segformer import SegFormer
+from segformer.inference import Predictor, load_image
+from segformer.labels import palette
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DEMO_CHECKPOINT = Path("runs/synthetic/best")
+DEMO_OUT = Path("runs/synthetic/predictions")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
+    p.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id")
+    p.add_argument("--out", help="output folder (default: predictions/, or the demo's)")
+    p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
+                   help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
+                        "slide: windows over the full-resolution image")
+    p.add_argument("--size", type=int, help="model input size (default: 512; 128 for the synthetic demo)")
+    p.add_argument("--window", type=int, default=512, help="sliding window size")
+    p.add_argument("--stride", type=int, default=341, help="sliding window stride")
+    p.add_argument("--tta", action="store_true", help="average over horizontal flips and scales")
+    p.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="TTA scales")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast dtype")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return p.parse_args(argv)
+
+
+def find_images(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(file, output subfolder) pairs; a folder's images keep their relative folders."""
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for path in sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                found.append((path, path.parent.relative_to(item)))
+        else:
+            found.append((item, Path()))  # missing or unreadable files are reported when read
+    return found
+
+
+def demo_inputs(folder: Path, count: int = 4) -> list[str]:
+    """Fresh synthetic scenes (a split the model never trained on), written as PNG files."""
+    from data.synthetic import SyntheticScenes
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = SyntheticScenes("test", length=count)
+    paths = []
+    for i in range(count):
+        image, _, name = scenes[i]
+        image.save(folder / f"{name}.png")
+        paths.append(str(folder / f"{name}.png"))
+    return paths
+
+
+def overlay(image: Image.Image, label_map: np.ndarray, colours: list, names: dict, alpha: float) -> Image.Image:
+    """The image blended with each pixel's class colour, and a legend of the classes present."""
+    colour_table = np.array(colours, dtype=np.uint8)
+    blended = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colour_table[label_map]
+    picture = Image.fromarray(blended.round().astype(np.uint8))
+    present, counts = np.unique(label_map, return_counts=True)
+    order = present[np.argsort(-counts)]  # largest first
+    font = ImageFont.load_default(size=max(10, min(image.height // 24, 24)))
+    row = font.size + 6
+    width = max(int(font.getlength(names[int(c)].strip())) for c in order) + row + 16
+    canvas = Image.new("RGB", (image.width + width, max(image.height, row * len(order) + 8)), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, class_id in enumerate(order):
+        y = 4 + i * row
+        draw.rectangle([image.width + 6, y, image.width + 6 + font.size, y + font.size], fill=tuple(colours[class_id]))
+        draw.text((image.width + 12 + font.size, y - 1), names[int(class_id)].strip(), fill="black", font=font)
+    return canvas
+
+
+def save_outputs(image, prediction, stem: Path, *, colours, names, alpha) -> None:
+    label_map = prediction.label_map.cpu().numpy()
+    mask = Image.fromarray(label_map.astype(np.uint8 if len(names) <= 256 else np.uint16))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(stem.with_name(stem.name + "_mask.png"))
+    overlay(image, label_map, colours, names, alpha).save(stem.with_name(stem.name + "_overlay.png"))
+    total = label_map.size
+    segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6)}
+                for c, n in zip(*np.unique(label_map, return_counts=True))]
+    stem.with_name(stem.name + ".json").write_text(json.dumps(
+        {"image": image.filename if hasattr(image, "filename") else None, "size": [image.width, image.height],
+         "segments": segments}, indent=2) + "\n")
+
+
+def main(args) -> int:
+    demo = not args.checkpoint and not args.inputs
+    if demo:
+        if not (DEMO_CHECKPOINT / "model.safetensors").is_file():
+            print(f"no --checkpoint given and no {DEMO_CHECKPOINT}: run `python train.py` first, or pass "
+                  f"--checkpoint <dir|file|hub id> and images", file=sys.stderr)
+            return 2
+        args.checkpoint, args.size = str(DEMO_CHECKPOINT), args.size or 128
+        args.out = args.out or str(DEMO_OUT)
+        args.inputs = demo_inputs(Path(args.out) / "inputs")
+    if not args.checkpoint or not args.inputs:
+        print("give both --checkpoint and at least one image or folder (or neither, for the demo)", file=sys.stderr)
+        return 2
+
+    model = SegFormer.from_pretrained(args.checkpoint)
+    predictor = Predictor(model, size=args.size or 512, mode=args.mode, window=args.window, stride=args.stride,
+                          tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)
+    names = model.id2label
+    colours = palette(len(names), names)
+    out = Path(args.out or "predictions")
+
+    files = find_images(args.inputs)
+    failed, kept, written = [], [], 0
+    for path, subfolder in tqdm(files, desc="segmenting", unit="image", disable=len(files) < 2):
+        stem = out / subfolder / path.stem
+        outputs = [stem.with_name(stem.name + suffix) for suffix in ("_mask.png", "_overlay.png", ".json")]
+        if not args.overwrite and any(p.exists() for p in outputs):
+            kept.append(path)
+            continue
+        try:
+            image = load_image(path)
+        except Exception as e:  # unreadable, not an image, missing: report and go on
+            failed.append((path, f"{type(e).__name__}: {e}"))
+            tqdm.write(f"error: {path}: cannot read as an image ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        prediction = predictor(image)
+        save_outputs(image, prediction, stem, colours=colours, names=names, alpha=args.alpha)
+        written += 1
+
+    print(f"{written} image(s) segmented into {out}/", end="")
+    print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")
+    print(f"; {len(failed)} failed:" if failed else "")
+    for path, reason in failed:
+        print(f"  {path}: {reason}")
+    if demo and written:
+        print(f"look at {out}/*_overlay.png")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main(get_args()))

@@ -1,0 +1,140 @@
+"""Inference: what `pipeline("image-segmentation")` and the guide's manual inference do, plus the
+paper's sliding window and test-time augmentation.
+
+    predictor = Predictor(SegFormer.from_pretrained("nvidia/segformer-b0-finetuned-ade-512-512"))
+    result = predictor(load_image("room.jpg"))
+    result.label_map   # (H, W) int64 class ids at the image's own size
+    result.segments    # [{"label": "wall", "score": None, "mask": PIL L image (0/255)}, ...]
+
+Logits always come back to the image's size the way `post_process_semantic_segmentation` brings
+them: bilinear upsampling (align_corners=False), then argmax.
+
+Modes: "resize" squashes to size x size (the image processor, the guide; default); "aspect" keeps
+the aspect ratio (short side `size`, sides multiples of 32); "slide" runs `window` x `window` crops
+every `stride` pixels over the image at its own resolution and averages the overlapping logits
+(smaller images are padded). `tta=True` averages the softmax probabilities over `scales` and their
+horizontal flips (the paper's multi-scale + flip testing).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .model import SegFormer
+from .preprocess import aspect_size, normalize, resize_image
+
+def load_image(path) -> Image.Image:
+    """Open an image as the reference pipeline does: EXIF orientation applied, RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+@dataclass
+class Prediction:
+    label_map: torch.Tensor  # (H, W) int64
+    probabilities: torch.Tensor | None  # (K, H, W) float, when asked for
+    id2label: dict[int, str] = field(repr=False)
+
+    @property
+    def segments(self) -> list[dict]:
+        """One {"label", "score", "mask"} per class present, in ascending class id (the pipeline's)."""
+        labels = self.label_map.cpu().numpy()
+        out = []
+        for class_id in np.unique(labels):
+            mask = Image.fromarray(((labels == class_id) * 255).astype(np.uint8))
+            out.append({"label": self.id2label.get(int(class_id), f"LABEL_{class_id}"), "score": None, "mask": mask})
+        return out
+
+
+class Predictor:
+    def __init__(self, model: SegFormer, *, size: int = 512, mode: str = "resize", window: int = 512,
+                 stride: int = 341, tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True,
+                 device=None, amp: str = "off", batch_size: int = 4):
+        if mode not in ("resize", "aspect", "slide"):
+            raise ValueError(f"mode must be 'resize', 'aspect' or 'slide', got {mode!r}")
+        if amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+        if mode == "slide" and not 0 < stride <= window:
+            raise ValueError(f"the stride ({stride}) must be in 1..window ({window})")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.size, self.mode, self.window, self.stride = size, mode, window, stride
+        self.scales = tuple(scales) if tta else (1.0,)
+        self.flip = tta and flip
+        self.amp, self.batch_size = amp, batch_size
+        self.id2label = model.id2label
+
+    @torch.no_grad()
+    def __call__(self, images, *, probabilities: bool = False):
+        """One image (PIL, any mode, or uint8 (3, H, W) tensor) -> Prediction; a list -> list."""
+        if isinstance(images, (list, tuple)):
+            return [self(image, probabilities=probabilities) for image in images]
+        image = to_uint8_tensor(images).to(self.device)
+        probs = self.probabilities(image)  # (K, H, W)
+        return Prediction(probs.argmax(0), probs if probabilities else None, self.id2label)
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> (K, H, W) class probabilities at the image's size."""
+        H, W = image.shape[-2:]
+        total = None
+        for scale in self.scales:
+            for flipped in ((False, True) if self.flip else (False,)):
+                x = image.flip(-1) if flipped else image
+                logits = self.logits(x, scale)  # (K, H, W)
+                if flipped:
+                    logits = logits.flip(-1)
+                probs = logits.softmax(0)
+                total = probs if total is None else total + probs
+        return total / (len(self.scales) * (2 if self.flip else 1))
+
+    def logits(self, image: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """uint8 (3, H, W) -> (K, H, W) logits upsampled to the image's size."""
+        H, W = image.shape[-2:]
+        if self.mode == "resize":
+            size = (round(self.size * scale),) * 2
+        elif self.mode == "aspect":
+            size = aspect_size(H, W, round(self.size * scale))
+        else:
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        x = normalize(resize_image(image, size))[None]  # (1, 3, h, w)
+        logits = self.slide(x) if self.mode == "slide" else self.forward(x)  # (1, K, h', w')
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != "off"):
+            return self.model(x).float()
+
+    def slide(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the logits of overlapping window x window crops (mmseg's slide_inference)."""
+        _, _, H, W = x.shape
+        win, stride = self.window, self.stride
+        pad_h, pad_w = max(win - H, 0), max(win - W, 0)
+        x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros after normalisation: the mean colour
+        Hp, Wp = x.shape[-2:]
+        total = torch.zeros(1, len(self.id2label), Hp, Wp, device=x.device)
+        count = torch.zeros(1, 1, Hp, Wp, device=x.device)
+        rows = range(0, max(Hp - win + stride - 1, 0) // stride + 1)
+        cols = range(0, max(Wp - win + stride - 1, 0) // stride + 1)
+        for r in rows:
+            for c in cols:
+                y2, x2 = min(r * stride + win, Hp), min(c * stride + win, Wp)
+                y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
+                logits = self.forward(x[:, :, y1:y2, x1:x2])
+                total[:, :, y1:y2, x1:x2] += F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear",
+                                                           align_corners=False)
+                count[:, :, y1:y2, x1:x2] += 1
+        return (total / count)[:, :, :H, :W]
+
+
+def to_uint8_tensor(image) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got {type(image).__name__}"
+                    + (f" {image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else ""))

@@ -1,0 +1,31 @@
+"""The image processor's steps, on uint8 (3, H, W) tensors: bilinear antialiased resize, rescale by
+1/255 and ImageNet normalisation. Shared by the data pipeline and the predictor."""
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return TF.resize(image, list(size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, H, W): (x / 255 - mean) / std, as one multiply-add per pixel."""
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    scale = 1 / (255 * std)
+    shift = -torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1) / std
+    return torch.addcmul(shift, image.float(), scale)
+
+
+def aspect_size(height: int, width: int, short_side: int, *, multiple: int = 32) -> tuple[int, int]:
+    """The paper's test size: short side to `short_side`, the other side scaled alike, both rounded
+    to a multiple of 32."""
+    scale = short_side / min(height, width)
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))

@@ -1,0 +1,160 @@
+"""The predictor and infer.py: reference agreement, sliding window, TTA, segments, EXIF, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from segformer import SegFormer, SegFormerConfig
+from segformer.inference import Predictor, load_image
+
+from conftest import randomize_
+
+
+def random_image(height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], -1)
+    return Image.fromarray((base + rng.integers(0, 60, (height, width, 3))).clip(0, 255).astype(np.uint8))
+
+
+def test_label_map_equals_the_reference_post_processing(hf_b0_dir):
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+    reference = SegformerForSemanticSegmentation.from_pretrained(hf_b0_dir).eval()
+    processor = SegformerImageProcessor()
+    image = random_image(90, 131)
+    with torch.no_grad():
+        outputs = reference(**processor(images=image, return_tensors="pt"))
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(90, 131)])[0]
+    upsampled = torch.nn.functional.interpolate(outputs.logits, size=(90, 131), mode="bilinear", align_corners=False)[0]
+    top2 = upsampled.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-4  # pixels whose argmax no float rounding can flip
+
+    prediction = Predictor(SegFormer.from_pretrained(hf_b0_dir), device="cpu")(image, probabilities=True)
+    assert prediction.label_map.shape == (90, 131)
+    assert clear.float().mean() > 0.99
+    assert torch.equal(prediction.label_map[clear], expected[clear])
+    assert torch.allclose(prediction.probabilities, upsampled.softmax(0), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return randomize_(SegFormer.from_variant("b0", num_labels=5), seed=2).eval()
+
+
+def test_a_window_covering_the_image_equals_whole_image_mode(small_model):
+    image = random_image(64, 64)
+    whole = Predictor(small_model, size=64, device="cpu")(image, probabilities=True)
+    slide = Predictor(small_model, mode="slide", window=64, stride=64, device="cpu")(image, probabilities=True)
+    assert torch.allclose(whole.probabilities, slide.probabilities, atol=1e-6)
+    assert torch.equal(whole.label_map, slide.label_map)
+
+
+def test_sliding_window_sizes_overlap_and_padding(small_model):
+    for size, window, stride in [((70, 150), 64, 40), ((40, 50), 64, 32)]:  # overlapping; smaller than window
+        prediction = Predictor(small_model, mode="slide", window=window, stride=stride, device="cpu")(
+            random_image(*size), probabilities=True)
+        assert prediction.label_map.shape == size
+        assert torch.allclose(prediction.probabilities.sum(0), torch.ones(size), atol=1e-5)
+
+
+def test_flip_tta_of_a_symmetric_input_on_a_mirror_symmetric_model_equals_no_tta():
+    """With mirror-symmetric kernels and no key/value reduction (whose windows are not mirror
+    symmetric), the model commutes with a horizontal flip on sizes 4k+1. Flip-TTA must then change
+    nothing: on a symmetric input (flipping along the wrong axis would show), and on any input
+    (forgetting to flip the prediction back would show, as that prediction is not symmetric)."""
+    torch.manual_seed(0)
+    model = randomize_(SegFormer(SegFormerConfig(sr_ratios=(1, 1, 1, 1), num_labels=4)), seed=4).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
+    left = np.asarray(random_image(65, 33))
+    symmetric = Image.fromarray(np.concatenate([left, left[:, :-1][:, ::-1]], axis=1))  # 65 x 65, mirror image
+    plain = Predictor(model, size=65, device="cpu")(symmetric, probabilities=True)
+    flipped = Predictor(model, size=65, tta=True, scales=(1.0,), device="cpu")(symmetric, probabilities=True)
+    assert torch.allclose(plain.probabilities, flipped.probabilities, atol=1e-5)
+    assert torch.equal(plain.label_map, flipped.label_map)
+    asymmetric = random_image(65, 65, seed=3)
+    plain = Predictor(model, size=65, device="cpu")(asymmetric, probabilities=True).probabilities
+    flipped = Predictor(model, size=65, tta=True, scales=(1.0,), device="cpu")(asymmetric, probabilities=True).probabilities
+    assert (plain - plain.flip(-1)).abs().max() > 1e-3
+    assert torch.allclose(plain, flipped, atol=1e-5)
+
+
+def test_multiscale_tta_and_aspect_mode_keep_the_image_size(small_model):
+    image = random_image(45, 77)
+    for predictor in (Predictor(small_model, size=64, tta=True, device="cpu"),
+                      Predictor(small_model, size=64, mode="aspect", device="cpu")):
+        assert predictor(image).label_map.shape == (45, 77)
+
+
+def test_segments_agree_with_the_label_map(small_model):
+    prediction = Predictor(small_model, size=64, device="cpu")(random_image(37, 53))
+    segments = prediction.segments
+    present = prediction.label_map.unique().tolist()
+    assert [s["label"] for s in segments] == [f"LABEL_{i}" for i in present]  # ascending ids, default names
+    union = np.zeros((37, 53), bool)
+    for class_id, segment in zip(present, segments):
+        mask = np.asarray(segment["mask"])
+        assert segment["score"] is None and segment["mask"].mode == "L" and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, prediction.label_map.numpy() == class_id)
+        union |= mask == 255
+    assert union.all()
+
+
+def test_odd_sizes_and_exif_rotation_give_upright_outputs(small_model, tmp_path):
+    small_model.save_pretrained(tmp_path / "model")
+    image = random_image(41, 67)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    image.save(tmp_path / "odd.png")
+    assert load_image(tmp_path / "rotated.jpg").size == (41, 67)  # width, height after the rotation
+    code = infer.main(infer.get_args(["--checkpoint", str(tmp_path / "model"), str(tmp_path / "rotated.jpg"),
+                                      str(tmp_path / "odd.png"), "--size", "64", "--out", str(tmp_path / "out")]))
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "rotated_mask.png").size == (41, 67)
+    assert Image.open(tmp_path / "out" / "odd_mask.png").size == (67, 41)
+    summary = json.loads((tmp_path / "out" / "odd.json").read_text())
+    assert sum(s["pixels"] for s in summary["segments"]) == 41 * 67
+    overlay = Image.open(tmp_path / "out" / "odd_overlay.png")
+    assert overlay.height >= 41 and overlay.width > 67  # the picture and its legend
+
+
+def test_bad_files_are_reported_skipped_and_fail_the_run(small_model, tmp_path, capsys):
+    small_model.save_pretrained(tmp_path / "model")
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    random_image(30, 40).save(folder / "good.png")
+    random_image(30, 40).save(folder / "sub" / "nested.jpg")
+    (folder / "broken.jpg").write_text("this is not a JPEG")
+    args = ["--checkpoint", str(tmp_path / "model"), str(folder), str(tmp_path / "missing.png"),
+            "--size", "64", "--out", str(tmp_path / "out")]
+    assert infer.main(infer.get_args(args)) == 1
+    out = capsys.readouterr()
+    assert "broken.jpg: cannot read as an image" in out.err
+    assert "2 image(s) segmented" in out.out and "2 failed" in out.out and "missing.png" in out.out
+    assert (tmp_path / "out" / "good_mask.png").is_file() and (tmp_path / "out" / "sub" / "nested_mask.png").is_file()
+
+    # existing outputs are kept unless --overwrite
+    mask = tmp_path / "out" / "good_mask.png"
+    os.utime(mask, (0, 0))
+    infer.main(infer.get_args(args))
+    assert mask.stat().st_mtime == 0 and "2 skipped because their outputs exist" in capsys.readouterr().out
+    infer.main(infer.get_args(args + ["--overwrite"]))
+    assert mask.stat().st_mtime > 0
+
+
+def test_masks_past_256_classes_are_16_bit(tmp_path):
+    model = SegFormer.from_variant("b0", num_labels=300)
+    model.save_pretrained(tmp_path / "model")
+    random_image(20, 24).save(tmp_path / "x.png")
+    infer.main(infer.get_args(["--checkpoint", str(tmp_path / "model"), str(tmp_path / "x.png"), "--size", "32",
+                               "--out", str(tmp_path / "out")]))
+    assert Image.open(tmp_path / "out" / "x_mask.png").mode.startswith("I")

@@ -1,0 +1,102 @@
+"""ConfusionMatrix against a plain NumPy transcription of `evaluate`'s mean_iou."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from segformer.metrics import ConfusionMatrix, logits_to_predictions
+
+
+def evaluate_mean_iou(predictions, references, num_labels, ignore_index):
+    """`evaluate`'s mean_iou (intersect_and_union with np.histogram), written out in NumPy."""
+    inter_total = union_total = pred_total = label_total = 0
+    for pred, label in zip(predictions, references):
+        mask = label != ignore_index
+        pred, label = pred[mask], label[mask]
+        intersect = pred[pred == label]
+        area_intersect = np.histogram(intersect, bins=num_labels, range=(0, num_labels - 1))[0]
+        area_pred = np.histogram(pred, bins=num_labels, range=(0, num_labels - 1))[0]
+        area_label = np.histogram(label, bins=num_labels, range=(0, num_labels - 1))[0]
+        inter_total = inter_total + area_intersect
+        union_total = union_total + area_pred + area_label - area_intersect
+        pred_total, label_total = pred_total + area_pred, label_total + area_label
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = inter_total / union_total
+        acc = inter_total / label_total
+    return {"mean_iou": np.nanmean(iou), "mean_accuracy": np.nanmean(acc),
+            "overall_accuracy": inter_total.sum() / label_total.sum(),
+            "per_category_iou": iou, "per_category_accuracy": acc}
+
+
+def random_batch(seed, num_labels=6, shape=(3, 20, 30)):
+    g = torch.Generator().manual_seed(seed)
+    references = torch.randint(0, num_labels - 1, shape, generator=g)  # the last class is never labelled
+    references[torch.rand(shape, generator=g) < 0.2] = 255
+    predictions = torch.randint(0, num_labels, shape, generator=g)
+    predictions[predictions == 2] = 1  # class 2 labelled but never predicted
+    predictions[predictions == 3] = 4  # ...
+    references[references == 3] = 0  # class 3: neither labelled nor predicted -> NaN
+    return predictions, references
+
+
+def test_matches_evaluate_semantics_including_nans():
+    cm = ConfusionMatrix(num_labels=6, ignore_index=255)
+    batches = [random_batch(seed) for seed in range(3)]
+    for predictions, references in batches:
+        cm.update(predictions, references)
+    got = cm.compute()
+    expected = evaluate_mean_iou([p.numpy() for b in batches for p in b[0]], [r.numpy() for b in batches for r in b[1]], 6, 255)
+    assert np.isnan(got["per_category_iou"][3]) and got["per_category_iou"][5] == 0.0  # absent; predicted only
+    assert np.isnan(got["per_category_accuracy"][5])
+    for key in ("per_category_iou", "per_category_accuracy"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-12, equal_nan=True)
+    for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
+        assert got[key] == pytest.approx(float(expected[key]), rel=1e-12)
+
+
+def test_perfect_predictions_and_ignored_pixels():
+    cm = ConfusionMatrix(num_labels=3)
+    labels = torch.tensor([[0, 1, 255], [2, 2, 255]])
+    predictions = labels.clone()
+    predictions[labels == 255] = 1  # whatever is predicted on ignored pixels does not count
+    cm.update(predictions, labels)
+    result = cm.compute()
+    assert result["mean_iou"] == 1.0 and result["overall_accuracy"] == 1.0
+    assert cm.matrix.sum() == 4
+
+
+def test_logits_are_upsampled_before_argmax():
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0] = 0.5
+    logits[0, 1, :, 1] = 1.0  # class 1 rises from 0 to 1 left to right: it wins past the middle
+    predictions = logits_to_predictions(logits, (4, 4))
+    assert predictions.shape == (1, 4, 4)
+    assert predictions[0, 0].tolist() == [0, 0, 1, 1]
+
+
+def _worker(rank, world_size, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    cm = ConfusionMatrix(num_labels=6)
+    for seed in range(rank, 4, world_size):  # each process sees half of the batches
+        cm.update(*random_batch(seed))
+    cm.all_reduce()
+    if rank == 0:
+        torch.save(cm.counts, result_path)
+    dist.destroy_process_group()
+
+
+def test_two_process_sum_equals_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path / "counts.pt")), nprocs=2, join=True)
+    single = ConfusionMatrix(num_labels=6)
+    for seed in range(4):
+        single.update(*random_batch(seed))
+    assert torch.equal(torch.load(tmp_path / "counts.pt"), single.counts)
