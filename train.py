@@ -1,6 +1,6 @@
 """Fine-tune SegFormer: the Hugging Face semantic-segmentation guide's `Trainer` run, written out.
 
-    python train.py                                   # synthetic scenes, B0 from scratch, ~7 min on a CPU
+    python train.py                                   # synthetic scenes, B0 from scratch, ~4 min on a CPU
     python train.py --recipe guide                    # the guide: scene_parse_150 train[:50], nvidia/mit-b0
     python train.py --recipe paper --data ADEChallengeData2016/   # the paper's 160k-iteration schedule
     torchrun --nproc_per_node 8 train.py --recipe paper --data ADEChallengeData2016/
@@ -286,10 +286,10 @@ def main(args) -> dict:
         return torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
 
     seed_everything(args.seed)  # the same initial weights on every process
-
-    # Data.
     if args.eval_only:
         return evaluate_checkpoint(args, device, autocast)
+
+    # Data.
     train_set, eval_set = get_datasets(args)
     class_names = train_set.class_names
     if args.total_batch_size:  # the recipe fixes the images per step over all processes
@@ -402,7 +402,8 @@ def main(args) -> dict:
                         log.flush()
                     loss_sum, loss_count, images_seen, t0 = 0.0, 0, 0, time.perf_counter()
                 if step % args.eval_every == 0 or step == total_steps:
-                    metrics = evaluate(model, eval_loader, num_labels=train_set.num_labels, device=device,
+                    # the plain module: no DDP collectives, so shards of unequal length are fine
+                    metrics = evaluate(raw_model, eval_loader, num_labels=train_set.num_labels, device=device,
                                        autocast=autocast)
                     if log:
                         progress.write(f"step {step}: mean IoU {metrics['mean_iou']:.4f}, "

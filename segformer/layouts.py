@@ -94,7 +94,7 @@ def _rename(state_dict: dict, rules: list[tuple[str, str]], *, stage_offset: int
         else:
             unmatched.append(key)
     if unmatched:
-        raise LayoutError(f"{len(unmatched)} keys do not belong to the {layout} SegFormer layout: {_shorten(unmatched)}")
+        raise LayoutError(f"{len(unmatched)} keys do not belong to the {layout} SegFormer layout: {shorten(unmatched)}")
     return out
 
 
@@ -153,7 +153,7 @@ def detect_layout(state_dict: dict, *, source: str) -> str:
     if any(k.startswith(("backbone.patch_embed1.", "patch_embed1.")) for k in keys):
         return "nvlabs"
     raise LayoutError(f"{source}: not a SegFormer checkpoint; expected keys like 'segformer.encoder.block.0.0...' "
-                      f"(Hugging Face), 'backbone.block1.0...' (NVlabs) or 'encoder.stages.0...', got {_shorten(keys)}")
+                      f"(Hugging Face), 'backbone.block1.0...' (NVlabs) or 'encoder.stages.0...', got {shorten(keys)}")
 
 
 def to_native(state_dict: dict, *, source: str) -> tuple[dict, list[str]]:
@@ -204,6 +204,6 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
     return SegFormerConfig(**settings)
 
 
-def _shorten(keys: list[str], limit: int = 8) -> str:
+def shorten(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

@@ -63,7 +63,7 @@ class SegFormer(nn.Module):
         else:
             config = layouts.infer_config(state_dict)
         has_head = "decoder.classifier.weight" in state_dict
-        changes, notes = dict(overrides), []
+        changes, notes, missing_ok = dict(overrides), [], None
         if id2label is not None:
             changes["id2label"] = {int(k): str(v) for k, v in id2label.items()}
             num_labels = len(id2label) if num_labels is None else num_labels
@@ -76,16 +76,16 @@ class SegFormer(nn.Module):
                 notes.append(f"the classifier is re-initialised for {num_labels} labels "
                              f"(the checkpoint's has {state_dict['decoder.classifier.weight'].shape[0]})")
                 state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.classifier.")}
+                missing_ok = "decoder.classifier."
         config = replace(config, **changes)
 
         model = cls(config)
-        missing_ok = "decoder.classifier."
         if not any(k.startswith("decoder.") for k in state_dict):
             missing_ok = "decoder."
             notes.append("the checkpoint holds an encoder only (ImageNet pre-training): the decode head is freshly initialised")
         model.load_native_state_dict(state_dict, source=str(weights_path), missing_ok=missing_ok)
         if dropped:
-            notes.append(f"unused weights ignored: {layouts._shorten(dropped, 3)}")
+            notes.append(f"unused weights ignored: {layouts.shorten(dropped, 3)}")
         if notes:
             print(f"SegFormer.from_pretrained({source}): " + "; ".join(notes))
         return model
@@ -101,7 +101,7 @@ class SegFormer(nn.Module):
         problems = []
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
             if keys:
-                problems.append(f"{len(keys)} {what}: {layouts._shorten(keys)}")
+                problems.append(f"{len(keys)} {what}: {layouts.shorten(keys)}")
         if problems:
             raise layouts.LayoutError(f"{source} does not fit the model {self.config.variant or 'custom'} "
                                       f"(num_labels={self.config.num_labels}): " + "; ".join(problems))

@@ -230,3 +230,18 @@ def test_synthetic_scenes_are_deterministic_and_varied():
     labels = np.stack([np.asarray(a[i][1]) for i in range(40)])
     assert set(np.unique(labels)) == set(range(8))  # 0 (unlabelled) and all seven classes
     assert not np.array_equal(np.asarray(a[0][0]), np.asarray(SyntheticScenes("validation")[0][0]))
+
+
+def test_scene_parse_150_is_read_from_its_parquet_export(monkeypatch):
+    """The hub's scene_parse_150 is a loading script; datasets >= 4 reads its parquet export."""
+    import datasets
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return hf_dataset(make_pairs(10))
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    train = build_dataset("scene_parse_150", split="train[:50]", test_size=0.2, train=True)
+    assert calls == [("zhoubolei/scene_parse_150", {"split": "train[:50]", "name": "scene_parsing",
+                                                    "revision": "refs/convert/parquet"})]
+    assert len(train) == 8 and train[0]["pixel_values"].shape == (3, 512, 512)

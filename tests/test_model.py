@@ -27,10 +27,10 @@ def test_odd_sizes_give_quarter_resolution_logits(b0, size):
         logits = b0(x)
     H, W = size
     assert logits.shape == (1, 5, -(-H // 4), -(-W // 4))
-    for f, channels, stride in zip(features, b0.encoder.channels, b0.encoder.strides):
-        assert f.shape == (1, channels, -(-H // stride), -(-W // stride)) or stride > 4  # later maps round per step
-    assert [f.shape[1] for f in features] == b0.encoder.channels == [32, 64, 160, 256]
-    assert b0.encoder.strides == [4, 8, 16, 32]
+    assert b0.encoder.channels == [32, 64, 160, 256] and b0.encoder.strides == [4, 8, 16, 32]
+    for f, channels, step in zip(features, b0.encoder.channels, (4, 2, 2, 2)):
+        H, W = -(-H // step), -(-W // step)  # each patch embedding rounds up: ceil(H / stride)
+        assert f.shape == (1, channels, H, W)
 
 
 def test_every_parameter_gets_a_gradient_and_no_nans(b0):
@@ -192,3 +192,18 @@ def test_importing_the_library_does_not_import_transformers():
     code = "import sys, segformer, segformer.metrics, segformer.inference, data; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_directory_with_only_pytorch_model_bin(hf_b0_dir, tmp_path):
+    torch.save(load_file(hf_b0_dir / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((hf_b0_dir / "config.json").read_text())
+    model = SegFormer.from_pretrained(tmp_path)
+    assert model.config.num_labels == 7
+
+
+def test_a_full_checkpoint_without_its_classifier_is_an_error(hf_b0_dir, tmp_path):
+    weights = _saved(hf_b0_dir)
+    del weights["decode_head.classifier.weight"], weights["decode_head.classifier.bias"]
+    save_file(weights, tmp_path / "headless.safetensors")
+    with pytest.raises(LayoutError, match=r"2 missing: decoder\.classifier\.weight, decoder\.classifier\.bias"):
+        SegFormer.from_pretrained(tmp_path / "headless.safetensors", num_labels=150)

@@ -35,7 +35,7 @@ def test_hub_layout_logits_match_every_variant(variant, tmp_path):
 
 
 def test_classification_layout_loads_encoder_and_says_so(tmp_path, capsys):
-    from transformers import SegformerForImageClassification, SegformerModel
+    from transformers import SegformerForImageClassification
     torch.manual_seed(0)
     classifier = randomize_(SegformerForImageClassification(hf_config("b0", num_labels=1000)), seed=1).eval()
     classifier.save_pretrained(tmp_path)
@@ -52,7 +52,6 @@ def test_classification_layout_loads_encoder_and_says_so(tmp_path, capsys):
     for g, e in zip(got, expected):
         assert g.shape == e.shape
         assert (g - e).abs().max().item() <= ATOL
-    assert isinstance(classifier.segformer, SegformerModel)
 
 
 def hf_to_nvlabs_by_hand(state_dict):
@@ -153,3 +152,16 @@ def test_train_mode_loss_and_gradients_match(hf_b0_dir, tmp_path):
                               and not k.endswith("num_batches_tracked")}
     for name, grad in our_grads.items():
         assert torch.allclose(grad, reference_grads[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_single_label_loss_matches_the_reference(tmp_path):
+    """With one label the reference switches to a per-pixel sigmoid; ours follows."""
+    from transformers import SegformerForSemanticSegmentation
+    hf_segmentation_model("b0", num_labels=1, drop_path_rate=0.0, classifier_dropout_prob=0.0).save_pretrained(tmp_path)
+    reference = SegformerForSemanticSegmentation.from_pretrained(tmp_path).train()
+    ours = SegFormer.from_pretrained(tmp_path, drop_path_rate=0.0, classifier_dropout=0.0).train()
+    x = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 2, (2, 64, 96))
+    labels[:, :5] = 255
+    expected = reference(pixel_values=x, labels=labels).loss
+    assert torch.allclose(segmentation_loss(ours(x), labels), expected, rtol=1e-4, atol=1e-6)

@@ -111,3 +111,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     state = torch.load(tmp_path / "checkpoint-3" / "training_state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # both processes' generators, for an exact resume
     assert len([r for r in read_log(tmp_path) if "mean_iou" in r]) == 1  # only rank 0 logs
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    result = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--save-every", "100", "--amp", "bf16",
+                 "--channels-last", "--no-decay-norm-bias", "--head-lr-mult", "10", "--clip-grad", "1.0")
+    assert result["step"] == 2 and 0 <= result["mean_iou"] <= 1
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
+        run(tmp_path, "--max-steps", "1", "--amp", "fp16", "--device", "cpu")
