@@ -31,9 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import build_dataset, build_loader
+from data import DataError, build_dataset, build_loader
 from segformer import SegFormer, segmentation_loss
 from segformer.labels import read_id2label
+from segformer.layouts import LayoutError
 from segformer.metrics import ConfusionMatrix, logits_to_predictions
 
 # Each recipe fills in the flags the command line leaves unset.
@@ -220,9 +221,16 @@ def evaluate(model, loader, *, num_labels: int, device, autocast) -> dict:
 
 
 def class_table(metrics: dict, class_names: list[str]) -> str:
+    """Per-class IoU and accuracy (%) of the classes seen in the labels or the predictions."""
     rows = [f"{'class':<24}{'IoU':>8}{'acc':>8}"]
+    absent = 0
     for name, iou, acc in zip(class_names, metrics["per_category_iou"], metrics["per_category_accuracy"]):
+        if math.isnan(iou):
+            absent += 1
+            continue
         rows.append(f"{name.strip()[:23]:<24}{_pct(iou):>8}{_pct(acc):>8}")
+    if absent:
+        rows.append(f"({absent} classes neither labelled nor predicted: not shown, not in the means)")
     rows.append(f"{'mean':<24}{_pct(metrics['mean_iou']):>8}{_pct(metrics['mean_accuracy']):>8}")
     rows.append(f"overall accuracy {_pct(metrics['overall_accuracy'])}")
     return "\n".join(rows)
@@ -383,6 +391,7 @@ def main(args) -> dict:
                 if args.clip_grad:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+                lr = optimizer.param_groups[0]["lr"]  # the encoder's rate for this step
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -391,7 +400,6 @@ def main(args) -> dict:
                 batches_done += len(micro_batches)
                 loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
 
-                lr = optimizer.param_groups[0]["lr"]
                 images_per_s = images_seen * world_size / (time.perf_counter() - t0)
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
@@ -520,5 +528,5 @@ def cleanup(world_size: int) -> None:
 if __name__ == "__main__":
     try:
         main(get_args())
-    except FloatingPointError as e:
+    except (FloatingPointError, DataError, LayoutError, FileNotFoundError) as e:  # the message says it all
         sys.exit(f"error: {e}")

@@ -27,7 +27,7 @@ def build_dataset(source: str, split: str = "validation", *, train: bool = False
     split: a split expression, "train", "validation", "train[:50]", "train[:10%]".
     train: training transform (`recipe` "guide" or "paper") and shuffling; else the evaluation
         transform (`eval_mode` "resize", the processor's 512x512 squash, or "aspect", the paper's).
-    num_labels: classes after reduction (150 for ADE20K; the synthetic set's 7 by default).
+    num_labels: classes after reduction (default 150, named as ADE20K's; the synthetic set's 7).
     reduce_labels: 0 -> 255, k -> k-1 (default on: ADE convention, also the synthetic set's).
     test_size: hold out this fraction of `split` by `train_test_split(test_size, seed=split_seed)`
         and take its train part when `train`, its test part otherwise (the guide uses 0.2).
@@ -41,10 +41,10 @@ def build_dataset(source: str, split: str = "validation", *, train: bool = False
         num_labels = num_labels or len(SYNTHETIC_CLASSES)
         size = size or SYNTHETIC_SIZE
         class_names = class_names or SYNTHETIC_CLASSES
-    if num_labels is None:
-        num_labels = 150
+    num_labels = num_labels or 150
+    if num_labels == 150 and not class_names:  # ADE20K / SceneParse150
         from segformer.labels import ADE20K_CLASSES
-        class_names = class_names or ADE20K_CLASSES
+        class_names = ADE20K_CLASSES
     transform = build_transform(train=train, recipe=recipe, size=size or 512, eval_mode=eval_mode)
     return SegmentationDataset(samples, transform, train=train, num_labels=num_labels,
                                reduce_labels=True if reduce_labels is None else reduce_labels, seed=seed,

@@ -171,6 +171,8 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     elif path.exists():
         raise DataError(f"{source}: not a dataset; expected 'synthetic', an ADE-layout folder (images/ + "
                         f"annotations/), a save_to_disk directory, parquet files, or a hub dataset id")
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not an "org/name" hub id
+        raise DataError(f"{source}: no such file or directory")
     else:
         return _hub_dataset(source, split, train=train, test_size=test_size, split_seed=split_seed,
                             image_column=image_column, annotation_column=annotation_column)
@@ -216,11 +218,15 @@ def _hub_dataset(repo_id: str, split: str, *, train, test_size, split_seed, imag
     if repo_id in PARQUET_EXPORTS:
         repo_id, kwargs = PARQUET_EXPORTS[repo_id], {"name": "scene_parsing", "revision": "refs/convert/parquet"}
     try:
-        dataset = load_dataset(repo_id, split=split, **kwargs)
-    except ValueError as e:  # unknown split: fall back to the single train split + a holdout
-        if "split" not in str(e).lower() or name == "train":
-            raise
-        dataset, test_size = load_dataset(repo_id, split="train", **kwargs), test_size or 0.2
+        try:
+            dataset = load_dataset(repo_id, split=split, **kwargs)
+        except ValueError as e:  # unknown split: fall back to the single train split + a holdout
+            if "split" not in str(e).lower() or name == "train":
+                raise
+            dataset, test_size = load_dataset(repo_id, split="train", **kwargs), test_size or 0.2
+    except (ConnectionError, FileNotFoundError) as e:
+        raise DataError(f"{repo_id}: not a local dataset, and the hub cannot provide it ({e}). Offline, use "
+                        f"'synthetic', an ADE-layout folder, a save_to_disk directory or parquet files") from None
     data = HFSource(dataset, image_column=image_column, annotation_column=annotation_column, origin=f"{repo_id}:{split}")
     indices = list(range(len(data)))
     if test_size:
