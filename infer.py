@@ -80,17 +80,24 @@ def overlay(image: Image.Image, label_map: np.ndarray, colours: list, names: dic
     blended = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colour_table[label_map]
     picture = Image.fromarray(blended.round().astype(np.uint8))
     present, counts = np.unique(label_map, return_counts=True)
-    order = present[np.argsort(-counts)]  # largest first
+    order = present[np.argsort(-counts, kind="stable")]  # largest first
     font = ImageFont.load_default(size=max(10, min(image.height // 24, 24)))
     row = font.size + 6
-    width = max(int(font.getlength(names[int(c)].strip())) for c in order) + row + 16
-    canvas = Image.new("RGB", (image.width + width, max(image.height, row * len(order) + 8)), "white")
+    fit = max(1, (image.height - 8) // row)  # the legend stays within the picture's height
+    shown = order if len(order) <= fit else order[:fit - 1]
+    lines = [names[int(c)].strip() for c in shown]
+    if len(shown) < len(order):
+        lines.append(f"+{len(order) - len(shown)} more")
+    width = max(int(font.getlength(text)) for text in lines) + row + 16
+    canvas = Image.new("RGB", (image.width + width, max(image.height, row * len(lines) + 8)), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for i, class_id in enumerate(order):
+    for i, text in enumerate(lines):
         y = 4 + i * row
-        draw.rectangle([image.width + 6, y, image.width + 6 + font.size, y + font.size], fill=tuple(colours[class_id]))
-        draw.text((image.width + 12 + font.size, y - 1), names[int(class_id)].strip(), fill="black", font=font)
+        if i < len(shown):
+            draw.rectangle([image.width + 6, y, image.width + 6 + font.size, y + font.size],
+                           fill=tuple(colours[shown[i]]))
+        draw.text((image.width + 12 + font.size, y - 1), text, fill="black", font=font)
     return canvas
 
 

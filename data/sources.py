@@ -13,6 +13,7 @@ files, one saved Dataset, a flat folder), that split is divided with the guide's
 `train_test_split(test_size=0.2, seed=0)`: `train=True` takes its train part, otherwise its test part.
 """
 
+import glob
 import io
 import re
 from pathlib import Path
@@ -157,13 +158,11 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         return Subset(data, apply_slice(list(range(len(data))), sl, percent))
 
     path = Path(source)
-    paths = sorted(Path().glob(source)) if any(ch in source for ch in "*?[") else [path]
     if path.is_dir() and (path / "images").is_dir() and (path / "annotations").is_dir():
         data, single = _ade_folder(path, name)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
-    elif paths and all(p.suffix == ".parquet" for p in paths) or (path.is_dir() and list(path.glob("*.parquet"))):
-        files = [str(p) for p in (sorted(path.glob("*.parquet")) if path.is_dir() else paths)]
+    elif files := _parquet_files(source):
         from datasets import load_dataset
         dataset = load_dataset("parquet", data_files=files, split="train")
         data, single = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
@@ -184,6 +183,15 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
     return Subset(data, indices)
+
+
+def _parquet_files(source: str) -> list[str]:
+    """The parquet files named by `source`: a file, a glob, or a folder of them ([] if none)."""
+    path = Path(source)
+    if path.is_dir():
+        return [str(p) for p in sorted(path.glob("*.parquet"))]
+    files = sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
+    return files if files and all(f.endswith(".parquet") and Path(f).is_file() for f in files) else []
 
 
 def _ade_folder(root: Path, split_name: str):

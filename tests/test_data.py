@@ -68,11 +68,12 @@ def test_every_source_yields_the_same_batches(tmp_path, train):
     pairs = make_pairs()
     folder = write_ade_folder(tmp_path / "ade", pairs)
     hf_dataset(pairs).save_to_disk(str(tmp_path / "saved"))
-    hf_dataset(pairs).to_parquet(str(tmp_path / "part-0.parquet"))
+    hf_dataset(pairs[:3]).to_parquet(str(tmp_path / "part-0.parquet"))  # two files, read through a glob
+    hf_dataset(pairs[3:]).to_parquet(str(tmp_path / "part-1.parquet"))
     common = dict(split="train", train=train, size=64, num_labels=150)
     from_folder = batches(build_dataset(str(folder), **common))
     from_disk = batches(build_dataset(str(tmp_path / "saved"), **common))
-    from_parquet = batches(build_dataset(str(tmp_path / "part-0.parquet"), **common))
+    from_parquet = batches(build_dataset(str(tmp_path / "part-*.parquet"), **common))
     assert_same_batches(from_folder, from_disk)
     assert_same_batches(from_folder, from_parquet)
 
