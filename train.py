@@ -312,7 +312,10 @@ def main(args) -> dict:
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
     # Model: the raw module is what we save; `model` is what we run (maybe compiled, maybe DDP).
-    raw_model = get_model(args, train_set.num_labels, class_names).to(device)
+    if args.resume:
+        raw_model = SegFormer.from_pretrained(args.resume).to(device)
+    else:
+        raw_model = get_model(args, train_set.num_labels, class_names).to(device)
     if args.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
@@ -331,7 +334,6 @@ def main(args) -> dict:
     step, epoch, batches_done, best_miou = 0, 0, 0, -1.0
     if args.resume:
         state = torch.load(Path(args.resume) / "training_state.pt", map_location="cpu", weights_only=False)
-        raw_model.load_state_dict(SegFormer.from_pretrained(args.resume).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -356,7 +358,6 @@ def main(args) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "metrics.jsonl", "a")
-    if is_main:
         print(f"training {raw_model.config.variant or 'custom'} on {args.data} ({len(train_set)} train / "
               f"{len(eval_set)} eval images, {train_set.num_labels} classes) for {total_steps} steps of "
               f"{args.batch_size * args.grad_accum * world_size} images on {world_size} x {device.type}, amp={amp}")

@@ -42,11 +42,11 @@ class AllMLPDecoder(nn.Module):
         # (D, L*D) -> L blocks of (D, D), reversed so that blocks[i] belongs to level i.
         blocks = self.fuse.weight.flatten(1).split(D, dim=1)[::-1]
         fused = None
-        for x, proj, fuse_block in zip(features, self.proj, blocks):
+        for level, (x, proj, fuse_block) in enumerate(zip(features, self.proj, blocks)):
             weight = fuse_block @ proj.weight  # (D, C_i): project and fuse in one map
             bias = fuse_block @ proj.bias  # (D,)
             y = F.conv2d(x, weight[:, :, None, None], bias)  # (B, D, H_i, W_i)
-            if y.shape[-2:] != (H, W):
+            if level > 0:  # the coarser levels come up to the stride-4 grid
                 y = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False)  # (B, D, H, W)
             fused = y if fused is None else fused + y
         x = F.relu(self.norm(fused))
