@@ -49,8 +49,9 @@ class SegFormer(nn.Module):
 
         The settings come from `config.json` when there is one, else from the weights' shapes. Asking
         for another `num_labels` than the checkpoint's re-initialises the classifier; an encoder-only
-        checkpoint (ImageNet) gets a fresh decoder. Both are reported in one line. Missing,
-        unexpected or mis-shaped weights raise an error naming them."""
+        checkpoint (ImageNet) gets a fresh decoder, by default for ADE20K's 150 labels. Both are
+        reported in one line. Missing, unexpected or mis-shaped weights raise an error naming them.
+        Other keyword arguments replace config fields (e.g. `drop_path_rate=0.0`)."""
         weights_path, config_path = checkpoint.resolve(source)
         state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(weights_path), source=str(weights_path))
 

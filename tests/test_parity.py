@@ -43,6 +43,8 @@ def test_classification_layout_loads_encoder_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "encoder only" in out and "classifier.weight" in out
     assert ours.config.num_labels == 150
+    default = SegFormer.from_pretrained(tmp_path)  # the config names 1000 ImageNet classes: not ours to keep
+    assert default.config.num_labels == 150 and default.id2label[0] == "LABEL_0"
 
     x = torch.randn(2, 3, 200, 328)
     with torch.no_grad():
