@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from segformer import SegFormer
+from segformer.checkpoint import read_input_size
 from segformer.inference import Predictor, load_image
 from segformer.labels import palette
 
@@ -37,7 +38,7 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
                    help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
                         "slide: windows over the full-resolution image")
-    p.add_argument("--size", type=int, help="model input size (default: 512; 128 for the synthetic demo)")
+    p.add_argument("--size", type=int, help="model input size (default: the checkpoint's preprocessor_config.json, else 512)")
     p.add_argument("--window", type=int, default=512, help="sliding window size")
     p.add_argument("--stride", type=int, default=341, help="sliding window stride")
     p.add_argument("--tta", action="store_true", help="average over horizontal flips and scales")
@@ -122,7 +123,7 @@ def main(args) -> int:
             print(f"no --checkpoint given and no {DEMO_CHECKPOINT}: run `python train.py` first, or pass "
                   f"--checkpoint <dir|file|hub id> and images", file=sys.stderr)
             return 2
-        args.checkpoint, args.size = str(DEMO_CHECKPOINT), args.size or 128
+        args.checkpoint = str(DEMO_CHECKPOINT)
         args.out = args.out or str(DEMO_OUT)
         args.inputs = demo_inputs(Path(args.out) / "inputs")
     if not args.checkpoint or not args.inputs:
@@ -130,7 +131,8 @@ def main(args) -> int:
         return 2
 
     model = SegFormer.from_pretrained(args.checkpoint)
-    predictor = Predictor(model, size=args.size or 512, mode=args.mode, window=args.window, stride=args.stride,
+    size = args.size or read_input_size(args.checkpoint) or 512
+    predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)
     names = model.id2label
     colours = palette(len(names), names)

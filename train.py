@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data import DataError, build_dataset, build_loader
 from segformer import SegFormer, segmentation_loss
+from segformer.checkpoint import read_input_size, write_preprocessor_config
 from segformer.labels import read_id2label
 from segformer.layouts import LayoutError
 from segformer.metrics import ConfusionMatrix, logits_to_predictions
@@ -74,6 +75,8 @@ def get_args(argv=None):
     a("--annotation-column", default="annotation", help="annotation column of a Hugging Face dataset")
     a("--id2label", help="JSON file naming the classes ({\"0\": \"wall\", ...})")
     a("--skip-bad", action="store_true", help="skip undecodable or invalid samples with a warning instead of stopping")
+    a("--no-reduce-labels", action="store_true",
+      help="annotations already hold class ids 0..N-1 (255 ignored); by default 0 is 'unlabelled' (ADE)")
     a("--model", help="variant to build with fresh weights: b0..b5")
     a("--pretrained", help="weights to start from: a .safetensors/.pth file, a directory or a hub id (e.g. nvidia/mit-b0)")
     a("--num-labels", type=int, help="classes after label reduction (150 for ADE20K)")
@@ -114,6 +117,8 @@ def get_args(argv=None):
             p.error(f"--resume {args.resume}: no training_state.pt there (is it a checkpoint-<step> directory?)")
         saved = torch.load(state, map_location="cpu", weights_only=False)["args"]
         presets.update({k: v for k, v in saved.items() if k not in ("resume", "eval_only", "checkpoint")})
+    if args.eval_only and args.checkpoint and args.size is None:  # evaluate at the size it was trained at
+        args.size = read_input_size(args.checkpoint)
     if args.batch_size is not None:  # an explicit per-process batch size wins over a recipe's total
         presets["total_batch_size"] = None
     for key, value in presets.items():
@@ -161,6 +166,7 @@ def set_rng_states(states: dict) -> None:
 
 def get_datasets(args):
     common = dict(num_labels=args.num_labels, size=args.size, test_size=args.test_size, seed=args.seed,
+                  reduce_labels=not args.no_reduce_labels,
                   image_column=args.image_column, annotation_column=args.annotation_column, skip_bad=args.skip_bad,
                   class_names=list(read_id2label(args.id2label).values()) if args.id2label else None)
     train_set = build_dataset(args.data, args.train_split, train=True, recipe=args.augment, **common)
@@ -252,13 +258,15 @@ def jsonable(metrics: dict) -> dict:
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 
-def save_checkpoint(directory: Path, model: SegFormer, training_state: dict | None) -> None:
+def save_checkpoint(directory: Path, model: SegFormer, training_state: dict | None, *, size: int,
+                    reduce_labels: bool) -> None:
     """Write a checkpoint directory atomically: build it under a temporary name, then rename it into
     place (an existing directory of that name is replaced only once the new one is complete)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.save_pretrained(tmp)
+        write_preprocessor_config(tmp, size=size, reduce_labels=reduce_labels)
         if training_state is not None:
             torch.save(training_state, tmp / "training_state.pt")
         old = directory.with_name(f".{directory.name}.old")
@@ -351,7 +359,7 @@ def main(args) -> dict:
         state = training_state()  # every process takes part (RNG gather), rank 0 writes
         path = out / name
         if is_main:
-            save_checkpoint(path, raw_model, state)
+            save_checkpoint(path, raw_model, state, size=args.size, reduce_labels=not args.no_reduce_labels)
         return path
 
     log = None
@@ -508,6 +516,7 @@ def evaluate_checkpoint(args, device, autocast) -> dict:
         raise SystemExit("--eval-only needs --checkpoint <dir|file|hub id>")
     model = SegFormer.from_pretrained(args.checkpoint).to(device)
     eval_set = build_dataset(args.data, args.eval_split, train=False, num_labels=model.config.num_labels,
+                             reduce_labels=not args.no_reduce_labels,
                              size=args.size, eval_mode=args.eval_mode, test_size=args.test_size, seed=args.seed,
                              image_column=args.image_column, annotation_column=args.annotation_column,
                              skip_bad=args.skip_bad, class_names=model.config.label_names())

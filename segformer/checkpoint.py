@@ -110,3 +110,30 @@ def _download(repo_id: str) -> tuple[Path, Path | None]:
         raise FileNotFoundError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
                                 f"(offline mode or no network): {e}") from None
     raise FileNotFoundError(f"{repo_id}: the repository holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels: bool) -> None:
+    """The `preprocessor_config.json` of `SegformerImageProcessor` for the size a model was trained
+    at, so that inference (ours, or transformers' AutoImageProcessor) feeds it the same input."""
+    write_json({
+        "image_processor_type": "SegformerImageProcessor",
+        "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,  # bilinear
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "do_reduce_labels": reduce_labels,
+    }, Path(directory) / "preprocessor_config.json")
+
+
+def read_input_size(source: str | Path) -> int | None:
+    """The square input size in a checkpoint directory's `preprocessor_config.json`, if any."""
+    path = Path(source)
+    config = (path if path.is_dir() else path.parent) / "preprocessor_config.json"
+    if not config.is_file():
+        return None
+    try:
+        size = json.loads(config.read_text()).get("size", {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    return int(size) if size else None

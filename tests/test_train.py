@@ -94,7 +94,7 @@ def test_eval_only_prints_the_class_table(tmp_path, capsys):
     run(tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "100")
     capsys.readouterr()
     metrics = train.main(train.get_args(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2"),
-                                         "--eval-split", "validation[:4]", "--size", "64"]))
+                                         "--eval-split", "validation[:4]"]))  # size 64 read off the checkpoint
     out = capsys.readouterr().out
     assert "sky" in out and "mean" in out and "overall accuracy" in out
     assert 0 <= metrics["mean_iou"] <= 1
@@ -119,3 +119,12 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert result["step"] == 2 and 0 <= result["mean_iou"] <= 1
     with pytest.raises(SystemExit, match="fp16 needs a CUDA device"):
         run(tmp_path, "--max-steps", "1", "--amp", "fp16", "--device", "cpu")
+
+
+def test_checkpoints_carry_the_input_size_for_inference(tmp_path):
+    from transformers import SegformerImageProcessor
+    from segformer.checkpoint import read_input_size
+    run(tmp_path, "--max-steps", "1", "--eval-every", "100", "--save-every", "1")
+    assert read_input_size(tmp_path / "checkpoint-1") == 64
+    processor = SegformerImageProcessor.from_pretrained(tmp_path / "checkpoint-1")  # transformers reads it too
+    assert processor.size == {"height": 64, "width": 64} and processor.do_reduce_labels
