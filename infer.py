@@ -38,7 +38,8 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
                    help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
                         "slide: windows over the full-resolution image")
-    p.add_argument("--size", type=int, help="model input size (default: the checkpoint's preprocessor_config.json, else 512)")
+    p.add_argument("--size", type=int,
+                   help="model input size (default: the checkpoint's preprocessor_config.json, else 512)")
     p.add_argument("--window", type=int, default=512, help="sliding window size")
     p.add_argument("--stride", type=int, default=341, help="sliding window stride")
     p.add_argument("--tta", action="store_true", help="average over horizontal flips and scales")

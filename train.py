@@ -78,11 +78,13 @@ def get_args(argv=None):
     a("--no-reduce-labels", action="store_true",
       help="annotations already hold class ids 0..N-1 (255 ignored); by default 0 is 'unlabelled' (ADE)")
     a("--model", help="variant to build with fresh weights: b0..b5")
-    a("--pretrained", help="weights to start from: a .safetensors/.pth file, a directory or a hub id (e.g. nvidia/mit-b0)")
+    a("--pretrained", help="weights to start from: a .safetensors/.pth file, a directory or a hub id "
+                           "(e.g. nvidia/mit-b0)")
     a("--num-labels", type=int, help="classes after label reduction (150 for ADE20K)")
     a("--size", type=int, help="training crop / resize size and evaluation size")
     a("--augment", choices=["guide", "paper"], help="training augmentation: the guide's ColorJitter or the paper's")
-    a("--eval-mode", choices=["resize", "aspect"], help="evaluation resize: the processor's square or the paper's aspect-preserving")
+    a("--eval-mode", choices=["resize", "aspect"],
+      help="evaluation resize: the processor's square or the paper's aspect-preserving")
     a("--batch-size", type=int, help="images per step per process")
     a("--grad-accum", type=int, help="micro-batches accumulated per optimizer step")
     a("--lr", type=float, help="peak learning rate of AdamW")
@@ -335,7 +337,8 @@ def main(args) -> dict:
         model = torch.compile(model)
 
     optimizer = get_optimizer(args, raw_model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(args.warmup_steps, total_steps, args.poly_power))
+    schedule = poly_schedule(args.warmup_steps, total_steps, args.poly_power)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     out = Path(args.out)

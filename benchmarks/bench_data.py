@@ -28,9 +28,11 @@ def generated(n, height=480, width=640):
     yy, xx = np.mgrid[0:height, 0:width]
     out = []
     for i in range(n):
-        image = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], -1) + rng.integers(0, 30, (height, width, 3))
+        image = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], -1)
+        image = image + rng.integers(0, 30, (height, width, 3))
         label = (xx // 40 + yy // 40 * 3 + i) % 151
-        out.append((Image.fromarray(image.clip(0, 255).astype(np.uint8)), Image.fromarray(label.astype(np.uint8)), f"gen{i}"))
+        out.append((Image.fromarray(image.clip(0, 255).astype(np.uint8)), Image.fromarray(label.astype(np.uint8)),
+                    f"gen{i}"))
     return out
 
 

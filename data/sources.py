@@ -28,7 +28,8 @@ ADE_SPLITS = {"train": "training", "training": "training", "validation": "valida
               "test": "validation"}
 # The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
 # automatic parquet export of it (revision refs/convert/parquet, config "scene_parsing") is read instead.
-PARQUET_EXPORTS = {"scene_parse_150": "zhoubolei/scene_parse_150", "zhoubolei/scene_parse_150": "zhoubolei/scene_parse_150"}
+PARQUET_EXPORTS = {"scene_parse_150": "zhoubolei/scene_parse_150",
+                   "zhoubolei/scene_parse_150": "zhoubolei/scene_parse_150"}
 
 
 class DataError(ValueError):
@@ -97,8 +98,8 @@ class FolderSource:
 
     def __getitem__(self, i):
         image_path, annotation_path = self.pairs[i]
-        return (_open(image_path.read_bytes(), str(image_path)), _open(annotation_path.read_bytes(), str(annotation_path)),
-                str(image_path))
+        image = _open(image_path.read_bytes(), str(image_path))
+        return image, _open(annotation_path.read_bytes(), str(annotation_path)), str(image_path)
 
 
 class HFSource:
@@ -200,7 +201,8 @@ def _ade_folder(root: Path, split_name: str):
         sub = ADE_SPLITS[split_name]
         return FolderSource(images / sub, annotations / sub), False
     if any(p.is_dir() for p in images.iterdir()):
-        raise DataError(f"{root}: no split {split_name!r}; found {sorted(p.name for p in images.iterdir() if p.is_dir())}")
+        found = sorted(p.name for p in images.iterdir() if p.is_dir())
+        raise DataError(f"{root}: no split {split_name!r}; found {found}")
     return FolderSource(images, annotations), True  # flat layout: one split
 
 
@@ -235,7 +237,8 @@ def _hub_dataset(repo_id: str, split: str, *, train, test_size, split_seed, imag
     except (ConnectionError, FileNotFoundError) as e:
         raise DataError(f"{repo_id}: not a local dataset, and the hub cannot provide it ({e}). Offline, use "
                         f"'synthetic', an ADE-layout folder, a save_to_disk directory or parquet files") from None
-    data = HFSource(dataset, image_column=image_column, annotation_column=annotation_column, origin=f"{repo_id}:{split}")
+    data = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
+                    origin=f"{repo_id}:{split}")
     indices = list(range(len(data)))
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)

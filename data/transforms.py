@@ -14,7 +14,8 @@ Masks are only ever moved, never blended: they resize with nearest neighbour and
   distortion, padding to the crop size (mask with 255).
 
 Labels stay in their stored dtype (uint8 for L/P annotations) until `SegmentationDataset` makes them
-int64 at the end, so masks move as bytes. Random transforms draw only from torch's global generator; `SegmentationDataset` seeds it per sample
+int64 at the end, so masks move as bytes. Random transforms draw only from torch's global generator;
+`SegmentationDataset` seeds it per sample
 inside `torch.random.fork_rng`, which makes every augmentation repeatable.
 """
 

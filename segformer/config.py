@@ -44,7 +44,8 @@ class SegFormerConfig:
         for name in ("hidden_sizes", "depths", "num_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios"):
             value = tuple(int(v) for v in getattr(self, name))
             if len(value) != len(self.hidden_sizes):
-                raise ValueError(f"config.{name} has {len(value)} entries, expected one per stage ({len(self.hidden_sizes)})")
+                raise ValueError(f"config.{name} has {len(value)} entries, expected one per stage "
+                                 f"({len(self.hidden_sizes)})")
             setattr(self, name, value)
         for width, heads in zip(self.hidden_sizes, self.num_heads):
             if width % heads:
@@ -53,7 +54,8 @@ class SegFormerConfig:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
         if self.id2label and sorted(self.id2label) != list(range(self.num_labels)):
-            raise ValueError(f"id2label must name the classes 0..{self.num_labels - 1}, got ids {sorted(self.id2label)[:10]}...")
+            raise ValueError(f"id2label must name the classes 0..{self.num_labels - 1}, "
+                             f"got ids {sorted(self.id2label)[:10]}...")
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "SegFormerConfig":
@@ -68,10 +70,8 @@ class SegFormerConfig:
     @property
     def variant(self) -> str | None:
         """'b0'..'b5' when the widths, depths and decoder width are those of a variant, else None."""
-        for name, (hidden_sizes, depths, decoder_hidden_size) in VARIANTS.items():
-            if (self.hidden_sizes, self.depths, self.decoder_hidden_size) == (hidden_sizes, depths, decoder_hidden_size):
-                return name
-        return None
+        settings = (self.hidden_sizes, self.depths, self.decoder_hidden_size)
+        return next((name for name, row in VARIANTS.items() if row == settings), None)
 
     def label_names(self) -> list[str]:
         return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]

@@ -15,6 +15,8 @@ Names follow timm's `pvt_v2.py` (PVTv2 is MiT's sibling); `segformer/layouts.py`
 transformers and NVlabs checkpoint layouts.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,7 +25,8 @@ from .config import SegFormerConfig
 
 
 class OverlapPatchEmbed(nn.Module):
-    """Strided conv with padding kernel // 2, then LayerNorm over channels (paper eq. 1 context)."""
+    """Overlapped patch merging (paper section 3.1): a strided conv with padding kernel // 2, so that
+    neighbouring patches share pixels, then LayerNorm over channels."""
 
     def __init__(self, in_channels: int, hidden_size: int, *, patch_size: int, stride: int):
         super().__init__()
@@ -167,7 +170,7 @@ class MixTransformer(nn.Module):
                 dropout=config.dropout, attention_dropout=config.attention_dropout,
             ))
         self.channels = list(config.hidden_sizes)
-        self.strides = [int(torch.tensor(config.strides[:i + 1]).prod()) for i in range(len(config.strides))]
+        self.strides = [math.prod(config.strides[:i + 1]) for i in range(len(config.strides))]  # 4, 8, 16, 32
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

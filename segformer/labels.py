@@ -82,7 +82,8 @@ def read_id2label(path: str | Path) -> dict[int, str]:
 def palette(num_labels: int, id2label: dict[int, str] | None = None) -> list[tuple[int, int, int]]:
     """ADE20K's colours for the ADE20K label set; otherwise distinct colours spread over the hue circle
     (golden-ratio steps), the same for the same number of labels."""
-    if num_labels == len(ADE20K_CLASSES) and (not id2label or tuple(id2label.get(i) for i in range(150)) == ADE20K_CLASSES):
+    is_ade = not id2label or tuple(id2label.get(i) for i in range(num_labels)) == ADE20K_CLASSES
+    if num_labels == len(ADE20K_CLASSES) and is_ade:
         return list(ADE20K_PALETTE)
     colours = []
     for i in range(num_labels):

@@ -32,7 +32,8 @@ class ConfusionMatrix:
     def update(self, predictions: torch.Tensor, references: torch.Tensor) -> None:
         """predictions, references: integer tensors of the same shape, e.g. (B, H, W)."""
         if predictions.shape != references.shape:
-            raise ValueError(f"predictions {tuple(predictions.shape)} and references {tuple(references.shape)} differ in shape")
+            raise ValueError(f"predictions {tuple(predictions.shape)} and references {tuple(references.shape)} "
+                             f"differ in shape")
         K = self.num_labels
         keep = (references != self.ignore_index) & (references >= 0) & (references < K)
         keep &= (predictions >= 0) & (predictions < K)

@@ -83,7 +83,8 @@ class SegFormer(nn.Module):
         model = cls(config)
         if not any(k.startswith("decoder.") for k in state_dict):
             missing_ok = "decoder."
-            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): the decode head is freshly initialised")
+            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): "
+                         "the decode head is freshly initialised")
         model.load_native_state_dict(state_dict, source=str(weights_path), missing_ok=missing_ok)
         if dropped:
             notes.append(f"unused weights ignored: {layouts.shorten(dropped, 3)}")

@@ -174,14 +174,16 @@ def test_flat_folder_and_stem_order(tmp_path):
         image.save(root / "images" / f"{stem}.jpg")
         label.save(root / "annotations" / f"{stem}.png")
     ds = build_dataset(str(root), split="train", test_size=None)
-    assert [name.rsplit("/", 1)[1] for *_, name in (ds.samples[i] for i in range(len(ds)))] == ["a.jpg", "b.jpg", "c.jpg"]
+    names = [ds.samples[i][2].rsplit("/", 1)[1] for i in range(len(ds))]
+    assert names == ["a.jpg", "b.jpg", "c.jpg"]
 
 
 # ---- bad input ---------------------------------------------------------------------------------
 
 def test_unpaired_files_are_listed(tmp_path):
     root = write_ade_folder(tmp_path / "ade", make_pairs(2))
-    (root / "images" / "training" / "ADE_lonely.png").write_bytes((root / "images" / "training" / "ADE_training_00000000.png").read_bytes())
+    images = root / "images" / "training"
+    (images / "ADE_lonely.png").write_bytes((images / "ADE_training_00000000.png").read_bytes())
     with pytest.raises(DataError, match=r"1 unpaired files.*ADE_lonely\.png"):
         build_dataset(str(root), split="training")
 

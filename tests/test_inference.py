@@ -82,7 +82,8 @@ def test_flip_tta_of_a_symmetric_input_on_a_mirror_symmetric_model_equals_no_tta
     assert torch.equal(plain.label_map, flipped.label_map)
     asymmetric = random_image(65, 65, seed=3)
     plain = Predictor(model, size=65, device="cpu")(asymmetric, probabilities=True).probabilities
-    flipped = Predictor(model, size=65, tta=True, scales=(1.0,), device="cpu")(asymmetric, probabilities=True).probabilities
+    tta = Predictor(model, size=65, tta=True, scales=(1.0,), device="cpu")
+    flipped = tta(asymmetric, probabilities=True).probabilities
     assert (plain - plain.flip(-1)).abs().max() > 1e-3
     assert torch.allclose(plain, flipped, atol=1e-5)
 

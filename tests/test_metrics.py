@@ -50,7 +50,9 @@ def test_matches_evaluate_semantics_including_nans():
     for predictions, references in batches:
         cm.update(predictions, references)
     got = cm.compute()
-    expected = evaluate_mean_iou([p.numpy() for b in batches for p in b[0]], [r.numpy() for b in batches for r in b[1]], 6, 255)
+    predictions = [p.numpy() for batch in batches for p in batch[0]]
+    references = [r.numpy() for batch in batches for r in batch[1]]
+    expected = evaluate_mean_iou(predictions, references, 6, 255)
     assert np.isnan(got["per_category_iou"][3]) and got["per_category_iou"][5] == 0.0  # absent; predicted only
     assert np.isnan(got["per_category_accuracy"][5])
     for key in ("per_category_iou", "per_category_accuracy"):

@@ -133,7 +133,8 @@ def test_missing_unexpected_and_misshaped_keys_are_named(hf_b0_dir, tmp_path):
     weights = _saved(hf_b0_dir)
     weights["segformer.encoder.block.0.0.attention.self.query.weight"] = torch.zeros(32, 16)
     save_file(weights, tmp_path / "shape.safetensors")
-    with pytest.raises(LayoutError, match=r"encoder\.stages\.0\.blocks\.0\.attn\.q\.weight: checkpoint \(32, 16\) vs model \(32, 32\)"):
+    expected = r"encoder\.stages\.0\.blocks\.0\.attn\.q\.weight: checkpoint \(32, 16\) vs model \(32, 32\)"
+    with pytest.raises(LayoutError, match=expected):
         SegFormer.from_pretrained(tmp_path / "shape.safetensors")
 
     weights = _saved(hf_b0_dir)
