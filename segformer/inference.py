@@ -70,39 +70,44 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, images, *, probabilities: bool = False):
-        """One image (PIL, any mode, or uint8 (3, H, W) tensor) -> Prediction; a list -> list."""
-        if isinstance(images, (list, tuple)):
-            return [self(image, probabilities=probabilities) for image in images]
-        image = to_uint8_tensor(images).to(self.device)
-        probs = self.probabilities(image)  # (K, H, W)
-        return Prediction(probs.argmax(0), probs if probabilities else None, self.id2label)
+        """One image (PIL, any mode, or uint8 (3, H, W) tensor) -> Prediction; a list -> list.
+        In "resize" mode a list runs through the model `batch_size` images at a time."""
+        single = not isinstance(images, (list, tuple))
+        images = [to_uint8_tensor(image).to(self.device) for image in ([images] if single else images)]
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            for probs in self.probabilities(images[start:start + self.batch_size]):  # (K, H, W) each
+                results.append(Prediction(probs.argmax(0), probs if probabilities else None, self.id2label))
+        return results[0] if single else results
 
-    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> (K, H, W) class probabilities at the image's size."""
-        H, W = image.shape[-2:]
-        total = None
-        for scale in self.scales:
-            for flipped in ((False, True) if self.flip else (False,)):
-                x = image.flip(-1) if flipped else image
-                logits = self.logits(x, scale)  # (K, H, W)
-                if flipped:
-                    logits = logits.flip(-1)
-                probs = logits.softmax(0)
-                total = probs if total is None else total + probs
-        return total / (len(self.scales) * (2 if self.flip else 1))
+    def probabilities(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 (3, H_i, W_i) images -> (K, H_i, W_i) class probabilities, averaged over the TTA views."""
+        views = [(scale, flipped) for scale in self.scales for flipped in ((False, True) if self.flip else (False,))]
+        totals = [0.0] * len(images)
+        for scale, flipped in views:
+            inputs = [image.flip(-1) if flipped else image for image in images]
+            for i, logits in enumerate(self.logits(inputs, scale)):
+                logits = logits.flip(-1) if flipped else logits  # back to the image's orientation
+                totals[i] = totals[i] + logits.softmax(0)
+        return [total / len(views) for total in totals]
 
-    def logits(self, image: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """uint8 (3, H, W) -> (K, H, W) logits upsampled to the image's size."""
-        H, W = image.shape[-2:]
-        if self.mode == "resize":
-            size = (round(self.size * scale),) * 2
-        elif self.mode == "aspect":
-            size = aspect_size(H, W, round(self.size * scale))
+    def logits(self, images: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        """uint8 (3, H_i, W_i) images -> (K, H_i, W_i) logits, upsampled to each image's size."""
+        inputs = [normalize(resize_image(image, self.input_size(*image.shape[-2:], scale))) for image in images]
+        if self.mode == "resize":  # one size for all: one batch
+            outputs = list(self.forward(torch.stack(inputs)))  # B x (K, h, w)
         else:
-            size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        x = normalize(resize_image(image, size))[None]  # (1, 3, h, w)
-        logits = self.slide(x) if self.mode == "slide" else self.forward(x)  # (1, K, h', w')
-        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
+            run = self.slide if self.mode == "slide" else self.forward
+            outputs = [run(x[None])[0] for x in inputs]
+        return [F.interpolate(out[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+                for out, image in zip(outputs, images)]
+
+    def input_size(self, H: int, W: int, scale: float) -> tuple[int, int]:
+        if self.mode == "resize":
+            return (round(self.size * scale),) * 2
+        if self.mode == "aspect":
+            return aspect_size(H, W, round(self.size * scale))
+        return max(1, round(H * scale)), max(1, round(W * scale))  # slide: the image's own resolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]

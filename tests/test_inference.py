@@ -159,3 +159,14 @@ def test_masks_past_256_classes_are_16_bit(tmp_path):
     infer.main(infer.get_args(["--checkpoint", str(tmp_path / "model"), str(tmp_path / "x.png"), "--size", "32",
                                "--out", str(tmp_path / "out")]))
     assert Image.open(tmp_path / "out" / "x_mask.png").mode.startswith("I")
+
+
+def test_a_list_of_images_of_different_sizes_equals_one_by_one(small_model):
+    images = [random_image(40, 60, seed=1), random_image(75, 33, seed=2), random_image(64, 64, seed=3)]
+    for mode in ("resize", "aspect"):
+        predictor = Predictor(small_model, size=64, mode=mode, batch_size=2, device="cpu")
+        together = predictor(images, probabilities=True)
+        for image, result in zip(images, together):
+            alone = predictor(image, probabilities=True)
+            assert result.label_map.shape == (image.height, image.width)
+            assert torch.allclose(result.probabilities, alone.probabilities, atol=1e-5)
