@@ -101,6 +101,7 @@ def get_args(argv=None):
     a("--save-total-limit", type=int, help="keep only the newest N checkpoint-<step> directories")
     a("--log-every", type=int, help="log loss and lr every N steps")
     a("--out", help="output directory")
+    a("--overwrite", action="store_true", help="replace the run already in --out (by default that is an error)")
     a("--resume", help="checkpoint directory to continue from, exactly")
     a("--seed", type=int, help="seed of weights, shuffling and augmentation")
     a("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype (default: bf16 on CUDA, off on CPU)")
@@ -282,6 +283,22 @@ def save_checkpoint(directory: Path, model: SegFormer, training_state: dict | No
         raise
 
 
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    """A new run never overwrites an earlier one unless asked to."""
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    earlier = checkpoints + [out / "best"] * (out / "best").exists()
+    if not earlier or resume:
+        return
+    if not overwrite:
+        newest = f"--resume {checkpoints[0]}, " if checkpoints else ""
+        raise SystemExit(f"{out} already holds a run ({', '.join(p.name for p in earlier[:4])}): continue it with "
+                         f"{newest}choose another --out, or pass --overwrite to replace it")
+    if is_main:
+        for path in earlier:
+            shutil.rmtree(path)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def prune_checkpoints(out: Path, keep: int | None) -> None:
     if not keep:
         return
@@ -306,6 +323,9 @@ def main(args) -> dict:
     seed_everything(args.seed)  # the same initial weights on every process
     if args.eval_only:
         return evaluate_checkpoint(args, device, autocast)
+
+    out = Path(args.out)
+    check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite, is_main=is_main)
 
     # Data.
     train_set, eval_set = get_datasets(args)
@@ -341,7 +361,6 @@ def main(args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
-    out = Path(args.out)
     step, epoch, batches_done, best_miou = 0, 0, 0, -1.0
     if args.resume:
         state = torch.load(Path(args.resume) / "training_state.pt", map_location="cpu", weights_only=False)

@@ -128,3 +128,14 @@ def test_checkpoints_carry_the_input_size_for_inference(tmp_path):
     assert read_input_size(tmp_path / "checkpoint-1") == 64
     processor = SegformerImageProcessor.from_pretrained(tmp_path / "checkpoint-1")  # transformers reads it too
     assert processor.size == {"height": 64, "width": 64} and processor.do_reduce_labels
+
+
+def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
+    run(tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "1")
+    before = (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoint-2, checkpoint-1, best\).*--resume"):
+        run(tmp_path, "--max-steps", "2", "--seed", "1")
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes() == before
+    run(tmp_path, "--max-steps", "1", "--eval-every", "100", "--save-every", "1", "--seed", "1", "--overwrite")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert len(read_log(tmp_path)) == 2  # one training and one evaluation line: the old log is gone
