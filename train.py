@@ -416,7 +416,7 @@ def main(args) -> dict:
                     scaler.scale(loss).backward()
                     step_loss += loss.item()
                     images_seen += pixel_values.shape[0]
-                if not math.isfinite(step_loss):
+                if any_process(not math.isfinite(step_loss), world_size, device):  # all stop at the same step
                     raise FloatingPointError(f"the loss is {step_loss} at step {step + 1}; stopping without "
                                              f"saving (the last good checkpoint in {out} is kept)")
                 if args.clip_grad:
@@ -458,7 +458,7 @@ def main(args) -> dict:
                     checkpoint(f"checkpoint-{step}")
                     if is_main:
                         prune_checkpoints(out, args.save_total_limit)
-                if stop.agreed(world_size, device):
+                if any_process(stop.requested, world_size, device):
                     progress.close()
                     path = checkpoint(f"checkpoint-{step}")
                     if is_main:
@@ -501,16 +501,17 @@ class StopRequest:
         self.requested = True
         print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
 
-    def agreed(self, world_size: int, device) -> bool:
-        """True on every process when any of them was asked to stop (they must stop at the same step)."""
-        if world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
     def restore(self):
         signal.signal(signal.SIGINT, self.previous)
+
+
+def any_process(flag: bool, world_size: int, device) -> bool:
+    """True on every process when the flag is true on any of them, so that all act at the same step."""
+    if world_size == 1:
+        return flag
+    total = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(total)
+    return total.item() > 0
 
 
 def groups_of(loader, n: int):
