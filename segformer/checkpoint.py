@@ -88,7 +88,8 @@ def _looks_like_path(source: str) -> bool:
 
 def _download(repo_id: str) -> tuple[Path, Path | None]:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     def fetch(filename):
         try:
@@ -104,6 +105,9 @@ def _download(repo_id: str) -> tuple[Path, Path | None]:
             weights = fetch(name)
             if weights is not None:
                 return weights, config
+    except GatedRepoError:
+        raise PermissionError(f"{repo_id}: a gated repository; accept its terms on the hub and log in "
+                              f"(`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"{repo_id}: neither a local path nor a repository on the hub") from None
     except LocalEntryNotFoundError as e:
