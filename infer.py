@@ -20,12 +20,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from data.sources import IMAGE_SUFFIXES as SOURCE_SUFFIXES
 from segformer import SegFormer
 from segformer.checkpoint import read_input_size
 from segformer.inference import Predictor, load_image
 from segformer.labels import palette
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = SOURCE_SUFFIXES | {".gif"}  # what data folders hold, and animations (their first frame)
 DEMO_CHECKPOINT = Path("runs/synthetic/best")
 DEMO_OUT = Path("runs/synthetic/predictions")
 

@@ -119,11 +119,12 @@ def _download(repo_id: str) -> tuple[Path, Path | None]:
 def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels: bool) -> None:
     """The `preprocessor_config.json` of `SegformerImageProcessor` for the size a model was trained
     at, so that inference (ours, or transformers' AutoImageProcessor) feeds it the same input."""
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD  # here: loading a model needs no torchvision
     write_json({
         "image_processor_type": "SegformerImageProcessor",
         "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,  # bilinear
         "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "do_normalize": True, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
         "do_reduce_labels": reduce_labels,
     }, Path(directory) / "preprocessor_config.json")
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from .model import SegFormer
 from .preprocess import aspect_size, normalize, resize_image
 
+
 def load_image(path) -> Image.Image:
     """Open an image as the reference pipeline does: EXIF orientation applied, RGB."""
     with Image.open(path) as image:

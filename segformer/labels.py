@@ -57,10 +57,6 @@ ADE20K_PALETTE = (
 )
 
 
-def ade20k_id2label() -> dict[int, str]:
-    return dict(enumerate(ADE20K_CLASSES))
-
-
 def read_id2label(path: str | Path) -> dict[int, str]:
     """Read an `id2label.json` ({"0": "wall", ...}); ids must be 0..N-1."""
     path = Path(path)
