@@ -167,14 +167,22 @@ def set_rng_states(states: dict) -> None:
 
 # ---- data, model, optimizer ------------------------------------------------------------------------
 
-def get_datasets(args):
-    common = dict(num_labels=args.num_labels, size=args.size, test_size=args.test_size, seed=args.seed,
-                  reduce_labels=not args.no_reduce_labels,
-                  image_column=args.image_column, annotation_column=args.annotation_column, skip_bad=args.skip_bad,
-                  class_names=list(read_id2label(args.id2label).values()) if args.id2label else None)
-    train_set = build_dataset(args.data, args.train_split, train=True, recipe=args.augment, **common)
-    eval_set = build_dataset(args.data, args.eval_split, train=False, eval_mode=args.eval_mode, **common)
-    return train_set, eval_set
+def get_eval_dataset(args, *, num_labels: int | None, class_names: list[str] | None):
+    return build_dataset(args.data, args.eval_split, train=False, eval_mode=args.eval_mode,
+                         **data_options(args, num_labels=num_labels, class_names=class_names))
+
+
+def get_eval_loader(args, eval_set):
+    """Aspect-preserving evaluation keeps each image's own size: one image per batch."""
+    return build_loader(eval_set, batch_size=1 if args.eval_mode == "aspect" else args.batch_size,
+                        num_workers=args.workers, seed=args.seed)
+
+
+def data_options(args, *, num_labels: int | None, class_names: list[str] | None) -> dict:
+    """The build_dataset arguments shared by the training and evaluation splits."""
+    return dict(num_labels=num_labels, class_names=class_names, size=args.size, test_size=args.test_size,
+                seed=args.seed, reduce_labels=not args.no_reduce_labels, image_column=args.image_column,
+                annotation_column=args.annotation_column, skip_bad=args.skip_bad)
 
 
 def get_model(args, num_labels: int, class_names: list[str]) -> SegFormer:
@@ -328,13 +336,15 @@ def main(args) -> dict:
     check_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite, is_main=is_main)
 
     # Data.
-    train_set, eval_set = get_datasets(args)
+    class_names = list(read_id2label(args.id2label).values()) if args.id2label else None
+    options = data_options(args, num_labels=args.num_labels, class_names=class_names)
+    train_set = build_dataset(args.data, args.train_split, train=True, recipe=args.augment, **options)
+    eval_set = get_eval_dataset(args, num_labels=args.num_labels, class_names=class_names)
     class_names = train_set.class_names
     if args.total_batch_size:  # the recipe fixes the images per step over all processes
         args.batch_size = max(1, args.total_batch_size // (world_size * args.grad_accum))
     train_loader = build_loader(train_set, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed)
-    eval_loader = build_loader(eval_set, batch_size=1 if args.eval_mode == "aspect" else args.batch_size,
-                               num_workers=args.workers, seed=args.seed)
+    eval_loader = get_eval_loader(args, eval_set)
     steps_per_epoch = len(train_loader) // args.grad_accum
     if steps_per_epoch == 0:
         raise SystemExit(f"the training split has {len(train_set)} images: too few for one step of "
@@ -538,14 +548,9 @@ def evaluate_checkpoint(args, device, autocast) -> dict:
     if not args.checkpoint:
         raise SystemExit("--eval-only needs --checkpoint <dir|file|hub id>")
     model = SegFormer.from_pretrained(args.checkpoint).to(device)
-    eval_set = build_dataset(args.data, args.eval_split, train=False, num_labels=model.config.num_labels,
-                             reduce_labels=not args.no_reduce_labels,
-                             size=args.size, eval_mode=args.eval_mode, test_size=args.test_size, seed=args.seed,
-                             image_column=args.image_column, annotation_column=args.annotation_column,
-                             skip_bad=args.skip_bad, class_names=model.config.label_names())
-    loader = build_loader(eval_set, batch_size=1 if args.eval_mode == "aspect" else args.batch_size,
-                          num_workers=args.workers)
-    metrics = evaluate(model, loader, num_labels=model.config.num_labels, device=device, autocast=autocast)
+    eval_set = get_eval_dataset(args, num_labels=model.config.num_labels, class_names=model.config.label_names())
+    metrics = evaluate(model, get_eval_loader(args, eval_set), num_labels=model.config.num_labels, device=device,
+                       autocast=autocast)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{args.checkpoint} on {args.data} {args.eval_split} ({len(eval_set)} images, {args.eval_mode}):")
         print(class_table(metrics, model.config.label_names()))
