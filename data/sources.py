@@ -174,8 +174,9 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not an "org/name" hub id
         raise DataError(f"{source}: no such file or directory")
     else:
-        return _hub_dataset(source, split, train=train, test_size=test_size, split_seed=split_seed,
-                            image_column=image_column, annotation_column=annotation_column)
+        data, single = _hub_dataset(source, split, name, image_column, annotation_column)
+        if not single:
+            sl = None  # load_dataset has read the whole split expression, slice included
 
     indices = list(range(len(data)))
     if single and test_size is None and name not in ("train", "training", "all"):
@@ -221,25 +222,21 @@ def _saved_dataset(path: Path, split_name: str, image_column, annotation_column)
     return HFSource(loaded, image_column=image_column, annotation_column=annotation_column, origin=str(path)), True
 
 
-def _hub_dataset(repo_id: str, split: str, *, train, test_size, split_seed, image_column, annotation_column):
+def _hub_dataset(repo_id: str, split: str, name: str, image_column, annotation_column):
+    """(samples, single): `split` as load_dataset reads it, or, where the hub dataset has no such split,
+    its train split as the only one (single=True), to be divided by a holdout."""
     from datasets import load_dataset
-    name, _, _ = parse_split(split)
     kwargs = {}
     if repo_id in PARQUET_EXPORTS:
         repo_id, kwargs = PARQUET_EXPORTS[repo_id], {"name": "scene_parsing", "revision": "refs/convert/parquet"}
+    columns = dict(image_column=image_column, annotation_column=annotation_column)
     try:
         try:
-            dataset = load_dataset(repo_id, split=split, **kwargs)
-        except ValueError as e:  # unknown split: fall back to the single train split + a holdout
+            return HFSource(load_dataset(repo_id, split=split, **kwargs), origin=f"{repo_id}:{split}", **columns), False
+        except ValueError as e:  # unknown split
             if "split" not in str(e).lower() or name == "train":
                 raise
-            dataset, test_size = load_dataset(repo_id, split="train", **kwargs), test_size or 0.2
+            return HFSource(load_dataset(repo_id, split="train", **kwargs), origin=f"{repo_id}:train", **columns), True
     except (ConnectionError, FileNotFoundError) as e:
         raise DataError(f"{repo_id}: not a local dataset, and the hub cannot provide it ({e}). Offline, use "
                         f"'synthetic', an ADE-layout folder, a save_to_disk directory or parquet files") from None
-    data = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
-                    origin=f"{repo_id}:{split}")
-    indices = list(range(len(data)))
-    if test_size:
-        indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
-    return Subset(data, indices)
