@@ -104,7 +104,7 @@ def overlay(image: Image.Image, label_map: np.ndarray, colours: list, names: dic
     return canvas
 
 
-def save_outputs(image, prediction, stem: Path, *, colours, names, alpha) -> None:
+def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, alpha) -> None:
     label_map = prediction.label_map.cpu().numpy()
     mask = Image.fromarray(label_map.astype(np.uint8 if len(names) <= 256 else np.uint16))
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def save_outputs(image, prediction, stem: Path, *, colours, names, alpha) -> Non
     segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6)}
                 for c, n in zip(*np.unique(label_map, return_counts=True))]
     stem.with_name(stem.name + ".json").write_text(json.dumps(
-        {"image": image.filename if hasattr(image, "filename") else None, "size": [image.width, image.height],
+        {"image": str(path), "size": [image.width, image.height],
          "segments": segments}, indent=2) + "\n")
 
 
@@ -155,7 +155,7 @@ def main(args) -> int:
             tqdm.write(f"error: {path}: cannot read as an image ({type(e).__name__}: {e})", file=sys.stderr)
             continue
         prediction = predictor(image)
-        save_outputs(image, prediction, stem, colours=colours, names=names, alpha=args.alpha)
+        save_outputs(path, image, prediction, stem, colours=colours, names=names, alpha=args.alpha)
         written += 1
 
     print(f"{written} image(s) segmented into {out}/", end="")

@@ -124,6 +124,7 @@ def test_odd_sizes_and_exif_rotation_give_upright_outputs(small_model, tmp_path)
     assert Image.open(tmp_path / "out" / "odd_mask.png").size == (67, 41)
     summary = json.loads((tmp_path / "out" / "odd.json").read_text())
     assert sum(s["pixels"] for s in summary["segments"]) == 41 * 67
+    assert summary["image"] == str(tmp_path / "odd.png") and summary["size"] == [67, 41]
     overlay = Image.open(tmp_path / "out" / "odd_overlay.png")
     assert overlay.height >= 41 and overlay.width > 67  # the picture and its legend
 
