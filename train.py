@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import DataError, build_dataset, build_loader
 from segformer import SegFormer, segmentation_loss
-from segformer.checkpoint import read_input_size, write_preprocessor_config
+from segformer.checkpoint import read_input_size, write_json, write_preprocessor_config
 from segformer.labels import read_id2label
 from segformer.layouts import LayoutError
 from segformer.metrics import ConfusionMatrix, logits_to_predictions
@@ -115,10 +115,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     presets = {**DEFAULTS, **RECIPES[args.recipe]}
     if args.resume:  # continue with the flags of the interrupted run, unless given again
-        state = Path(args.resume) / "training_state.pt"
-        if not state.is_file():
-            p.error(f"--resume {args.resume}: no training_state.pt there (is it a checkpoint-<step> directory?)")
-        saved = torch.load(state, map_location="cpu", weights_only=False)["args"]
+        saved = Path(args.resume) / "training_args.json"
+        if not (saved.is_file() and (Path(args.resume) / "training_state.pt").is_file()):
+            p.error(f"--resume {args.resume}: no training_args.json and training_state.pt there "
+                    f"(is it a checkpoint-<step> directory?)")
+        saved = json.loads(saved.read_text())
         presets.update({k: v for k, v in saved.items() if k not in ("resume", "eval_only", "checkpoint")})
     if args.eval_only and args.checkpoint and args.size is None:  # evaluate at the size it was trained at
         args.size = read_input_size(args.checkpoint)
@@ -269,17 +270,16 @@ def jsonable(metrics: dict) -> dict:
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 
-def save_checkpoint(directory: Path, model: SegFormer, training_state: dict | None, *, size: int,
-                    reduce_labels: bool) -> None:
+def save_checkpoint(directory: Path, model: SegFormer, training_state: dict, args) -> None:
     """Write a checkpoint directory atomically: build it under a temporary name, then rename it into
     place (an existing directory of that name is replaced only once the new one is complete)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.save_pretrained(tmp)
-        write_preprocessor_config(tmp, size=size, reduce_labels=reduce_labels)
-        if training_state is not None:
-            torch.save(training_state, tmp / "training_state.pt")
+        write_preprocessor_config(tmp, size=args.size, reduce_labels=not args.no_reduce_labels)
+        torch.save(training_state, tmp / "training_state.pt")
+        write_json(vars(args), tmp / "training_args.json")  # the flags, for --resume and for people
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -385,13 +385,13 @@ def main(args) -> dict:
     def training_state():
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": epoch, "batches_done": batches_done, "best_miou": best_miou,
-                "rng": gather_rng_states(world_size), "args": vars(args)}
+                "rng": gather_rng_states(world_size)}
 
     def checkpoint(name: str) -> Path:
         state = training_state()  # every process takes part (RNG gather), rank 0 writes
         path = out / name
         if is_main:
-            save_checkpoint(path, raw_model, state, size=args.size, reduce_labels=not args.no_reduce_labels)
+            save_checkpoint(path, raw_model, state, args)
         return path
 
     log = None
