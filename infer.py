@@ -132,7 +132,11 @@ def main(args) -> int:
         print("give both --checkpoint and at least one image or folder (or neither, for the demo)", file=sys.stderr)
         return 2
 
-    model = SegFormer.from_pretrained(args.checkpoint)
+    try:
+        model = SegFormer.from_pretrained(args.checkpoint)
+    except (FileNotFoundError, PermissionError, ValueError) as e:  # the message names the file or key
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size = args.size or read_input_size(args.checkpoint) or 512
     predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)

@@ -171,3 +171,9 @@ def test_a_list_of_images_of_different_sizes_equals_one_by_one(small_model):
             alone = predictor(image, probabilities=True)
             assert result.label_map.shape == (image.height, image.width)
             assert torch.allclose(result.probabilities, alone.probabilities, atol=1e-5)
+
+
+def test_an_unloadable_checkpoint_is_named_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_text("not tensors")
+    assert infer.main(infer.get_args(["--checkpoint", str(tmp_path), str(tmp_path / "x.png")])) == 2
+    assert "model.safetensors: not a valid safetensors file" in capsys.readouterr().err
