@@ -21,6 +21,7 @@ sys.path.insert(0, ".")
 from data.dataset import SegmentationDataset  # noqa: E402
 from data.sources import open_source  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
+from segformer.labels import ADE20K_CLASSES  # noqa: E402
 
 
 def generated(n, height=480, width=640):
@@ -66,8 +67,10 @@ def main():
         items = generated(args.n)
     print(f"{len(items)} images, e.g. {items[0][0].size[0]}x{items[0][0].size[1]}; torch threads = 1")
 
-    ours_eval = SegmentationDataset(items, build_transform(train=False), train=False, num_labels=150)
-    ours_train = SegmentationDataset(items, build_transform(train=True), train=True, num_labels=150)
+    ours_eval = SegmentationDataset(items, build_transform(train=False), train=False,
+                                     class_names=ADE20K_CLASSES)
+    ours_train = SegmentationDataset(items, build_transform(train=True), train=True,
+                                      class_names=ADE20K_CLASSES)
     index = {id(item): i for i, item in enumerate(items)}
     rows = [
         ("evaluation", lambda it: processor(images=it[0], segmentation_maps=it[1], return_tensors="pt"),

@@ -49,11 +49,11 @@ def annotation_to_tensor(annotation: Image.Image, name: str) -> torch.Tensor:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, transform, *, train: bool, num_labels: int, reduce_labels: bool = True,
-                 seed: int = 0, skip_bad: bool = False, class_names=None):
+    def __init__(self, samples, transform, *, train: bool, class_names, reduce_labels: bool = True,
+                 seed: int = 0, skip_bad: bool = False):
         self.samples, self.transform, self.train = samples, transform, train
-        self.num_labels, self.reduce_labels, self.seed, self.skip_bad = num_labels, reduce_labels, seed, skip_bad
-        self.class_names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_labels)]
+        self.class_names, self.num_labels = list(class_names), len(class_names)
+        self.reduce_labels, self.seed, self.skip_bad = reduce_labels, seed, skip_bad
         self.skipped = 0
 
     def __len__(self):

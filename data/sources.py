@@ -67,10 +67,15 @@ def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> 
     return list(parts["train" if train else "test"]["index"])
 
 
-class Subset:
-    def __init__(self, source, indices):
-        self.source, self.indices = source, list(indices)
-        self.class_names = getattr(source, "class_names", None)
+class Samples:
+    """The samples of one split: `indices` into a source, and what the source knows of its labels:
+    `class_names` (None when it does not name them) and `reduce_labels` (True where annotations follow
+    the ADE convention, 0 = unlabelled and k = class k-1; None where the source does not say)."""
+
+    def __init__(self, source, indices, *, layout: str, class_names=None, reduce_labels: bool | None = None):
+        self.source, self.indices, self.layout = source, list(indices), layout
+        self.class_names = list(class_names) if class_names else None
+        self.reduce_labels = reduce_labels
 
     def __len__(self):
         return len(self.indices)
@@ -91,7 +96,6 @@ class FolderSource:
             raise DataError(f"{len(lonely)} unpaired files (an image without annotation or the reverse): "
                             + ", ".join(listing[:10]) + (" ..." if len(listing) > 10 else ""))
         self.pairs = [(images[s], annotations[s]) for s in sorted(images)]
-        self.class_names = None
 
     def __len__(self):
         return len(self.pairs)
@@ -116,7 +120,6 @@ class HFSource:
             if isinstance(dataset.features[column], ImageFeature):
                 dataset = dataset.cast_column(column, ImageFeature(decode=False))
         self.dataset, self.columns, self.origin = dataset, (image_column, annotation_column), origin
-        self.class_names = None
 
     def __len__(self):
         return len(self.dataset)
@@ -148,26 +151,33 @@ def _open(data: bytes, name: str) -> Image.Image:
 
 
 def open_source(source: str, split: str, *, train: bool, test_size: float | None = None, split_seed: int = 0,
-                image_column: str = "image", annotation_column: str = "annotation", synthetic_size: int = 128):
+                image_column: str = "image", annotation_column: str = "annotation") -> Samples:
     """The samples of `split` of `source` (see module docstring)."""
+    from segformer.labels import ADE20K_CLASSES
     name, sl, percent = parse_split(split)
     if source == "synthetic":
-        data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train", size=synthetic_size)
-        data.class_names = SYNTHETIC_CLASSES
+        data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train")
         if test_size:
             raise ValueError("the synthetic set has its own validation split; test_size does not apply")
-        return Subset(data, apply_slice(list(range(len(data))), sl, percent))
+        return Samples(data, apply_slice(list(range(len(data))), sl, percent), layout="synthetic scenes",
+                       class_names=SYNTHETIC_CLASSES, reduce_labels=True)
 
     path = Path(source)
+    known = {}  # what the source says of its labels
     if path.is_dir() and (path / "images").is_dir() and (path / "annotations").is_dir():
         data, single = _ade_folder(path, name)
+        if not single:  # ADEChallengeData2016: the 150 SceneParse classes, 0 = unlabelled
+            known = dict(class_names=ADE20K_CLASSES, reduce_labels=True)
+        layout = "ADEChallengeData2016 folder" if not single else "images/ + annotations/ folder"
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
+        layout = "save_to_disk dataset"
     elif files := _parquet_files(source):
         from datasets import load_dataset
         dataset = load_dataset("parquet", data_files=files, split="train")
         data, single = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
                                 origin=str(source)), True
+        layout = f"{len(files)} parquet file(s)"
     elif path.exists():
         raise DataError(f"{source}: not a dataset; expected 'synthetic', an ADE-layout folder (images/ + "
                         f"annotations/), a save_to_disk directory, parquet files, or a hub dataset id")
@@ -177,6 +187,9 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         data, single = _hub_dataset(source, split, name, image_column, annotation_column)
         if not single:
             sl = None  # load_dataset has read the whole split expression, slice included
+        if source in PARQUET_EXPORTS:  # SceneParse150 is ADE20K's 150 classes
+            known = dict(class_names=ADE20K_CLASSES, reduce_labels=True)
+        layout = "hub dataset"
 
     indices = list(range(len(data)))
     if single and test_size is None and name not in ("train", "training", "all"):
@@ -184,7 +197,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     indices = apply_slice(indices, sl, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
-    return Subset(data, indices)
+    return Samples(data, indices, layout=layout, **known)
 
 
 def _parquet_files(source: str) -> list[str]:

@@ -129,16 +129,40 @@ def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels
     }, Path(directory) / "preprocessor_config.json")
 
 
-def read_input_size(source: str | Path) -> int | None:
-    """The square input size in a checkpoint directory's `preprocessor_config.json`, if any."""
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is an error naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_preprocessor_config(source: str | Path) -> dict:
+    """The `preprocessor_config.json` beside a checkpoint (a directory, or a file in one); {} if none."""
     path = Path(source)
     config = (path if path.is_dir() else path.parent) / "preprocessor_config.json"
-    if not config.is_file():
-        return None
-    try:
-        size = json.loads(config.read_text()).get("size", {})
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: not valid JSON ({e})") from None
+    return read_json_object(config) if config.is_file() else {}
+
+
+def read_input_size(source: str | Path) -> int | None:
+    """The square input size in a checkpoint directory's `preprocessor_config.json`, if any."""
+    size = read_preprocessor_config(source).get("size", {})
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge")
     return int(size) if size else None
+
+
+def segmentation_labels(source: str | Path) -> list[str] | None:
+    """The class names of a checkpoint's segmentation head, from its `config.json`; None where there is
+    no config or it describes another model (the ImageNet classifiers of `nvidia/mit-b*`)."""
+    from .config import SegFormerConfig
+    _, config_path = resolve(source)
+    if config_path is None:
+        return None
+    hf = read_json_object(config_path)
+    if "SegformerForSemanticSegmentation" not in hf.get("architectures", ["SegformerForSemanticSegmentation"]):
+        return None
+    return SegFormerConfig.from_hf_dict(hf, source=str(config_path)).label_names()

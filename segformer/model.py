@@ -4,7 +4,6 @@
     logits = model(pixel_values)  # (B, 3, H, W) -> (B, num_labels, ceil(H/4), ceil(W/4))
 """
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -56,11 +55,7 @@ class SegFormer(nn.Module):
         state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(weights_path), source=str(weights_path))
 
         if config_path is not None:
-            try:
-                hf = json.loads(Path(config_path).read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-            config = SegFormerConfig.from_hf_dict(hf, source=str(config_path))
+            config = SegFormerConfig.from_hf_dict(checkpoint.read_json_object(config_path), source=str(config_path))
         else:
             config = layouts.infer_config(state_dict)
         has_head = "decoder.classifier.weight" in state_dict

@@ -11,6 +11,7 @@ from data import DataError, build_dataset, build_loader, reduce_labels
 from data.sources import parse_split
 from data.synthetic import SyntheticScenes
 from data.transforms import PaperTrainTransform, aspect_size
+from segformer.labels import ADE20K_CLASSES
 
 SIZES = [(67, 91), (120, 80), (64, 64), (75, 130), (90, 101)]  # (H, W), none a multiple of 32
 
@@ -104,7 +105,8 @@ def build_dataset_from_pairs(pairs, **kwargs):
     from data.dataset import SegmentationDataset
     from data.transforms import build_transform
     samples = [(image, label, f"pair{i}") for i, (image, label) in enumerate(pairs)]
-    return SegmentationDataset(samples, build_transform(train=False, **kwargs), train=False, num_labels=150)
+    return SegmentationDataset(samples, build_transform(train=False, **kwargs), train=False,
+                               class_names=ADE20K_CLASSES)
 
 
 def _jpeg_bytes(image):
@@ -154,15 +156,15 @@ def test_split_expressions_and_the_guide_holdout(tmp_path):
         parse_split("train[:x]")
     pairs = make_pairs(10)
     hf_dataset(pairs).save_to_disk(str(tmp_path / "one"))
-    train = build_dataset(str(tmp_path / "one"), split="train", train=True, test_size=0.2)
-    test = build_dataset(str(tmp_path / "one"), split="train", train=False, test_size=0.2)
+    train = build_dataset(str(tmp_path / "one"), split="train", train=True, test_size=0.2, num_labels=150)
+    test = build_dataset(str(tmp_path / "one"), split="train", train=False, test_size=0.2, num_labels=150)
     assert len(train) == 8 and len(test) == 2
     reference = hf_dataset(pairs).train_test_split(test_size=0.2, seed=0)  # what the guide's call picks
     index_of = {np.asarray(image).tobytes(): i for i, (image, _) in enumerate(pairs)}
     assert test.samples.indices == [index_of[np.asarray(im).tobytes()] for im in reference["test"]["image"]]
     assert train.samples.indices == [index_of[np.asarray(im).tobytes()] for im in reference["train"]["image"]]
     # a single-split source asked for "validation" holds out 20% on its own
-    assert len(build_dataset(str(tmp_path / "one"), split="validation")) == 2
+    assert len(build_dataset(str(tmp_path / "one"), split="validation", num_labels=150)) == 2
     assert len(build_dataset("synthetic", split="validation[:10]")) == 10
 
 
@@ -173,7 +175,7 @@ def test_flat_folder_and_stem_order(tmp_path):
     for stem, (image, label) in zip(["b", "a", "c"], make_pairs(3)):
         image.save(root / "images" / f"{stem}.jpg")
         label.save(root / "annotations" / f"{stem}.png")
-    ds = build_dataset(str(root), split="train", test_size=None)
+    ds = build_dataset(str(root), split="train", test_size=None, num_labels=150)
     names = [ds.samples[i][2].rsplit("/", 1)[1] for i in range(len(ds))]
     assert names == ["a.jpg", "b.jpg", "c.jpg"]
 
@@ -219,9 +221,12 @@ def test_annotation_size_mode_and_values_are_checked(tmp_path):
 def test_empty_split_and_missing_column(tmp_path):
     hf_dataset(make_pairs(3)).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"split 'train\[:0\]' is empty"):
-        build_dataset(str(tmp_path / "saved"), split="train[:0]")
+        build_dataset(str(tmp_path / "saved"), split="train[:0]", num_labels=150)
     with pytest.raises(DataError, match=r"missing column\(s\) \['mask'\].*\['image', 'annotation'\]"):
-        build_dataset(str(tmp_path / "saved"), split="train", annotation_column="mask")
+        build_dataset(str(tmp_path / "saved"), split="train", annotation_column="mask", num_labels=150)
+    with pytest.raises(DataError, match=r"the data does not name its classes; give num_labels or class_names"):
+        build_dataset(str(tmp_path / "saved"), split="train")  # no guess: 150 classes is not a reason to say ADE
+    assert build_dataset(str(tmp_path / "saved"), split="train", num_labels=150).class_names[0] == "LABEL_0"
     with pytest.raises(DataError, match=r"not a dataset"):
         (tmp_path / "plain").mkdir()
         build_dataset(str(tmp_path / "plain"))

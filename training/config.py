@@ -1,0 +1,344 @@
+"""A training run's settings: one typed dataclass, the recipes, and the command line built from it.
+
+Every setting is resolved in one place (`parse_command_line`), in this order:
+
+    TrainConfig() defaults  <-  --recipe  <-  the saved run (on --resume)  <-  flags given on the command line
+
+A flag that is not given leaves the value below it alone (`argparse.SUPPRESS`), so a saved `True` is
+never lost to a flag's default `False`. The run writes the resolved settings to `training_args.json`
+(`asdict`), and `TrainConfig.load` reads them back to an equal config; an unknown key or a value of
+the wrong type or range there is an error naming the file and the key.
+
+On --resume the saved optimizer, model and data position fix most settings: changing one of them is an
+error naming its flag. The settings marked `may_change` below (how long to train, how often to
+evaluate, save and log, where and how fast to run) apply and are recorded.
+"""
+
+import argparse
+import json
+import math
+import textwrap
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
+
+from segformer.config import VARIANTS
+from segformer.metrics import MAX_LABELS
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be honoured; the message names the flag, file or key."""
+
+
+def setting(default, help: str, *, low=None, high=None, may_change: bool = False):
+    """A TrainConfig field: its default, a one-line help, an allowed range (inclusive; for floats a
+    `low` of the form (x,) means > x), and whether --resume may change it."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, may_change=may_change))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # The run.
+    recipe: Literal["default", "guide", "paper"] = setting("default", "the preset these settings started from")
+    out: str = setting("runs/synthetic", "output directory of the run", may_change=True)
+    seed: int = setting(0, "seed of weights, shuffling, augmentation and dropout", low=0)
+    # Data: where it comes from and how labels are read.
+    data: str = setting("synthetic", "'synthetic', a dataset folder, a save_to_disk dir, parquet files or a hub id")
+    train_split: str = setting("train", "training split expression, e.g. 'train' or 'train[:50]'")
+    eval_split: str = setting("validation", "validation split expression")
+    test_size: float | None = setting(None, "hold out this fraction of the split for validation "
+                                            "(the guide's train_test_split)", low=(0.0,), high=0.99)
+    image_column: str = setting("image", "image column of a Hugging Face dataset")
+    annotation_column: str = setting("annotation", "annotation column of a Hugging Face dataset")
+    id2label: str | None = setting(None, "JSON file naming the classes ({\"0\": \"wall\", ...})")
+    num_labels: int | None = setting(None, "number of classes (default: the data's or the checkpoint's)",
+                                     low=1, high=MAX_LABELS)
+    reduce_labels: bool | None = setting(None, "ADE convention: annotation 0 is 'unlabelled' (ignored) and k is "
+                                               "class k-1 (default: the data source's convention)")
+    skip_bad: bool = setting(False, "skip undecodable or invalid samples with a warning instead of stopping",
+                             may_change=True)
+    size: int = setting(128, "training crop / resize size and evaluation size", low=32, high=8192)
+    augment: Literal["guide", "paper"] = setting("guide", "training augmentation: the guide's ColorJitter or "
+                                                          "the paper's rescale/crop/flip/photometric")
+    eval_mode: Literal["resize", "aspect"] = setting("resize", "evaluation resize: the processor's square or "
+                                                               "the paper's aspect-preserving")
+    workers: int = setting(0, "DataLoader worker processes per training process", low=0, high=256,
+                           may_change=True)
+    # The model.
+    model: Literal[tuple(VARIANTS)] = setting("b0", "variant to build with fresh weights")
+    pretrained: str | None = setting(None, "weights to start from: a .safetensors/.pth file, a directory or "
+                                           "a hub id (e.g. nvidia/mit-b0)")
+    sync_bn: bool = setting(False, "SyncBatchNorm for the decode head under torchrun")
+    # Optimisation.
+    batch_size: int = setting(8, "images per step per process", low=1, high=65536)
+    total_batch_size: int | None = setting(None, "images per step over all processes (sets --batch-size)",
+                                           low=1, high=65536)
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", low=1, high=65536)
+    lr: float = setting(1e-3, "peak learning rate of AdamW", low=(0.0,), high=10.0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", low=0.0, high=10.0)
+    decay_norm_bias: bool = setting(True, "weight decay on the weights and biases of norm layers")
+    head_lr_mult: float = setting(1.0, "learning-rate multiplier for the decode head (the paper: 10)",
+                                  low=(0.0,), high=1000.0)
+    warmup_steps: int = setting(100, "linear warmup steps before the poly decay", low=0)
+    poly_power: float = setting(1.0, "power of the poly decay (1 = linear)", low=0.0, high=100.0)
+    clip_grad: float | None = setting(None, "clip the gradient norm to this value", low=(0.0,))
+    amp: Literal["auto", "off", "bf16", "fp16"] = setting("auto", "autocast dtype (auto: bf16 on CUDA, off on "
+                                                                   "CPU; fp16 uses a GradScaler)")
+    max_steps: int | None = setting(1200, "optimizer steps in total (wins over --epochs)", low=1, may_change=True)
+    epochs: int | None = setting(None, "passes over the training set (given alone, clears the recipe's "
+                                       "--max-steps)", low=1, may_change=True)
+    # What happens between steps.
+    eval_every: int = setting(300, "evaluate every N steps", low=1, may_change=True)
+    save_every: int = setting(300, "write a checkpoint every N steps", low=1, may_change=True)
+    save_total_limit: int | None = setting(2, "keep only the newest N checkpoint-<step> directories", low=1,
+                                           may_change=True)
+    log_every: int = setting(20, "log loss and lr every N steps", low=1, may_change=True)
+    # Where and how fast it runs: no effect on the numbers.
+    device: str | None = setting(None, "cuda, cpu, cuda:1, ... (default: cuda if available)", may_change=True)
+    compile: bool = setting(False, "torch.compile the model", may_change=True)
+    channels_last: bool = setting(False, "channels-last memory format", may_change=True)
+
+    def __post_init__(self):
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            check_value(f, hints[f.name], getattr(self, f.name), where=f"setting {f.name!r}")
+
+    @property
+    def reduce_labels_flag(self) -> str:
+        return "--reduce-labels" if self.reduce_labels else "--no-reduce-labels"
+
+    def save(self, path: str | Path) -> None:
+        from segformer.checkpoint import write_json
+        write_json(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a `training_args.json`; anything unknown, missing or mistyped is named with the file."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the run's settings ({type(e).__name__}: {e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                              + "; expected the keys of TrainConfig")
+        missing = sorted(known - set(values))
+        if missing:
+            raise ConfigError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unpack(hint) -> tuple[type, bool, tuple | None]:
+    """(base type, accepts None, allowed values) of a field's annotation."""
+    args = get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if get_origin(hint) is Literal:
+        return str, optional, get_args(hint)
+    return hint, optional, None
+
+
+def check_value(f, hint, value, *, where: str):
+    """Raise ConfigError unless `value` has the field's type and lies in its range."""
+    base, optional, choices = _unpack(hint)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{where} must not be null")
+    ok_type = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        ok_type = True
+    if not ok_type:
+        raise ConfigError(f"{where} must be {_describe(base, optional)}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    if base in (int, float):
+        if base is float and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        low, high = f.metadata["low"], f.metadata["high"]
+        if isinstance(low, tuple) and not value > low[0]:
+            raise ConfigError(f"{where} must be > {low[0]}, got {value!r}")
+        if low is not None and not isinstance(low, tuple) and value < low:
+            raise ConfigError(f"{where} must be >= {low}, got {value!r}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where} must be <= {high}, got {value!r}")
+
+
+def _describe(base, optional) -> str:
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+    return name + (" or null" if optional else "")
+
+
+# ---- the recipes -------------------------------------------------------------------------------------
+
+DEFAULT = TrainConfig()  # no network, no GPU: the built-in synthetic scenes, B0 from scratch, a few CPU minutes
+
+RECIPES = {
+    "default": DEFAULT,
+    # The Hugging Face semantic-segmentation guide: 50 images of SceneParse150 split 80/20, nvidia/mit-b0,
+    # and the Trainer's defaults it relies on.
+    "guide": replace(
+        DEFAULT, recipe="guide", out="runs/guide",
+        data="scene_parse_150", train_split="train[:50]", eval_split="train[:50]", test_size=0.2,
+        pretrained="nvidia/mit-b0", size=512,
+        batch_size=2, lr=6e-5,
+        weight_decay=0.0,  # Trainer: no weight decay
+        warmup_steps=0,  # Trainer: lr_scheduler_type "linear" (poly with power 1), no warmup
+        clip_grad=1.0,  # Trainer: max_grad_norm 1.0
+        max_steps=None, epochs=50, eval_every=20, save_every=20, save_total_limit=3, log_every=1,
+    ),
+    # The paper on ADE20K, as NVlabs' local_configs/segformer/B0/segformer.b0.512x512.ade.160k.py sets it.
+    "paper": replace(
+        DEFAULT, recipe="paper", out="runs/paper",
+        data="scene_parse_150", train_split="train", eval_split="validation", pretrained="nvidia/mit-b0",
+        size=512,  # crop_size (512, 512)
+        augment="paper",  # resize to (2048, 512) x ratio 0.5-2.0, crop with cat_max_ratio 0.75, flip, photometric
+        eval_mode="aspect",  # test: keep_ratio resize to short side 512
+        total_batch_size=16,  # samples_per_gpu 2 x 8 GPUs, divided over however many processes run
+        lr=6e-5, weight_decay=0.01,  # AdamW(lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01)
+        decay_norm_bias=False,  # paramwise_cfg custom_keys 'norm': decay_mult 0
+        head_lr_mult=10.0,  # paramwise_cfg custom_keys 'head': lr_mult 10
+        warmup_steps=1500, poly_power=1.0,  # lr_config: poly, power 1, min_lr 0, linear warmup 1500 iterations
+        max_steps=160_000,  # runner: IterBasedRunner, max_iters 160000
+        sync_bn=True,  # norm_cfg SyncBN (when several processes run)
+        eval_every=16_000, save_every=16_000, save_total_limit=3, log_every=50,  # evaluation/checkpoint 16000
+        workers=4,  # workers_per_gpu 4
+    ),
+}
+
+# A setting given on the command line clears a competing one that came from below it.
+CLEARS = {"epochs": "max_steps", "batch_size": "total_batch_size"}
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    config: TrainConfig
+    resume: Path | None = None  # the checkpoint directory to continue from
+    overwrite: bool = False
+    eval_only: bool = False
+    checkpoint: str | None = None  # what --eval-only evaluates
+    given: frozenset = frozenset()  # the settings given on the command line
+
+
+def _parse_value(f, hint):
+    """argparse `type=` for a field: converts and range-checks, so a bad value is an error naming the flag."""
+    base, optional, _ = _unpack(hint)
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_describe(base, optional)}, got {text!r}") from None
+        try:
+            check_value(f, hint, value, where="the value")
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+def _recipe_lines() -> str:
+    lines = []
+    for name, recipe in RECIPES.items():
+        if name == "default":
+            continue
+        changed = [f"{f.name}={getattr(recipe, f.name)}" for f in fields(TrainConfig)
+                   if f.name != "recipe" and getattr(recipe, f.name) != getattr(DEFAULT, f.name)]
+        lines.append(textwrap.fill(" ".join(changed), width=100, initial_indent=f"  {name}: ",
+                                   subsequent_indent=" " * (len(name) + 4)))
+    return "\n".join(lines)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    may_change = [flag(f.name) for f in fields(TrainConfig) if f.metadata["may_change"]]
+    epilog = ("Recipes (each sets these on top of the defaults shown above):\n" + _recipe_lines() + "\n\n"
+              "Order: defaults <- --recipe <- the saved run (--resume) <- the flags you give.\n"
+              "On --resume these may change: " + " ".join(may_change) + ";\nevery other setting is fixed by the "
+              "saved optimizer, model and data position, and giving it a different value is an error.")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        base, optional, choices = _unpack(hints[f.name])
+        shown = "auto" if f.default is None else f.default
+        help = f"{f.metadata['help']} [default: {shown}]"
+        if base is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help)
+        else:
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            if optional:
+                help += " ('none' to unset)"
+            parser.add_argument(flag(f.name), type=_parse_value(f, hints[f.name]), metavar=metavar, help=help)
+    actions = parser.add_argument_group("actions")
+    actions.add_argument("--resume", metavar="DIR", help="continue the run saved in this checkpoint directory, "
+                                                         "exactly (its settings come with it)")
+    actions.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    actions.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split and print "
+                                                                  "the per-class table")
+    actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
+                                                             "size, label reduction and labels come with it)")
+    return parser
+
+
+def parse_command_line(argv=None, *, description: str = "") -> Command:
+    parser = build_parser(description)
+    args = vars(parser.parse_args(argv))
+    given = {name: args.pop(name) for name in list(args) if name in {f.name for f in fields(TrainConfig)}}
+    resume = args.get("resume")
+    eval_only = args.get("eval_only", False)
+    checkpoint = args.get("checkpoint")
+    if eval_only and not checkpoint:
+        parser.error("--eval-only needs --checkpoint <dir|file|hub id>")
+    if checkpoint and not eval_only:
+        parser.error("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
+    if resume and eval_only:
+        parser.error("--resume and --eval-only do not go together")
+
+    if resume:
+        saved = Path(resume) / "training_args.json"
+        if not saved.is_file() or not (Path(resume) / "training_state.pt").is_file():
+            parser.error(f"--resume {resume}: no training_args.json and training_state.pt there "
+                         f"(is it a checkpoint-<step> directory?)")
+        base = TrainConfig.load(saved)
+        fixed = [name for name, value in given.items()
+                 if value != getattr(base, name) and not _field(name).metadata["may_change"]]
+        if fixed:
+            name = fixed[0]
+            raise ConfigError(f"{flag(name)} {_show(given[name])}: the run in {resume} was trained with "
+                              f"{_show(getattr(base, name))}, which its saved state fixes; start a new run "
+                              f"(another --out) to change it" + (f" (also {', '.join(map(flag, fixed[1:]))})"
+                                                                if fixed[1:] else ""))
+    elif eval_only and (Path(checkpoint) / "training_args.json").is_file():
+        base = TrainConfig.load(Path(checkpoint) / "training_args.json")  # evaluate as its run did
+    else:
+        base = RECIPES[given.get("recipe", "default")]
+    for name, cleared in CLEARS.items():
+        if name in given and cleared not in given:
+            given[cleared] = None
+    config = replace(base, **given)
+    return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
+                   eval_only=eval_only, checkpoint=checkpoint, given=frozenset(given))
+
+
+def _field(name: str):
+    return next(f for f in fields(TrainConfig) if f.name == name)
+
+
+def _show(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
