@@ -6,13 +6,17 @@
 
 For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <stem>_overlay.png
 (the image blended with the class colours, and a legend of the classes present) and <stem>.json
-(label, id, pixel count and fraction of each segment). Unreadable files are reported and skipped;
-the exit status is 1 when any file failed. Existing outputs are kept unless --overwrite.
+(label, id, pixel count and fraction of each segment). Images of one folder that share a stem (x.png,
+x.jpg) keep their extension in the output names (x_png_mask.png, x_jpg_mask.png). Every output is
+written atomically; an image whose three outputs exist is kept unless --overwrite. An image that fails
+(unreadable, out of memory, ...) is reported and the others go on; the exit status is then 1.
 """
 
 import argparse
 import json
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from tqdm import tqdm
 
 from data.sources import IMAGE_SUFFIXES as SOURCE_SUFFIXES
 from segformer import SegFormer
-from segformer.checkpoint import read_input_size
+from segformer.checkpoint import atomic_write, read_input_size
 from segformer.inference import Predictor, load_image
 from segformer.labels import palette
 
@@ -39,29 +43,54 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
                    help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
                         "slide: windows over the full-resolution image")
-    p.add_argument("--size", type=int,
-                   help="model input size (default: the checkpoint's preprocessor_config.json, else 512)")
-    p.add_argument("--window", type=int, default=512, help="sliding window size")
-    p.add_argument("--stride", type=int, default=341, help="sliding window stride")
+    p.add_argument("--size", type=bounded(int, 32, 8192),
+                   help="model input size, 32..8192 (default: the checkpoint's preprocessor_config.json, else 512)")
+    p.add_argument("--window", type=bounded(int, 32, 8192), default=512, help="sliding window size, 32..8192")
+    p.add_argument("--stride", type=bounded(int, 1, 8192), default=341,
+                   help="sliding window stride, 1..window")
     p.add_argument("--tta", action="store_true", help="average over horizontal flips and scales")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25], help="TTA scales")
+    p.add_argument("--scales", type=bounded(float, 0.1, 8.0), nargs="+", default=[0.75, 1.0, 1.25],
+                   help="TTA scales, each 0.1..8")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast dtype")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours")
+    p.add_argument("--alpha", type=bounded(float, 0.0, 1.0), default=0.5,
+                   help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "slide" and args.stride > args.window:
+        p.error(f"argument --stride: must be at most --window ({args.window}), got {args.stride}")
+    return args
+
+
+def bounded(kind, low, high):
+    """argparse `type=`: a number of `kind` within [low, high], or an error naming the range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
+        return value
+    return parse
 
 
 def find_images(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(file, output subfolder) pairs; a folder's images keep their relative folders."""
+    """(file, output path without suffix) pairs. A folder's images keep their relative folders; hidden
+    files (macOS ._* included) are not images; images that share a stem in one folder keep their
+    extension in the output name."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for path in sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                               and not p.name.startswith(".") and not p.is_dir()):
                 found.append((path, path.parent.relative_to(item)))
         else:
             found.append((item, Path()))  # missing or unreadable files are reported when read
-    return found
+    shared = Counter((folder, path.stem) for path, folder in found)
+    return [(path, folder / (f"{path.stem}_{path.suffix[1:].lower()}" if shared[folder, path.stem] > 1
+                             else path.stem)) for path, folder in found]
 
 
 def demo_inputs(folder: Path, count: int = 4) -> list[str]:
@@ -105,17 +134,39 @@ def overlay(image: Image.Image, label_map: np.ndarray, colours: list, names: dic
 
 
 def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, alpha) -> None:
+    """The mask, overlay and segments of one image, each written atomically (complete or absent)."""
     label_map = prediction.label_map.cpu().numpy()
     mask = Image.fromarray(label_map.astype(np.uint8 if len(names) <= 256 else np.uint16))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    mask.save(stem.with_name(stem.name + "_mask.png"))
-    overlay(image, label_map, colours, names, alpha).save(stem.with_name(stem.name + "_overlay.png"))
     total = label_map.size
     segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6)}
                 for c, n in zip(*np.unique(label_map, return_counts=True))]
-    stem.with_name(stem.name + ".json").write_text(json.dumps(
-        {"image": str(path), "size": [image.width, image.height],
-         "segments": segments}, indent=2) + "\n")
+    record = {"image": str(path), "size": [image.width, image.height], "segments": segments}
+    atomic_write(output_path(stem, "_mask.png"), lambda tmp: mask.save(tmp, format="PNG"))
+    atomic_write(output_path(stem, "_overlay.png"),
+                 lambda tmp: overlay(image, label_map, colours, names, alpha).save(tmp, format="PNG"))
+    atomic_write(output_path(stem, ".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def output_path(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
+
+
+def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha) -> str | None:
+    """Segment one image and write its outputs; what went wrong, in one line, or None."""
+    try:
+        image = load_image(path)
+    except Exception as e:  # unreadable, not an image, missing
+        return f"cannot read as an image ({type(e).__name__}: {one_line(e)})"
+    try:
+        save_outputs(path, image, predictor(image), stem, colours=colours, names=names, alpha=alpha)
+    except Exception as e:  # out of memory (a RuntimeError), an unwritable output, ...
+        return f"{type(e).__name__}: {one_line(e)}"
+    return None
+
+
+def one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def main(args) -> int:
@@ -140,27 +191,29 @@ def main(args) -> int:
     size = args.size or read_input_size(args.checkpoint) or 512
     predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)
-    names = model.id2label
+    names = predictor.id2label
     colours = palette(len(names), names)
     out = Path(args.out or "predictions")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        print(f"error: --out {out}: cannot write there ({e.strerror or type(e).__name__})", file=sys.stderr)
+        return 2
 
     files = find_images(args.inputs)
     failed, kept, written = [], [], 0
-    for path, subfolder in tqdm(files, desc="segmenting", unit="image", disable=len(files) < 2):
-        stem = out / subfolder / path.stem
-        outputs = [stem.with_name(stem.name + suffix) for suffix in ("_mask.png", "_overlay.png", ".json")]
-        if not args.overwrite and any(p.exists() for p in outputs):
+    for path, relative in tqdm(files, desc="segmenting", unit="image", disable=len(files) < 2):
+        stem = out / relative
+        if not args.overwrite and all(output_path(stem, s).exists() for s in ("_mask.png", "_overlay.png", ".json")):
             kept.append(path)
             continue
-        try:
-            image = load_image(path)
-        except Exception as e:  # unreadable, not an image, missing: report and go on
-            failed.append((path, f"{type(e).__name__}: {e}"))
-            tqdm.write(f"error: {path}: cannot read as an image ({type(e).__name__}: {e})", file=sys.stderr)
-            continue
-        prediction = predictor(image)
-        save_outputs(path, image, prediction, stem, colours=colours, names=names, alpha=args.alpha)
-        written += 1
+        problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha)
+        if problem:  # reported, and the other images go on
+            failed.append((path, problem))
+            tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
+        else:
+            written += 1
 
     print(f"{written} image(s) segmented into {out}/", end="")
     print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")

@@ -34,13 +34,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import DataError, build_dataset, build_loader, open_source
+from data import IGNORE_INDEX, DataError, build_dataset, build_loader, open_source
 from segformer import SegFormer, segmentation_loss
-from segformer.checkpoint import read_input_size, read_preprocessor_config, segmentation_labels
+from segformer.checkpoint import (atomic_write, read_input_size, read_preprocessor_config,
+                                  segmentation_labels)
 from segformer.labels import read_id2label
 from segformer.layouts import LayoutError
-from segformer.metrics import ConfusionMatrix, logits_to_predictions
-from training.checkpoints import check_output_dir, load_training_state, prune_checkpoints, save_checkpoint
+from segformer.metrics import ConfusionMatrix, logits_to_predictions, predicted_classes
+from training.checkpoints import (CheckpointError, RunLock, RunLocked, check_output_dir, clean_up_after_a_kill,
+                                  last_checkpoint_note, load_training_state, prune_checkpoints, rng_from_plain,
+                                  rng_to_plain, save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 
 AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +86,7 @@ def set_rng_states(states: dict) -> None:
 
 def gather_rng_states(world_size: int) -> list:
     """Every process's RNG states (dropout and drop path draw from them), so a resume is exact."""
-    states = rng_states()
+    states = rng_to_plain(rng_states())
     if world_size == 1:
         return [states]
     gathered = [None] * world_size
@@ -229,10 +232,13 @@ def poly_schedule(warmup_steps: int, total_steps: int, power: float):
 @torch.no_grad()
 def evaluate(model, loader, *, num_labels: int, device, autocast) -> dict:
     """Mean IoU over the loader, summed over all processes. Predictions are the logits upsampled to
-    the label size, then argmax, as in the guide's compute_metrics."""
+    the label size, then argmax, as in the guide's compute_metrics. A validation set with no labelled
+    pixel (every sample skipped as bad, or all ignored) is an error, not a NaN."""
     model.eval()
-    confusion = ConfusionMatrix(num_labels, ignore_index=255, device=device)
+    confusion = ConfusionMatrix(num_labels, ignore_index=IGNORE_INDEX, device=device)
+    reasons = []
     for batch in loader:
+        reasons += batch["skip_reasons"]
         if "pixel_values" not in batch:  # every sample of the batch was skipped
             continue
         pixel_values = batch["pixel_values"].to(device, non_blocking=True)
@@ -242,6 +248,9 @@ def evaluate(model, loader, *, num_labels: int, device, autocast) -> dict:
         confusion.update(logits_to_predictions(logits.float(), labels.shape[-2:]), labels)
     confusion.all_reduce()
     model.train()
+    if confusion.counts.sum() == 0:
+        raise DataError(f"nothing to evaluate: no labelled pixel in the validation split ({len(reasons)} sample(s) "
+                        f"skipped as bad{': ' + '; '.join(reasons[:3]) if reasons else ''})")
     return confusion.compute()
 
 
@@ -299,7 +308,10 @@ class Run:
     epoch: int = 0
     batches_done: int = 0  # batches of the current epoch already trained on (per process)
     best_miou: float = -1.0
-    skipped: int = 0
+    skipped: int = 0  # bad samples skipped (--skip-bad), with the first reasons
+    skip_reasons: list = field(default_factory=list)
+    trained_batches: int = 0  # micro-batches that reached the model
+    unlabelled_batches: int = 0  # micro-batches whose every pixel is ignored: no loss, no gradient
     metrics: dict = field(default_factory=dict)
     window: dict = field(default_factory=lambda: dict(loss=0.0, steps=0, images=0, start=time.perf_counter()))
 
@@ -310,6 +322,10 @@ class Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp], enabled=self.config.amp != "off")
 
+    @property
+    def metric_classes(self) -> list[str]:
+        return predicted_classes(self.labels)
+
     def training_state(self) -> dict:
         """What --resume needs besides the weights (every process takes part: the RNG gather)."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -318,6 +334,12 @@ class Run:
                 "rng": gather_rng_states(self.world_size)}
 
     def checkpoint(self, name: str) -> Path:
+        """Save as `name` (every process takes part); never weights that are not all finite."""
+        bad = non_finite_tensor(self.raw_model)
+        if any_process(bad is not None, self.world_size, self.device):
+            where = bad or "on another process"
+            raise FloatingPointError(f"the model's weights are not finite after step {self.step} ({where}); "
+                                     f"stopping without saving: {last_checkpoint_note(self.out)}")
         state = self.training_state()
         path = self.out / name
         if self.is_main:
@@ -325,21 +347,38 @@ class Run:
         return path
 
 
-def build_run(command: Command) -> Run:
-    config = command.config
-    rank, world_size, device = setup_distributed(config.device)
-    seed_everything(config.seed)  # the same initial weights on every process
-    out = Path(config.out)
-    if rank == 0:
-        check_output_dir(out, resume=command.resume is not None, overwrite=command.overwrite)
+def non_finite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or an infinity, or None (one sync)."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in tensors])
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0])][0]
 
+
+def open_data(config: TrainConfig, *, resume: Path | None, world_size: int, device: torch.device):
+    """Both splits, the label set decided once, and the settings they make concrete. Returns
+    (config, labels, train_loader, eval_loader)."""
     split_options = dict(test_size=config.test_size, image_column=config.image_column,
                          annotation_column=config.annotation_column)
     train_samples = open_source(config.data, config.train_split, train=True, **split_options)
     eval_samples = open_source(config.data, config.eval_split, train=False, **split_options)
-    labels = decide_labels(config, train_samples, resumed=command.resume)
+    overlap = set(train_samples.names()) & set(eval_samples.names())
+    if overlap:
+        raise ConfigError(f"{len(overlap)} of the {len(eval_samples)} validation samples of {config.data} are also "
+                          f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
+                          f"--eval-split {config.eval_split} must not share images")
+    labels = decide_labels(config, train_samples, resumed=resume)
     config = resolve_for_run(config, labels=labels, samples=train_samples, world_size=world_size, device=device)
-    train_loader, eval_loader = build_loaders(config, labels, train_samples, eval_samples)
+    return (config, labels, *build_loaders(config, labels, train_samples, eval_samples))
+
+
+def build_run(command: Command, *, rank: int, world_size: int, device: torch.device) -> Run:
+    """Data, model, optimizer, schedule and, on --resume, the saved state: everything but the loop."""
+    seed_everything(command.config.seed)  # the same initial weights on every process
+    out = Path(command.config.out)
+    config, labels, train_loader, eval_loader = open_data(command.config, resume=command.resume,
+                                                          world_size=world_size, device=device)
     steps_per_epoch = len(train_loader) // config.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"the training split has {len(train_loader.dataset)} images: too few for one step of "
@@ -366,13 +405,24 @@ def build_run(command: Command) -> Run:
     if command.resume:
         restore(run, command.resume, schedule)
     if run.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        run.log = open(out / "metrics.jsonl", "a")
+        run.log = open_log(out, resumed_at=run.step if command.resume else None)
         print(f"training {raw_model.config.variant or 'custom'} on {config.data} ({len(train_loader.dataset)} train / "
               f"{len(eval_loader.dataset)} eval images, {len(labels)} classes) for {total_steps} steps of "
               f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
               f"amp={config.amp}")
     return run
+
+
+def open_log(out: Path, *, resumed_at: int | None):
+    """metrics.jsonl for appending. Resuming from an earlier checkpoint drops the records of the steps
+    after it, which the run is about to train again: no step is ever reported twice."""
+    path = out / "metrics.jsonl"
+    if resumed_at is not None and path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_at]
+        if len(kept) < len(lines):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+    return open(path, "a")
 
 
 def restore(run: Run, directory: Path, schedule) -> None:
@@ -389,7 +439,7 @@ def restore(run: Run, directory: Path, schedule) -> None:
     # The rates of the next step come from the schedule of this run, which --max-steps/--epochs may extend.
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
         group["lr"] = base_lr * schedule(run.step)
-    set_rng_states(state["rng"][run.rank])
+    set_rng_states(rng_from_plain(state["rng"][run.rank]))
     if run.is_main:
         print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
 
@@ -399,21 +449,28 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     config, step_loss = run.config, 0.0
     for i, batch in enumerate(micro_batches):
         run.skipped += batch["skipped"]
+        run.skip_reasons += batch["skip_reasons"][:3 - len(run.skip_reasons)]
         if "pixel_values" not in batch:
             continue
+        labelled = bool((batch["labels"] != IGNORE_INDEX).any())  # on the CPU: no device sync
         pixel_values = batch["pixel_values"].to(run.device, non_blocking=True)
         labels = batch["labels"].to(run.device, non_blocking=True)
         if config.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         sync = i == len(micro_batches) - 1 or run.world_size == 1  # DDP: all-reduce on the last one only
         with (nullcontext() if sync else run.model.no_sync()), run.autocast():
-            loss = segmentation_loss(run.model(pixel_values), labels) / config.grad_accum
+            logits = run.model(pixel_values)
+            # Nothing labelled (e.g. a crop of 'unlabelled' only): the mean over no pixel would be NaN. A zero
+            # that still reaches every parameter keeps DDP's gradient all-reduce in step on every process.
+            loss = (segmentation_loss(logits, labels) if labelled else logits.sum() * 0.0) / config.grad_accum
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
+        run.trained_batches += labelled
+        run.unlabelled_batches += not labelled
         run.window["images"] += pixel_values.shape[0]
     if any_process(not math.isfinite(step_loss), run.world_size, run.device):  # all stop at the same step
-        raise FloatingPointError(f"the loss is {step_loss} at step {run.step + 1}; stopping without "
-                                 f"saving (the last good checkpoint in {run.out} is kept)")
+        raise FloatingPointError(f"the loss is {step_loss} at step {run.step + 1}; stopping without saving: "
+                                 f"{last_checkpoint_note(run.out)}")
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_grad)
@@ -433,6 +490,14 @@ def write_log(run: Run, record: dict) -> None:
         run.log.flush()
 
 
+def check_something_trained(run: Run) -> None:
+    """--skip-bad must not turn a data set of bad samples into a run that trained on nothing."""
+    if run.trained_batches == 0:
+        reasons = "; ".join(run.skip_reasons) or "every batch had only ignored pixels"
+        raise DataError(f"no training sample reached the model ({run.skipped} skipped as bad, "
+                        f"{run.unlabelled_batches} batches without a labelled pixel); first reasons: {reasons}")
+
+
 def after_step(run: Run, loss: float, lr: float, stop: "StopRequest", progress: tqdm) -> None:
     """Log, evaluate and keep the best, checkpoint, and stop here if any process was asked to."""
     config, step, window = run.config, run.step, run.window
@@ -446,9 +511,11 @@ def after_step(run: Run, loss: float, lr: float, stop: "StopRequest", progress: 
         write_log(run, {"step": step, "epoch": run.epoch, "loss": window["loss"] / window["steps"], "lr": lr,
                         "images_per_s": images_per_s})
         run.window = dict(loss=0.0, steps=0, images=0, start=time.perf_counter())
+    if last:
+        check_something_trained(run)
     if step % config.eval_every == 0 or last:
         # the plain module: no DDP collectives, so shards of unequal length are fine
-        run.metrics = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.labels), device=run.device,
+        run.metrics = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.metric_classes), device=run.device,
                                autocast=run.autocast)
         if run.is_main:
             progress.write(f"step {step}: mean IoU {run.metrics['mean_iou']:.4f}, mean accuracy "
@@ -463,32 +530,34 @@ def after_step(run: Run, loss: float, lr: float, stop: "StopRequest", progress: 
         run.checkpoint(f"checkpoint-{step}")
         if run.is_main:
             prune_checkpoints(run.out, config.save_total_limit)
-    if any_process(stop.requested, run.world_size, run.device):
+    if any_process(stop.signal is not None, run.world_size, run.device):
         progress.close()
         path = run.checkpoint(f"checkpoint-{step}")
         if run.is_main:
             print(f"interrupted: saved {path}; continue with --resume {path}")
-        cleanup(run.world_size)
-        sys.exit(130)
+        sys.exit(128 + (stop.signal or signal.SIGTERM))  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, so that the checkpoint
-    it writes is exactly the state after a whole step (a step cut short has already moved BatchNorm's
-    running statistics). A second Ctrl-C stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) asks the loop to stop at the
+    end of the current step, so that the checkpoint it writes is exactly the state after a whole step (a
+    step cut short has already moved BatchNorm's running statistics). A second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handler)
+        self.signal = None
+        self.previous = {number: signal.signal(number, self.handler) for number in self.SIGNALS}
 
     def handler(self, signum, frame):
-        if self.requested:
+        if self.signal is not None:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", file=sys.stderr)
 
     def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
 def groups_of(loader, n: int):
@@ -515,26 +584,31 @@ def train(run: Run) -> dict:
                     break
             else:  # the epoch ran out (an incomplete last group of micro-batches is dropped)
                 run.epoch, run.batches_done = run.epoch + 1, 0
+                check_something_trained(run)
     finally:
         stop.restore()
         progress.close()
     if run.is_main:
-        if run.skipped:
-            print(f"skipped {run.skipped} bad training samples (see the warnings above)")
-        if run.metrics:
-            print(class_table(run.metrics, run.labels))
-        best = run.out / "best"
-        print(f"\nbest mean IoU {run.best_miou:.4f}: {best}\nlast checkpoint: {run.out / f'checkpoint-{run.step}'}")
-        print(f"try it:  python infer.py --checkpoint {best} <image or folder> --out {run.out / 'predictions'}")
-        run.log.close()
-    cleanup(run.world_size)
-    return {"step": run.step, "best_miou": run.best_miou, **run.metrics}
+        report_end(run)
+    return {"step": run.step, "best_miou": run.best_miou, "skipped": run.skipped,
+            "unlabelled_batches": run.unlabelled_batches, **run.metrics}
 
 
-def evaluate_checkpoint(command: Command) -> dict:
+def report_end(run: Run) -> None:
+    if run.skipped:
+        print(f"skipped {run.skipped} bad training samples, e.g. {run.skip_reasons[0]}")
+    if run.unlabelled_batches:
+        print(f"{run.unlabelled_batches} training batches had no labelled pixel and contributed nothing")
+    if run.metrics:
+        print(class_table(run.metrics, run.metric_classes))
+    best = run.out / "best"
+    print(f"\nbest mean IoU {run.best_miou:.4f}: {best}\nlast checkpoint: {run.out / f'checkpoint-{run.step}'}")
+    print(f"try it:  python infer.py --checkpoint {best} <image or folder> --out {run.out / 'predictions'}")
+
+
+def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) -> dict:
     """--eval-only: the checkpoint's labels, input size and label reduction, on --eval-split."""
     config = command.config
-    rank, world_size, device = setup_distributed(config.device)
     model = SegFormer.from_pretrained(command.checkpoint).to(device)
     labels = model.config.label_names()
     preprocessor = read_preprocessor_config(command.checkpoint)
@@ -552,13 +626,13 @@ def evaluate_checkpoint(command: Command) -> dict:
 
     def autocast():
         return torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != "off")
-    metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(labels), device=device,
+    classes = predicted_classes(labels)
+    metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
                        autocast=autocast)
     if rank == 0:
         print(f"{command.checkpoint} on {config.data} {config.eval_split} ({len(eval_set)} images, {config.eval_mode}, "
               f"size {size}, {'reduced' if reduce else 'raw'} labels):")
-        print(class_table(metrics, labels))
-    cleanup(world_size)
+        print(class_table(metrics, classes))
     return metrics
 
 
@@ -569,13 +643,32 @@ def cleanup(world_size: int) -> None:
 
 def main(argv=None) -> dict:
     command = parse_command_line(argv, description=__doc__)
-    if command.eval_only:
-        return evaluate_checkpoint(command)
-    return train(build_run(command))
+    rank, world_size, device = setup_distributed(command.config.device)
+    lock = None
+    try:
+        if command.eval_only:
+            return evaluate_checkpoint(command, rank=rank, device=device)
+        out = Path(command.config.out)
+        if rank == 0:  # one run per folder; then mend what a killed run left, and never overwrite another run
+            lock = RunLock(out)
+            for note in clean_up_after_a_kill(out):
+                print(note)
+            check_output_dir(out, resume=command.resume, overwrite=command.overwrite)
+        run = build_run(command, rank=rank, world_size=world_size, device=device)
+        try:
+            return train(run)
+        finally:
+            if run.log:
+                run.log.close()
+    finally:
+        if lock:
+            lock.release()
+        cleanup(world_size)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FloatingPointError, DataError, LayoutError, FileNotFoundError) as e:  # the message says it
+    except (ConfigError, CheckpointError, RunLocked, FloatingPointError, DataError, LayoutError,
+            FileNotFoundError) as e:  # the message says it all
         sys.exit(f"error: {e}")

@@ -1,9 +1,10 @@
 """The PyTorch `Dataset` and `DataLoader`: decoding checks, label reduction, transforms, seeding.
 
 Every sample is checked before it reaches a model: the image decodes, the annotation is a single
-channel label map of the image's size, and after reduction every label is a class id or 255. A bad
-sample raises a `DataError` naming it; with `skip_bad=True` it is skipped with a warning instead
-and counted (`SegmentationDataset.skipped` in the main process, `batch["skipped"]` from workers).
+channel label map of the image's size, and after reduction every label is a class id or 255 (with a
+single class, the reference's binary head: 0 or 1). A bad sample raises a `DataError` naming it; with
+`skip_bad=True` it is skipped with a warning instead and counted (`SegmentationDataset.skipped` in the
+main process; `batch["skipped"]` and the reasons in `batch["skip_reasons"]`, from workers too).
 
 Augmentation is repeatable: sample `i` of epoch `e` is transformed under a torch generator seeded
 from (seed, e, i), whatever the number of workers or processes. The sampler hands the epoch to the
@@ -69,7 +70,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 raise
             self.skipped += 1
             warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
-            return None
+            return {"skipped": str(e)}
         with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
             pixel_values, labels = self.transform(image, labels)
@@ -85,10 +86,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
                             f"{image.shape[2]}x{image.shape[1]}")
         if self.reduce_labels:
             labels = reduce_labels(labels)
-        bad = labels[(labels >= self.num_labels) & (labels != IGNORE_INDEX)].unique()
+        highest = max(self.num_labels, 2) - 1  # one class: the binary head's 0/1 masks
+        bad = labels[(labels > highest) & (labels != IGNORE_INDEX)].unique()
         if len(bad):
             raise DataError(f"{name}: label values {bad.tolist()[:10]} (after reduction={self.reduce_labels}) are "
-                            f"not class ids 0..{self.num_labels - 1} nor {IGNORE_INDEX} (ignored); check num_labels "
+                            f"not class ids 0..{highest} nor {IGNORE_INDEX} (ignored); check num_labels "
                             f"and reduce_labels")
         return image, labels
 
@@ -97,11 +99,12 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def collate(samples: list[dict | None]) -> dict:
-    """Stack into `pixel_values` (B, 3, H, W) and `labels` (B, H, W); skipped samples are dropped and
-    counted in `skipped`."""
-    kept = [s for s in samples if s is not None]
-    batch = {"skipped": len(samples) - len(kept)}
+def collate(samples: list[dict]) -> dict:
+    """Stack into `pixel_values` (B, 3, H, W) and `labels` (B, H, W); skipped samples are dropped,
+    counted in `skipped` and explained in `skip_reasons`."""
+    kept = [s for s in samples if "pixel_values" in s]
+    reasons = [s["skipped"] for s in samples if "skipped" in s]
+    batch = {"skipped": len(reasons), "skip_reasons": reasons}
     if kept:
         sizes = {tuple(s["pixel_values"].shape) for s in kept} | {tuple(s["labels"].shape) for s in kept}
         if len(sizes) > 2:

@@ -8,9 +8,14 @@ a file path, or `dataset[index]`.
 * Hugging Face datasets: a hub id, a `save_to_disk` directory, or parquet files.
 
 Split expressions take the `datasets` form: `train`, `train[:50]`, `train[10:20]`, `train[:10%]`.
-When the requested split does not exist and the source has a single split (a folder of parquet
-files, one saved Dataset, a flat folder), that split is divided with the guide's
-`train_test_split(test_size=0.2, seed=0)`: `train=True` takes its train part, otherwise its test part.
+A source with a single split (a folder of parquet files, one saved Dataset, a flat folder) is divided
+with the guide's `train_test_split(test_size=0.2, seed=0)`, whatever split is asked for: `train=True`
+takes its train part, otherwise its test part, so training never sees a validation image
+(`test_size=0` takes the whole split, for tools that only read).
+
+Folders: hidden files (macOS `._*` AppleDouble files included) are not samples, nor are directories
+named like images; a file that cannot be read (a symlink loop, no permission) is a `DataError` naming
+it when its sample is loaded, which `skip_bad` can skip.
 """
 
 import glob
@@ -83,13 +88,34 @@ class Samples:
     def __getitem__(self, i):
         return self.source[self.indices[i]]
 
+    def names(self) -> list[str]:
+        """Every sample's name, without decoding anything."""
+        return [self.source.name(j) for j in self.indices]
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """The image files of a folder by stem. Hidden files (macOS `._*` included) and directories are not
+    samples; a name that cannot be followed (a symlink loop) is kept, to fail by name when read."""
+    found = {}
+    for path in folder.iterdir():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
+            continue
+        found[path.stem] = path
+    return found
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
 
 class FolderSource:
     """Image/annotation pairs matched by file stem, ordered by stem."""
 
     def __init__(self, images_dir: Path, annotations_dir: Path):
-        images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        annotations = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        images, annotations = list_images(images_dir), list_images(annotations_dir)
         lonely = sorted(set(images) ^ set(annotations))
         if lonely:
             listing = [str(images.get(s) or annotations.get(s)) for s in lonely]
@@ -100,17 +126,22 @@ class FolderSource:
     def __len__(self):
         return len(self.pairs)
 
+    def name(self, i) -> str:
+        return str(self.pairs[i][0])
+
     def __getitem__(self, i):
         image_path, annotation_path = self.pairs[i]
-        image = _open(image_path.read_bytes(), str(image_path))
-        return image, _open(annotation_path.read_bytes(), str(annotation_path)), str(image_path)
+        image = _open(read_file(image_path), str(image_path))
+        return image, _open(read_file(annotation_path), str(annotation_path)), str(image_path)
 
 
 class HFSource:
     """A `datasets.Dataset` read with its image columns undecoded, so that we decode (and name the
-    sample in any error) ourselves."""
+    sample in any error) ourselves. `row_names` names rows by file and row where the dataset was read
+    from several parquet files."""
 
-    def __init__(self, dataset, *, image_column: str = "image", annotation_column: str = "annotation", origin: str):
+    def __init__(self, dataset, *, image_column: str = "image", annotation_column: str = "annotation", origin: str,
+                 row_names=None):
         from datasets import Image as ImageFeature
         missing = [c for c in (image_column, annotation_column) if c not in dataset.column_names]
         if missing:
@@ -120,13 +151,17 @@ class HFSource:
             if isinstance(dataset.features[column], ImageFeature):
                 dataset = dataset.cast_column(column, ImageFeature(decode=False))
         self.dataset, self.columns, self.origin = dataset, (image_column, annotation_column), origin
+        self.row_names = row_names
 
     def __len__(self):
         return len(self.dataset)
 
+    def name(self, i) -> str:
+        return self.row_names(i) if self.row_names else f"{self.origin}[{i}]"
+
     def __getitem__(self, i):
         row = self.dataset[i]
-        name = f"{self.origin}[{i}]"
+        name = self.name(i)
         image, annotation = (self._decode(row[c], f"{name} column {c!r}") for c in self.columns)
         return image, annotation, name
 
@@ -134,9 +169,13 @@ class HFSource:
     def _decode(value, name):
         if isinstance(value, Image.Image):
             return value
-        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
-            return _open(data, name)
+        if isinstance(value, dict) and value.get("bytes"):
+            return _open(value["bytes"], name)
+        if isinstance(value, dict) and value.get("path"):
+            try:
+                return _open(Path(value["path"]).read_bytes(), name)
+            except OSError as e:
+                raise DataError(f"{name}: cannot read {value['path']} ({e.strerror or type(e).__name__})") from None
         raise DataError(f"{name}: expected an image, got {type(value).__name__}")
 
 
@@ -173,10 +212,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         data, single = _saved_dataset(path, name, image_column, annotation_column)
         layout = "save_to_disk dataset"
     elif files := _parquet_files(source):
-        from datasets import load_dataset
-        dataset = load_dataset("parquet", data_files=files, split="train")
-        data, single = HFSource(dataset, image_column=image_column, annotation_column=annotation_column,
-                                origin=str(source)), True
+        data, single = _parquet_source(files, str(source), image_column, annotation_column), True
         layout = f"{len(files)} parquet file(s)"
     elif path.exists():
         raise DataError(f"{source}: not a dataset; expected 'synthetic', an ADE-layout folder (images/ + "
@@ -192,8 +228,8 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         layout = "hub dataset"
 
     indices = list(range(len(data)))
-    if single and test_size is None and name not in ("train", "training", "all"):
-        test_size = 0.2  # one split only: hold out 20% as the guide does
+    if single and test_size is None:
+        test_size = 0.2  # one split only: hold out 20% as the guide does, on both sides
     indices = apply_slice(indices, sl, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
@@ -209,14 +245,37 @@ def _parquet_files(source: str) -> list[str]:
     return files if files and all(f.endswith(".parquet") and Path(f).is_file() for f in files) else []
 
 
+def _parquet_source(files: list[str], origin: str, image_column: str, annotation_column: str) -> HFSource:
+    """Parquet files, each checked to be one (a garbage or empty file is named), rows named by file and row."""
+    import bisect
+
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+    ends = []
+    for file in files:
+        try:
+            rows = pq.read_metadata(file).num_rows
+        except Exception as e:
+            raise DataError(f"{file}: not a readable parquet file ({str(e).strip() or type(e).__name__})") from None
+        ends.append(rows + (ends[-1] if ends else 0))
+
+    def row_name(i):
+        k = bisect.bisect_right(ends, i)
+        return f"{files[k]} row {i - (ends[k - 1] if k else 0)}"
+    dataset = load_dataset("parquet", data_files=files, split="train")
+    return HFSource(dataset, image_column=image_column, annotation_column=annotation_column, origin=origin,
+                    row_names=row_name if len(files) > 1 else lambda i: f"{files[0]} row {i}")
+
+
 def _ade_folder(root: Path, split_name: str):
     images, annotations = root / "images", root / "annotations"
     if split_name in ADE_SPLITS and (images / ADE_SPLITS[split_name]).is_dir():
         sub = ADE_SPLITS[split_name]
         return FolderSource(images / sub, annotations / sub), False
-    if any(p.is_dir() for p in images.iterdir()):
-        found = sorted(p.name for p in images.iterdir() if p.is_dir())
-        raise DataError(f"{root}: no split {split_name!r}; found {found}")
+    splits = sorted(p.name for p in images.iterdir()  # a directory named like an image is no split
+                    if p.is_dir() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES)
+    if splits:
+        raise DataError(f"{root}: no split {split_name!r}; found {splits}")
     return FolderSource(images, annotations), True  # flat layout: one split
 
 

@@ -28,11 +28,14 @@ class SyntheticScenes:
     def __len__(self):
         return self.length
 
+    def name(self, index: int) -> str:
+        return f"synthetic-{self.split}-{index:05d}"
+
     def __getitem__(self, index: int):
         if not 0 <= index < self.length:
             raise IndexError(index)
         image, label = render_scene(np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index]), self.size)
-        return Image.fromarray(image), Image.fromarray(label), f"synthetic-{self.split}-{index:05d}"
+        return Image.fromarray(image), Image.fromarray(label), self.name(index)
 
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """Files: finding a checkpoint (file, directory or hub repo id), reading its tensors, and writing
 files atomically so that an interrupted save never leaves a half-written file behind."""
 
+import io
 import json
 import os
 import tempfile
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp_path)` then rename tmp_path over `path` (atomic on POSIX and Windows)."""
+    """Call `write(tmp_path)`, fsync, then rename tmp_path over `path` (atomic on POSIX and Windows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,13 +31,31 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def _write_all(path: str | Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    """Atomic and fsynced. Every file of a checkpoint is serialised in memory and written here, by
+    Python, so that a full disk is always an OSError (ENOSPC): safetensors' own writer reports it as a
+    SafetensorError, and torch.save as a RuntimeError from its zip writer."""
+    atomic_write(path, lambda tmp: _write_all(tmp, data))
+
+
 def write_json(obj, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
 def write_safetensors(state_dict: dict, path: str | Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_bytes(save(tensors, metadata={"format": "pt"}), path)
+
+
+def write_torch(obj, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(buffer.getvalue(), path)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

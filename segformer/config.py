@@ -44,8 +44,7 @@ class SegFormerConfig:
         for name in ("hidden_sizes", "depths", "num_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios"):
             value = tuple(int(v) for v in getattr(self, name))
             if len(value) != len(self.hidden_sizes):
-                raise ValueError(f"config.{name} has {len(value)} entries, expected one per stage "
-                                 f"({len(self.hidden_sizes)})")
+                raise ValueError(f"{name} has {len(value)} entries, expected one per stage ({len(self.hidden_sizes)})")
             setattr(self, name, value)
         for width, heads in zip(self.hidden_sizes, self.num_heads):
             if width % heads:
@@ -110,27 +109,29 @@ class SegFormerConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, *, source: str = "config.json") -> "SegFormerConfig":
-        """Read a transformers `SegformerConfig` dict; fields it lacks keep transformers' defaults."""
+        """Read a transformers `SegformerConfig` dict; fields it lacks keep transformers' defaults. A key
+        of the wrong type or range is an error naming `source` and the key."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         if hf.get("model_type", "segformer") != "segformer":
             raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'segformer'")
         if hf.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
         if hf.get("reshape_last_stage", True) is not True:
             raise ValueError(f"{source}: reshape_last_stage=False is not supported")
-        mapping = {  # our field <- transformers' key
-            "in_channels": "num_channels", "hidden_sizes": "hidden_sizes", "depths": "depths",
-            "num_heads": "num_attention_heads", "sr_ratios": "sr_ratios", "patch_sizes": "patch_sizes",
-            "strides": "strides", "mlp_ratios": "mlp_ratios", "dropout": "hidden_dropout_prob",
-            "attention_dropout": "attention_probs_dropout_prob", "drop_path_rate": "drop_path_rate",
-            "classifier_dropout": "classifier_dropout_prob", "decoder_hidden_size": "decoder_hidden_size",
-        }
-        kwargs = {ours: hf[theirs] for ours, theirs in mapping.items() if theirs in hf}
-        id2label = {int(k): v for k, v in hf.get("id2label", {}).items()}
-        kwargs["num_labels"] = int(hf.get("num_labels", len(id2label) or 2))
-        if _is_default_names(id2label):
-            id2label = {}
-        kwargs["id2label"] = id2label
-        return cls(**kwargs)
+        kwargs = {ours: _read_key(hf, theirs, kind, source)
+                  for ours, (theirs, kind) in _HF_KEYS.items() if theirs in hf}
+        id2label = hf.get("id2label", {})
+        if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
+            raise ValueError(f"{source}: key 'id2label' must map class ids to names, got {str(id2label)[:60]}")
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        kwargs["num_labels"] = (_read_key(hf, "num_labels", "count", source) if "num_labels" in hf
+                                else len(id2label) or 2)
+        kwargs["id2label"] = {} if _is_default_names(id2label) else id2label
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +143,35 @@ class SegFormerConfig:
         if unknown:
             raise ValueError(f"unknown SegFormerConfig keys: {sorted(unknown)}")
         return cls(**values)
+
+
+# our field <- (transformers' key, what it must hold)
+_HF_KEYS = {
+    "in_channels": ("num_channels", "count"), "hidden_sizes": ("hidden_sizes", "counts"),
+    "depths": ("depths", "counts"), "num_heads": ("num_attention_heads", "counts"),
+    "sr_ratios": ("sr_ratios", "counts"), "patch_sizes": ("patch_sizes", "counts"), "strides": ("strides", "counts"),
+    "mlp_ratios": ("mlp_ratios", "counts"), "dropout": ("hidden_dropout_prob", "probability"),
+    "attention_dropout": ("attention_probs_dropout_prob", "probability"),
+    "drop_path_rate": ("drop_path_rate", "probability"),
+    "classifier_dropout": ("classifier_dropout_prob", "probability"),
+    "decoder_hidden_size": ("decoder_hidden_size", "count"),
+}
+
+
+def _read_key(hf: dict, key: str, kind: str, source: str):
+    value = hf[key]
+
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if kind == "count" and is_count(value):
+        return value
+    if kind == "counts" and isinstance(value, list) and value and all(is_count(v) for v in value):
+        return tuple(value)
+    if kind == "probability" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1:
+        return float(value)
+    expected = {"count": "a whole number >= 1", "counts": "a list of whole numbers >= 1",
+                "probability": "a number in [0, 1)"}[kind]
+    raise ValueError(f"{source}: key {key!r} must be {expected}, got {value!r}")
 
 
 def _is_default_names(id2label: dict[int, str]) -> bool:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .metrics import predicted_classes
 from .model import SegFormer
 from .preprocess import aspect_size, normalize, resize_image
 
@@ -67,7 +68,7 @@ class Predictor:
         self.scales = tuple(scales) if tta else (1.0,)
         self.flip = tta and flip
         self.amp, self.batch_size = amp, batch_size
-        self.id2label = model.id2label
+        self.id2label = dict(enumerate(predicted_classes(model.config.label_names())))
 
     @torch.no_grad()
     def __call__(self, images, *, probabilities: bool = False):
@@ -89,7 +90,7 @@ class Predictor:
             inputs = [image.flip(-1) if flipped else image for image in images]
             for i, logits in enumerate(self.logits(inputs, scale)):
                 logits = logits.flip(-1) if flipped else logits  # back to the image's orientation
-                totals[i] = totals[i] + logits.softmax(0)
+                totals[i] = totals[i] + class_probabilities(logits)
         return [total / len(views) for total in totals]
 
     def logits(self, images: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
@@ -122,7 +123,7 @@ class Predictor:
         pad_h, pad_w = max(win - H, 0), max(win - W, 0)
         x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros after normalisation: the mean colour
         Hp, Wp = x.shape[-2:]
-        total = torch.zeros(1, len(self.id2label), Hp, Wp, device=x.device)
+        total = torch.zeros(1, self.model.config.num_labels, Hp, Wp, device=x.device)
         count = torch.zeros(1, 1, Hp, Wp, device=x.device)
         rows = range(0, max(Hp - win + stride - 1, 0) // stride + 1)
         cols = range(0, max(Wp - win + stride - 1, 0) // stride + 1)
@@ -135,6 +136,14 @@ class Predictor:
                                                            align_corners=False)
                 count[:, :, y1:y2, x1:x2] += 1
         return (total / count)[:, :, :H, :W]
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) logits -> (K, H, W) softmax; one channel (the binary head) -> (2, H, W) [1 - p, p]."""
+    if logits.shape[0] == 1:
+        p = logits.sigmoid()
+        return torch.cat([1 - p, p])
+    return logits.softmax(0)
 
 
 def to_uint8_tensor(image) -> torch.Tensor:

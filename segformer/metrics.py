@@ -15,11 +15,18 @@ import torch.nn.functional as F
 MAX_LABELS = 4096
 
 
+def predicted_classes(names: list[str]) -> list[str]:
+    """The classes of a prediction map: the model's, or with a single label (the reference's binary,
+    sigmoid head) "background" = 0 and that label = 1."""
+    return list(names) if len(names) > 1 else ["background", names[0]]
+
+
 def logits_to_predictions(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, K, h, w) logits -> (B, H, W) class ids: upsample (bilinear, align_corners=False), then argmax."""
+    """(B, K, h, w) logits -> (B, H, W) class ids: upsample (bilinear, align_corners=False), then argmax
+    (one channel: 1 where the logit is positive, the sigmoid above 0.5)."""
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
 
 
 class ConfusionMatrix:

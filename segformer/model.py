@@ -88,15 +88,23 @@ class SegFormer(nn.Module):
         return model
 
     def load_native_state_dict(self, state_dict: dict, *, source: str, missing_ok: str | None = None) -> None:
-        """`load_state_dict` that names every missing, unexpected and mis-shaped key (with both
-        shapes). Missing keys under the prefix `missing_ok` keep their fresh initialisation."""
+        """`load_state_dict` that names every missing, unexpected, mis-shaped, integer-for-float and
+        non-finite tensor. Missing keys under the prefix `missing_ok` keep their fresh initialisation, and
+        so does BatchNorm's `num_batches_tracked` (bookkeeping that PyTorch's own loading does without,
+        and that files converted by other tools often lack)."""
         own = self.state_dict()
-        missing = [k for k in own if k not in state_dict and not (missing_ok and k.startswith(missing_ok))]
+        missing = [k for k in own if k not in state_dict and not (missing_ok and k.startswith(missing_ok))
+                   and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state_dict if k not in own]
+        common = [k for k in state_dict if k in own]
         mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+                      for k in common if state_dict[k].shape != own[k].shape]
+        integer = [f"{k} ({state_dict[k].dtype})" for k in common
+                   if own[k].is_floating_point() and not state_dict[k].is_floating_point()]
+        non_finite = [k for k in common if state_dict[k].is_floating_point() and not state_dict[k].isfinite().all()]
         problems = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched),
+                           ("integer where floats belong", integer), ("not finite (NaN or inf)", non_finite)):
             if keys:
                 problems.append(f"{len(keys)} {what}: {layouts.shorten(keys)}")
         if problems:

@@ -71,7 +71,7 @@ def test_every_source_yields_the_same_batches(tmp_path, train):
     hf_dataset(pairs).save_to_disk(str(tmp_path / "saved"))
     hf_dataset(pairs[:3]).to_parquet(str(tmp_path / "part-0.parquet"))  # two files, read through a glob
     hf_dataset(pairs[3:]).to_parquet(str(tmp_path / "part-1.parquet"))
-    common = dict(split="train", train=train, size=64, num_labels=150)
+    common = dict(split="train", train=train, size=64, num_labels=150, test_size=0)  # every sample of each
     from_folder = batches(build_dataset(str(folder), **common))
     from_disk = batches(build_dataset(str(tmp_path / "saved"), **common))
     from_parquet = batches(build_dataset(str(tmp_path / "part-*.parquet"), **common))
@@ -175,7 +175,7 @@ def test_flat_folder_and_stem_order(tmp_path):
     for stem, (image, label) in zip(["b", "a", "c"], make_pairs(3)):
         image.save(root / "images" / f"{stem}.jpg")
         label.save(root / "annotations" / f"{stem}.png")
-    ds = build_dataset(str(root), split="train", test_size=None, num_labels=150)
+    ds = build_dataset(str(root), split="train", test_size=0, num_labels=150)
     names = [ds.samples[i][2].rsplit("/", 1)[1] for i in range(len(ds))]
     assert names == ["a.jpg", "b.jpg", "c.jpg"]
 

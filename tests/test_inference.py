@@ -12,14 +12,7 @@ import infer
 from segformer import SegFormer, SegFormerConfig
 from segformer.inference import Predictor, load_image
 
-from conftest import randomize_
-
-
-def random_image(height, width, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 // width, yy * 255 // height, (xx * yy) % 256], -1)
-    return Image.fromarray((base + rng.integers(0, 60, (height, width, 3))).clip(0, 255).astype(np.uint8))
+from helpers import random_image, randomize_
 
 
 def test_label_map_equals_the_reference_post_processing(hf_b0_dir):

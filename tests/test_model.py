@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from segformer import SegFormer, SegFormerConfig
 from segformer.layouts import LayoutError
 
-from conftest import randomize_
+from helpers import randomize_
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +172,11 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     before = (tmp_path / "model.safetensors").read_bytes()
     import segformer.checkpoint as checkpoint
 
-    def failing_save(tensors, path, metadata=None):
-        open(path, "wb").write(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    def failing_write(path, data):
+        open(path, "wb").write(data[:10])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "_write_all", failing_write)
+    with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp left
@@ -185,7 +185,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
 def test_config_validation():
     with pytest.raises(ValueError, match="hidden size 30 is not divisible by its 4 attention heads"):
         SegFormerConfig(hidden_sizes=(30, 64, 160, 256), num_heads=(4, 2, 5, 8))
-    with pytest.raises(ValueError, match="config.depths has 3 entries"):
+    with pytest.raises(ValueError, match="depths has 3 entries"):
         SegFormerConfig(depths=(2, 2, 2))
 
 

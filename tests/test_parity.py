@@ -8,7 +8,7 @@ from segformer import SegFormer, segmentation_loss
 from segformer.config import VARIANTS
 from segformer.layouts import native_to_hf
 
-from conftest import hf_config, hf_segmentation_model, randomize_
+from helpers import hf_config, hf_segmentation_model, randomize_
 
 ATOL = 1e-4
 

@@ -13,20 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from helpers import TINY, read_log, run_training
 from training.config import ConfigError, TrainConfig, parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
-# 20 training images of 64x64, 2 x 2 images per step: 5 steps per epoch, so 8 steps cross an epoch.
-TINY = ["--train-split", "train[:20]", "--eval-split", "validation[:8]", "--size", "64", "--batch-size", "2",
-        "--grad-accum", "2", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1"]
 
 
 def run(tmp_path, *extra):
-    return train.main(TINY + ["--out", str(tmp_path)] + list(extra))
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return run_training(tmp_path, *extra)
 
 
 def test_a_few_steps_lower_the_loss_and_write_everything(tmp_path):
@@ -83,7 +77,7 @@ def test_interrupt_then_resume_equals_a_straight_run(tmp_path, monkeypatch, caps
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    state = torch.load(tmp_path / "split" / "checkpoint-8" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "split" / "checkpoint-8" / "training_state.pt", weights_only=True)
     assert state["step"] == 8 and state["epoch"] == 1 and state["batches_done"] == 6
     settings = TrainConfig.load(tmp_path / "split" / "checkpoint-8" / "training_args.json")
     assert settings == replace(TrainConfig.load(tmp_path / "straight" / "checkpoint-8" / "training_args.json"),
@@ -132,7 +126,7 @@ def test_each_flag_changes_what_it_names(tmp_path, monkeypatch):
     command = parse_command_line(TINY + ["--out", str(tmp_path), "--max-steps", "1", "--amp", "bf16",
                                          "--channels-last", "--no-decay-norm-bias", "--head-lr-mult", "10",
                                          "--clip-grad", "1e-3"])
-    run_ = train.build_run(command)
+    run_ = train.build_run(command, rank=0, world_size=1, device=torch.device("cpu"))
     seen = {}
     model = run_.raw_model
     model.encoder.stages[0].blocks[0].attn.q.register_forward_hook(
@@ -176,7 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3"):
         run(tmp_path, "--max-steps", "6", "--eval-every", "100", "--save-every", "2")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
-    state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert state["step"] == 2
 
 
@@ -198,7 +192,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 x cpu" in done.stdout
     assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file()
-    state = torch.load(tmp_path / "checkpoint-3" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-3" / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # both processes' generators, for an exact resume
     assert len([r for r in read_log(tmp_path) if "mean_iou" in r]) == 1  # only rank 0 logs
 

@@ -3,18 +3,70 @@
 A checkpoint directory holds the model in the hub layout (`model.safetensors`, `config.json`), the
 `preprocessor_config.json` inference needs, the resolved settings (`training_args.json`) and the state
 to continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position).
+
+What a kill, a power cut or a full disk can do to the folder, and why it cannot hurt:
+- one run at a time: `RunLock` holds an exclusive lock on `<out>/.lock` for the life of the run;
+- a directory is written under a temporary name, every file fsynced, and only then renamed into place
+  (and the folder fsynced): a checkpoint is complete or absent;
+- a directory that already exists (`best/`) is swapped with the new one in one atomic
+  `renameat2(RENAME_EXCHANGE)`, so a complete `best/` exists at every instant; where the file system
+  cannot swap, it takes two renames, and the next run puts back a `best/` a kill left aside;
+- temporaries of killed writes are removed by the next run that holds the lock.
 """
 
+import ctypes
+import errno
+import os
 import re
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from segformer.checkpoint import write_preprocessor_config
+from segformer.checkpoint import write_preprocessor_config, write_torch
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(.+\.tmp|old)")  # what save_checkpoint leaves when killed
+STATE_KEYS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "step": int, "epoch": int,
+              "batches_done": int, "best_miou": float, "world_size": int, "rng": list}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+class RunLocked(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+class RunLock:
+    """An exclusive `flock` on `<out>/.lock` for the life of the run. The kernel drops it when the
+    process ends, however it ends, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, out: Path):
+        import fcntl
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunLocked(f"{out} is in use by another run ({holder}); wait for it to end or choose "
+                            f"another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -23,41 +75,131 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config) -> None:
-    """Write a checkpoint directory atomically: build it under a temporary name, then rename it into
-    place (an existing directory of that name is replaced only once the new one is complete)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+def last_checkpoint_note(out: Path) -> str:
+    checkpoints = list_checkpoints(out)
+    return f"the last checkpoint on disk is {checkpoints[-1]}" if checkpoints else f"no checkpoint was written in {out}"
+
+
+def clean_up_after_a_kill(out: Path) -> list[str]:
+    """Put back a `best/` that a kill left aside between two renames, and remove the temporaries of
+    killed writes. Only ever called by the run that holds the lock. Returns what it did, to say so."""
+    done = []
+    for path in sorted(Path(out).glob(".*")):
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        target = path.with_name(match.group(1))
+        if match.group(2) == "old" and not target.exists():
+            path.rename(target)
+            done.append(f"restored {target} (left aside by a killed write)")
+        else:
+            shutil.rmtree(path)
+            done.append(f"removed {path.name} (an unfinished write)")
+    return done
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        model.save_pretrained(tmp)
-        write_preprocessor_config(tmp, size=config.size, reduce_labels=config.reduce_labels)
-        torch.save(state, tmp / "training_state.pt")
-        config.save(tmp / "training_args.json")  # the resolved settings, for --resume and for people
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete directory `new` in place of `target`, which exists completely at every instant."""
+    if not target.exists():
+        new.rename(target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # now the old one
+    else:  # two renames: a kill between them leaves target aside as .<name>.old, put back by the next run
+        aside = target.with_name(f".{target.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        target.rename(aside)
+        new.rename(target)
+        shutil.rmtree(aside)
+    fsync_dir(target.parent)
+
+
+@contextmanager
+def _writing(path: Path, previous: str):
+    """Turn a full disk into one line naming the file, and what is still intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on the device while writing {path}; {previous}") from None
+        raise
+
+
+def save_checkpoint(directory: Path, *, model, state: dict, config) -> None:
+    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    intact = (f"the previous {directory.name} is intact" if directory.exists()
+              else last_checkpoint_note(directory.parent).replace("the last", "the previous"))
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        with _writing(directory / "model.safetensors", intact):
+            model.save_pretrained(tmp)  # atomic, fsynced writes
+        with _writing(directory / "preprocessor_config.json", intact):
+            write_preprocessor_config(tmp, size=config.size, reduce_labels=config.reduce_labels)
+        with _writing(directory / "training_state.pt", intact):
+            write_torch(state, tmp / "training_state.pt")
+        with _writing(directory / "training_args.json", intact):
+            config.save(tmp / "training_args.json")  # the resolved settings, for --resume and for people
+        fsync_dir(tmp)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def load_training_state(directory: Path) -> dict:
-    return torch.load(directory / "training_state.pt", map_location="cpu", weights_only=False)
+    """`training_state.pt`, unpickled with weights_only=True (tensors and plain Python values only, so
+    a planted file cannot run code), and checked to hold what --resume needs."""
+    path = directory / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or wanting globals beyond plain data
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a training state this project wrote ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")
+    for key, kind in STATE_KEYS.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: no {key!r} in it; not a training state this project wrote")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: {key!r} is {type(state[key]).__name__}, expected {kind.__name__}")
+    return state
 
 
-def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """A new run never overwrites an earlier one unless asked to."""
+def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None:
+    """A new run never overwrites an earlier one unless asked to; nor does a resumed run write into a
+    folder that holds another run."""
     checkpoints = list_checkpoints(out)[::-1]
     earlier = checkpoints + [out / "best"] * (out / "best").exists()
-    if not earlier or resume:
+    if not earlier or (resume is not None and resume.resolve().parent == out.resolve()):
         return
     if not overwrite:
-        newest = f"--resume {checkpoints[0]}, " if checkpoints else ""
-        raise SystemExit(f"{out} already holds a run ({', '.join(p.name for p in earlier[:4])}): continue it with "
-                         f"{newest}choose another --out, or pass --overwrite to replace it")
+        what = "another run" if resume is not None else "a run"
+        newest = f"continue it with --resume {checkpoints[0]}, " if checkpoints and resume is None else ""
+        raise SystemExit(f"{out} already holds {what} ({', '.join(p.name for p in earlier[:4])}): {newest}"
+                         f"choose another --out, or pass --overwrite to replace it")
     for path in earlier:
         shutil.rmtree(path)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -67,3 +209,14 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
     if keep:
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old)
+
+
+def rng_to_plain(states: dict) -> dict:
+    """NumPy's RNG state as plain lists and numbers, so that weights_only loading can read it."""
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": [kind, keys.tolist(), position, has_gauss, gauss]}
+
+
+def rng_from_plain(states: dict) -> dict:
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": (kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss)}

@@ -151,12 +151,19 @@ def _unpack(hint) -> tuple[type, bool, tuple | None]:
 
 
 def check_value(f, hint, value, *, where: str):
-    """Raise ConfigError unless `value` has the field's type and lies in its range."""
+    """Raise ConfigError unless `value` has the field's type and lies in its range; `where` names it."""
+    try:
+        _check_value(f, hint, value, where=where)
+    except ConfigError as e:
+        raise ConfigError(str(e).strip()) from None
+
+
+def _check_value(f, hint, value, *, where: str):
     base, optional, choices = _unpack(hint)
     if value is None:
         if optional:
             return
-        raise ConfigError(f"{where} must not be null")
+        raise ConfigError(f"{where} must not be null".strip())
     ok_type = isinstance(value, base) and not (base is int and isinstance(value, bool))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         ok_type = True
@@ -246,7 +253,7 @@ def _parse_value(f, hint):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {_describe(base, optional)}, got {text!r}") from None
         try:
-            check_value(f, hint, value, where="the value")
+            check_value(f, hint, value, where="")
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return value

@@ -1,0 +1,462 @@
+"""Faults, bad input and hostile files: nothing lost, nothing silently wrong, one line naming the culprit."""
+
+import errno
+import json
+import os
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import infer
+import train
+from data import DataError, build_dataset, build_loader, open_source
+from helpers import random_image, read_log, run_training, write_ade_folder, write_flat_folder
+from segformer import SegFormer
+from segformer.layouts import LayoutError
+from training import checkpoints
+from training.checkpoints import CheckpointError, RunLock, RunLocked
+from training.config import ConfigError
+
+# 8 synthetic images of 32x32, one step of 2: runs of a second or two.
+QUICK = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "2",
+         "--warmup-steps", "0", "--log-every", "1", "--eval-every", "100", "--save-every", "1"]
+
+
+def quick(out, *extra):
+    return run_training(out, *extra, base=QUICK)
+
+
+# ---- security ----------------------------------------------------------------------------------------
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_training_state_cannot_run_code(tmp_path):
+    quick(tmp_path / "run", "--max-steps", "1")
+    state = tmp_path / "run" / "checkpoint-1" / "training_state.pt"
+    torch.save({"optimizer": Planted(tmp_path / "pwned")}, state)
+    with pytest.raises(CheckpointError, match=r"checkpoint-1/training_state\.pt: not a training state this project"):
+        train.main(["--resume", str(tmp_path / "run" / "checkpoint-1")])
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---- numbers that must never be silently wrong -------------------------------------------------------
+
+def test_validation_carved_from_a_single_split_is_never_trained_on(tmp_path):
+    masks = [np.full((20, 24), i % 3 + 1) for i in range(10)]
+    flat = write_flat_folder(tmp_path / "flat", masks)
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+    pairs = {"image": [random_image(20, 24, seed=i) for i in range(10)],
+             "annotation": [Image.fromarray(m.astype(np.uint8)) for m in masks]}
+    dataset = Dataset.from_dict(pairs, features=Features({"image": ImageFeature(), "annotation": ImageFeature()}))
+    dataset.to_parquet(str(tmp_path / "one.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    for source in (flat, tmp_path / "one.parquet", tmp_path / "saved"):
+        trained = open_source(str(source), "train", train=True).names()
+        evaluated = open_source(str(source), "validation", train=False).names()
+        assert len(trained) == 8 and len(evaluated) == 2, source
+        assert not set(trained) & set(evaluated), source
+    # and train.py refuses splits that share images
+    ade = tmp_path / "ade"
+    for split in ("training", "validation"):
+        (ade / "images" / split).mkdir(parents=True)
+        (ade / "annotations" / split).mkdir(parents=True)
+    for i in range(4):
+        random_image(32, 32, seed=i).save(ade / "images" / "training" / f"{i}.png")
+        Image.fromarray(np.full((32, 32), 1, np.uint8)).save(ade / "annotations" / "training" / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"4 of the 4 validation samples .* are also training samples"):
+        quick(tmp_path / "run", "--data", str(ade), "--train-split", "training", "--eval-split", "training")
+
+
+def corrupt_weights_after_step(monkeypatch, bad_step):
+    """Make the weights non-finite after an optimizer step whose loss was finite (what --lr 1e6 does)."""
+    original = train.train_step
+
+    def step_then_corrupt(run, micro_batches):
+        result = original(run, micro_batches)
+        if run.step == bad_step:
+            with torch.no_grad():
+                run.raw_model.encoder.stages[2].blocks[0].attn.q.weight.fill_(float("inf"))
+        return result
+    monkeypatch.setattr(train, "train_step", step_then_corrupt)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    corrupt_weights_after_step(monkeypatch, bad_step=2)
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after step 2 \(encoder\.stages\.2\.blocks"
+                                                 r"\.0\.attn\.q\.weight\); stopping without saving: the last "
+                                                 r"checkpoint on disk is .*checkpoint-1"):
+        quick(tmp_path / "a", "--max-steps", "3", "--eval-every", "1")
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-1"]
+    best = load_file(tmp_path / "a" / "best" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in best.values())
+    corrupt_weights_after_step(monkeypatch, bad_step=1)
+    with pytest.raises(FloatingPointError, match=r"no checkpoint was written in"):
+        quick(tmp_path / "b", "--max-steps", "3")
+
+
+def test_a_batch_with_every_pixel_ignored_contributes_nothing(tmp_path, monkeypatch):
+    from segformer import segmentation_loss
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert segmentation_loss(logits, torch.full((2, 32, 32), 255)).isnan()  # why the loop must step around it
+
+    command = train.parse_command_line(QUICK + ["--out", str(tmp_path), "--max-steps", "1"])
+    run = train.build_run(command, rank=0, world_size=1, device=torch.device("cpu"))
+    batch = next(iter(run.train_loader))
+    batch["labels"][:] = 255
+    gradients = []
+    step = run.scaler.step
+    monkeypatch.setattr(run.scaler, "step", lambda optimizer: (gradients.extend(
+        p.grad.abs().max().item() for g in optimizer.param_groups for p in g["params"]), step(optimizer))[1])
+    loss, _ = train.train_step(run, [batch])
+    run.log.close()
+    assert loss == 0.0 and max(gradients) == 0.0 and run.unlabelled_batches == 1 and run.trained_batches == 0
+
+
+def test_a_run_with_unlabelled_crops_finishes_and_reports_them(tmp_path, capsys):
+    train_masks = [np.zeros((32, 32))] * 3 + [np.full((32, 32), 2)] * 5  # 0 = unlabelled: three crops of nothing
+    folder = write_ade_folder(tmp_path / "ade", train_masks, [np.full((32, 32), 2)] * 2)
+    result = quick(tmp_path / "run", "--data", str(folder), "--train-split", "training", "--batch-size", "1",
+                   "--max-steps", "8")
+    assert result["unlabelled_batches"] >= 1 and result["step"] == 8
+    assert f"{result['unlabelled_batches']} training batches had no labelled pixel" in capsys.readouterr().out
+    assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path / "run") if "mean_iou" not in r)
+
+
+def test_skip_bad_with_every_sample_bad_fails_naming_the_reasons(tmp_path):
+    folder = write_flat_folder(tmp_path / "data", [np.full((32, 32), 1)] * 10)
+    for image in (folder / "images").iterdir():
+        image.write_bytes(b"not a png")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"no training sample reached the model "
+                                                                   r"\(\d+ skipped as bad.*cannot decode image"):
+        quick(tmp_path / "run", "--data", str(folder), "--num-labels", "2", "--skip-bad", "--max-steps", "2")
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_one_label_trains_the_binary_head_on_0_1_masks(tmp_path):
+    masks = [np.pad(np.ones((16, 16)), 8) for _ in range(10)]  # a foreground square on background
+    folder = write_flat_folder(tmp_path / "data", masks)
+    result = quick(tmp_path / "run", "--data", str(folder), "--num-labels", "1", "--no-reduce-labels",
+                   "--max-steps", "2", "--eval-every", "2")
+    assert len(result["per_category_iou"]) == 2  # background and the one label
+    model = SegFormer.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    assert model.config.num_labels == 1
+    random_image(40, 40).save(tmp_path / "x.png")
+    assert infer.main(infer.get_args(["--checkpoint", str(tmp_path / "run" / "checkpoint-2"), str(tmp_path / "x.png"),
+                                      "--out", str(tmp_path / "pred")])) == 0
+    segments = json.loads((tmp_path / "pred" / "x.json").read_text())["segments"]
+    assert {s["label"] for s in segments} <= {"background", "LABEL_0"}
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "pred" / "x_mask.png")))) <= {0, 1}
+
+
+# ---- nothing lost ------------------------------------------------------------------------------------------
+
+def test_a_second_run_on_a_folder_in_use_fails_naming_the_holder(tmp_path):
+    lock = RunLock(tmp_path / "run")
+    try:
+        with pytest.raises(RunLocked, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}\)"):
+            quick(tmp_path / "run", "--max-steps", "1")
+    finally:
+        lock.release()
+    quick(tmp_path / "run", "--max-steps", "1")  # free again
+
+
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(tmp_path):
+    quick(tmp_path / "a", "--max-steps", "1")
+    quick(tmp_path / "b", "--max-steps", "1", "--seed", "1")
+    before = (tmp_path / "b" / "checkpoint-1" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds another run \(checkpoint-1, best\).*--overwrite"):
+        train.main(["--resume", str(tmp_path / "a" / "checkpoint-1"), "--out", str(tmp_path / "b"),
+                    "--max-steps", "2"])
+    assert (tmp_path / "b" / "checkpoint-1" / "model.safetensors").read_bytes() == before
+
+
+def make_dir(path, text):
+    path.mkdir()
+    (path / "model.safetensors").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("kill", ["before the swap", "after the swap"])
+def test_best_is_complete_at_every_instant(tmp_path, monkeypatch, kill):
+    best = make_dir(tmp_path / "best", "old")
+    new = make_dir(tmp_path / ".best.x.tmp", "new")
+    exchange = checkpoints._exchange
+
+    def killed_exchange(a, b):
+        if kill == "after the swap":
+            exchange(a, b)
+        raise KeyboardInterrupt  # the process dies here
+    monkeypatch.setattr(checkpoints, "_exchange", killed_exchange)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_dir(new, best)
+    assert (best / "model.safetensors").read_text() == ("new" if kill == "after the swap" else "old")
+    checkpoints.clean_up_after_a_kill(tmp_path)  # the next run: leftovers go, best stays
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_without_an_atomic_swap_the_next_run_puts_best_back(tmp_path, monkeypatch):
+    best = make_dir(tmp_path / "best", "old")
+    new = make_dir(tmp_path / ".best.x.tmp", "new")
+    monkeypatch.setattr(checkpoints, "_exchange", lambda a, b: False)  # a file system that cannot swap
+    rename = type(best).rename
+
+    def killed_second_rename(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt  # killed between the two renames
+        return rename(self, target)
+    monkeypatch.setattr(type(best), "rename", killed_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.replace_dir(new, best)
+    monkeypatch.undo()
+    assert not best.exists()
+    assert checkpoints.clean_up_after_a_kill(tmp_path)[0].startswith(f"restored {best}")
+    assert (best / "model.safetensors").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, checkpoints.replace_dir
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(checkpoints, "replace_dir", lambda new, target: (events.append(("rename", str(target))),
+                                                                          replace(new, target))[1])
+    quick(tmp_path / "run", "--max-steps", "1", "--save-every", "100")
+    renamed = events.index(("rename", str(tmp_path / "run" / "checkpoint-1")))
+    written = {os.path.basename(path) for kind, path in events[:renamed] if kind == "fsync"}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "training_state.pt",
+            "training_args.json"} <= {name.split(".tmp")[0].lstrip(".").rsplit(".", 1)[0] if name.endswith(".tmp")
+                                      else name for name in written} | written
+    assert ("fsync", str(tmp_path / "run")) in events[renamed:]  # the folder, after the rename
+
+
+def test_leftovers_of_killed_writes_are_removed_by_the_next_run(tmp_path, capsys):
+    leftover = tmp_path / "run" / ".checkpoint-3.k2j4.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
+    quick(tmp_path / "run", "--max-steps", "1")
+    assert not leftover.exists()
+    assert "removed .checkpoint-3.k2j4.tmp (an unfinished write)" in capsys.readouterr().out
+
+
+def test_sigterm_saves_after_the_step_and_exits_143(tmp_path, monkeypatch):
+    original = train.segmentation_loss
+
+    def terminated_loss(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train, "segmentation_loss", terminated_loss)
+    with pytest.raises(SystemExit) as stop:
+        quick(tmp_path, "--max-steps", "5", "--save-every", "100")
+    assert stop.value.code == 143
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import segformer.checkpoint
+    write_all = segformer.checkpoint._write_all
+
+    def full_on_second_checkpoint(path, data):  # every checkpoint file goes through this one write
+        if ".checkpoint-2." in str(path) and "training_state" in str(path):
+            write_all(path, data[:1000])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_all(path, data)
+    monkeypatch.setattr(segformer.checkpoint, "_write_all", full_on_second_checkpoint)
+    with pytest.raises(CheckpointError, match=r"no space left on the device while writing .*/checkpoint-2/"
+                                              r"training_state\.pt; the previous checkpoint on disk is "
+                                              r".*checkpoint-1$"):
+        quick(tmp_path, "--max-steps", "3")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".check", "check"))) == ["checkpoint-1"]
+    SegFormer.from_pretrained(tmp_path / "checkpoint-1")  # intact
+
+
+def test_folders_named_like_checkpoints_are_not_the_runs(tmp_path):
+    (tmp_path / "checkpoint-final").mkdir(parents=True)
+    quick(tmp_path, "--max-steps", "3", "--save-total-limit", "1")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-final"]
+
+
+def test_resuming_from_an_earlier_checkpoint_reports_each_step_once(tmp_path):
+    quick(tmp_path, "--max-steps", "4", "--save-total-limit", "4")
+    straight = read_log(tmp_path)
+    train.main(["--resume", str(tmp_path / "checkpoint-2")])
+    resumed = read_log(tmp_path)
+    assert [(r["step"], "mean_iou" in r) for r in resumed] == [(r["step"], "mean_iou" in r) for r in straight] == \
+        [(1, False), (2, False), (3, False), (4, False), (4, True)]
+    def numbers(records):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+    assert numbers(resumed) == numbers(straight)  # the same numbers: the resumed steps are the straight run's
+
+
+# ---- infer.py ---------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def saved_model(tmp_path):
+    torch.manual_seed(0)
+    SegFormer.from_variant("b0", num_labels=3).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_infer_outputs_are_atomic_and_an_interrupted_image_is_redone(saved_model, tmp_path, monkeypatch, capsys):
+    random_image(30, 40).save(tmp_path / "a.png")
+    random_image(30, 40, seed=1).save(tmp_path / "b.png")
+    args = ["--checkpoint", saved_model, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--size", "32",
+            "--out", str(tmp_path / "out")]
+    overlay = infer.overlay
+
+    def crash_on_a(image, label_map, *rest):
+        if image.size == (40, 30) and not (tmp_path / "out" / "b_mask.png").exists():
+            raise MemoryError("out of memory drawing the overlay")
+        return overlay(image, label_map, *rest)
+    monkeypatch.setattr(infer, "overlay", crash_on_a)
+    assert infer.main(infer.get_args(args)) == 1
+    assert "a.png: MemoryError: out of memory drawing the overlay" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_mask.png", "b.json", "b_mask.png",
+                                                                    "b_overlay.png"]  # no temporaries, b done
+    monkeypatch.setattr(infer, "overlay", overlay)
+    assert infer.main(infer.get_args(args)) == 0  # a is redone (not 'already done'), b kept
+    assert "1 image(s) segmented" in capsys.readouterr().out and (tmp_path / "out" / "a.json").is_file()
+
+
+def test_infer_images_sharing_a_stem_get_their_own_outputs(saved_model, tmp_path):
+    random_image(30, 40).save(tmp_path / "in" / "x.png") if (tmp_path / "in").mkdir() is None else None
+    random_image(30, 40, seed=5).save(tmp_path / "in" / "x.jpg")
+    random_image(30, 40).save(tmp_path / "in" / "._x.png")  # macOS AppleDouble: not an image to segment
+    assert infer.main(infer.get_args(["--checkpoint", saved_model, str(tmp_path / "in"), "--size", "32",
+                                      "--out", str(tmp_path / "out")])) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["x_jpg.json", "x_jpg_mask.png", "x_jpg_overlay.png", "x_png.json", "x_png_mask.png",
+                     "x_png_overlay.png"]
+
+
+def test_infer_unwritable_out_is_one_line(saved_model, tmp_path, capsys):
+    random_image(30, 40).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert infer.main(infer.get_args(["--checkpoint", saved_model, str(tmp_path / "a.png"),
+                                      "--out", str(tmp_path / "file" / "out")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'file' / 'out'}: cannot write there") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [(["--alpha", "2"], "--alpha: must be in 0.0..1.0"),
+                                           (["--window", "0"], "--window: must be in 32..8192"),
+                                           (["--scales", "0"], "--scales: must be in 0.1..8.0"),
+                                           (["--mode", "slide", "--window", "64", "--stride", "65"],
+                                            "--stride: must be at most --window")])
+def test_infer_numeric_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        infer.get_args(["x.png"] + argv)
+    assert message in capsys.readouterr().err
+
+
+# ---- files that are not what they claim ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"not a training state this project wrote"),
+    ("truncate", r"not a training state this project wrote"),
+    ({"optimizer": {}}, r"no 'scheduler' in it"),
+    (torch.zeros(3), r"expected a dict of training state, got Tensor"),
+])
+def test_a_broken_training_state_is_named(tmp_path, content, message):
+    quick(tmp_path / "run", "--max-steps", "1")
+    path = tmp_path / "run" / "checkpoint-1" / "training_state.pt"
+    if content == "truncate":
+        path.write_bytes(path.read_bytes()[:300])
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=rf"training_state\.pt: .*{message}"):
+        train.main(["--resume", str(tmp_path / "run" / "checkpoint-1")])
+
+
+def test_a_broken_training_args_is_named(tmp_path):
+    quick(tmp_path / "run", "--max-steps", "1")
+    path = tmp_path / "run" / "checkpoint-1" / "training_args.json"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ConfigError, match=r"training_args\.json: cannot read the run's settings"):
+        train.main(["--resume", str(tmp_path / "run" / "checkpoint-1")])
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"num_labels": -3}, r"key 'num_labels' must be a whole number >= 1, got -3"),
+    ({"num_labels": "seven"}, r"key 'num_labels' must be a whole number >= 1, got 'seven'"),
+    ({"depths": [2, 2, 2]}, r"depths has 3 entries, expected one per stage \(4\)"),
+    ({"hidden_sizes": "wide"}, r"key 'hidden_sizes' must be a list of whole numbers"),
+    ({"id2label": ["a", "b"]}, r"key 'id2label' must map class ids to names"),
+])
+def test_nonsense_in_config_json_names_the_file_and_key(hf_b0_dir, tmp_path, edit, message):
+    config = json.loads((hf_b0_dir / "config.json").read_text())
+    config.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((hf_b0_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=rf"config\.json: {message}"):
+        SegFormer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list"):
+        SegFormer.from_pretrained(tmp_path)
+
+
+def test_weights_num_batches_tracked_may_be_missing_but_not_integers_or_nans(hf_b0_dir, tmp_path):
+    weights = load_file(hf_b0_dir / "model.safetensors")
+    without = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+    save_file(without, tmp_path / "converted.safetensors")
+    SegFormer.from_pretrained(tmp_path / "converted.safetensors")  # as PyTorch's load_state_dict accepts it
+    ints = dict(weights, **{"decode_head.linear_fuse.weight": weights["decode_head.linear_fuse.weight"].long()})
+    save_file(ints, tmp_path / "ints.safetensors")
+    with pytest.raises(LayoutError, match=r"integer where floats belong: decoder\.fuse\.weight \(torch\.int64\)"):
+        SegFormer.from_pretrained(tmp_path / "ints.safetensors")
+    nans = dict(weights)
+    nans["segformer.encoder.block.1.0.mlp.dense1.bias"] = torch.full_like(nans["segformer.encoder.block.1.0.mlp."
+                                                                                "dense1.bias"], float("nan"))
+    save_file(nans, tmp_path / "nans.safetensors")
+    with pytest.raises(LayoutError, match=r"not finite \(NaN or inf\): encoder\.stages\.1\.blocks\.0\.ffn\.fc1\.bias"):
+        SegFormer.from_pretrained(tmp_path / "nans.safetensors")
+
+
+def test_folder_oddities_are_handled_per_file(tmp_path):
+    folder = write_flat_folder(tmp_path / "data", [np.full((20, 24), 1)] * 5)
+    (folder / "images" / "._000.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS metadata twins
+    (folder / "annotations" / "._000.png").write_bytes(b"\0\5\26\7")
+    (folder / "images" / ".DS_Store").write_bytes(b"\0")
+    (folder / "images" / "003.png").unlink()
+    (folder / "images" / "003.png").symlink_to(folder / "images" / "003.png")  # a symlink loop
+    (folder / "images" / "albums.jpg").mkdir()  # a directory named like an image: no split, no sample
+    samples = open_source(str(folder), "train", train=True, test_size=0)
+    assert len(samples) == 5
+    dataset = build_dataset(samples, num_labels=2, size=32)
+    bad = [i for i in range(5) if "003" in samples.names()[i]][0]
+    with pytest.raises(DataError, match=r"003\.png: cannot read \(Too many levels of symbolic links\)"):
+        dataset[bad]
+    skipping = build_dataset(samples, num_labels=2, size=32, skip_bad=True)
+    with pytest.warns(UserWarning, match="003.png"):
+        batch = next(iter(build_loader(skipping, batch_size=5, shuffle=False)))
+    assert batch["skipped"] == 1 and batch["pixel_values"].shape[0] == 4
+
+
+def test_parquet_rows_and_files_that_are_not_what_they_claim(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image = {"bytes": None, "path": str(tmp_path / "gone.png")}
+    table = pa.table({"image": [image], "annotation": [image]})
+    pq.write_table(table, tmp_path / "paths.parquet")
+    samples = open_source(str(tmp_path / "paths.parquet"), "train", train=True, test_size=0)
+    with pytest.raises(DataError, match=r"paths\.parquet row 0 column 'image': cannot read .*gone\.png"):
+        samples[0]
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"garbage\.parquet: not a readable parquet file"):
+        open_source(str(tmp_path / "garbage.parquet"), "train", train=True)
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.parquet: not a readable parquet file"):
+        open_source(str(tmp_path / "*.parquet"), "train", train=True)
