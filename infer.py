@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data.sources import IMAGE_SUFFIXES as SOURCE_SUFFIXES
+from data.layouts import IMAGE_SUFFIXES as SOURCE_SUFFIXES
 from segformer import SegFormer
-from segformer.checkpoint import atomic_write, read_input_size
+from segformer.checkpoint import atomic_write, read_input_size, read_palette
 from segformer.inference import Predictor, load_image
 from segformer.labels import palette
 
@@ -192,7 +192,9 @@ def main(args) -> int:
     predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)
     names = predictor.id2label
-    colours = palette(len(names), names)
+    colours = read_palette(args.checkpoint) if Path(args.checkpoint).exists() else None
+    if colours is None or len(colours) != len(names):  # the data's own colours where the checkpoint has them
+        colours = palette(len(names), names)
     out = Path(args.out or "predictions")
     try:
         out.mkdir(parents=True, exist_ok=True)

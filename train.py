@@ -35,6 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import IGNORE_INDEX, DataError, build_dataset, build_loader, open_source
+from data.dataset import annotation_to_tensor
+from data.stats import collect, median_frequency_weights, read_class_weights
 from segformer import SegFormer, segmentation_loss
 from segformer.checkpoint import (atomic_write, read_input_size, read_preprocessor_config,
                                   segmentation_labels)
@@ -303,6 +305,8 @@ class Run:
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
     total_steps: int
+    loss_options: dict  # segmentation_loss's keyword arguments
+    palette: tuple | None = None  # the data's class colours, saved with each checkpoint for overlays
     log: object = None  # metrics.jsonl, open on rank 0
     step: int = 0
     epoch: int = 0
@@ -343,7 +347,7 @@ class Run:
         state = self.training_state()
         path = self.out / name
         if self.is_main:
-            save_checkpoint(path, model=self.raw_model, state=state, config=self.config)
+            save_checkpoint(path, model=self.raw_model, state=state, config=self.config, palette=self.palette)
         return path
 
 
@@ -356,11 +360,11 @@ def non_finite_tensor(model: nn.Module) -> str | None:
     return tensors[int((~finite).nonzero()[0])][0]
 
 
-def open_data(config: TrainConfig, *, resume: Path | None, world_size: int, device: torch.device):
+def open_data(config: TrainConfig, *, resume: Path | None, rank: int, world_size: int, device: torch.device):
     """Both splits, the label set decided once, and the settings they make concrete. Returns
     (config, labels, train_loader, eval_loader)."""
     split_options = dict(test_size=config.test_size, image_column=config.image_column,
-                         annotation_column=config.annotation_column)
+                         annotation_column=config.annotation_column, dataset_config=config.dataset_config)
     train_samples = open_source(config.data, config.train_split, train=True, **split_options)
     eval_samples = open_source(config.data, config.eval_split, train=False, **split_options)
     overlap = set(train_samples.names()) & set(eval_samples.names())
@@ -370,14 +374,63 @@ def open_data(config: TrainConfig, *, resume: Path | None, world_size: int, devi
                           f"--eval-split {config.eval_split} must not share images")
     labels = decide_labels(config, train_samples, resumed=resume)
     config = resolve_for_run(config, labels=labels, samples=train_samples, world_size=world_size, device=device)
+    mapping = train_samples.mapping.with_reduce(config.reduce_labels)
+    if rank == 0:
+        print(f"data: {train_samples.layout} {config.data}: {len(train_samples)} training / {len(eval_samples)} "
+              f"validation samples; labels: {mapping.describe()}")
+        warn_about_class_zero(train_samples, mapping)
+    if config.class_weights and config.class_weight_values is None:  # decided once, then recorded
+        weights = class_weights(config, labels, train_samples, mapping) if rank == 0 else None
+        if world_size > 1:
+            shared = [weights]
+            dist.broadcast_object_list(shared, src=0)
+            weights = shared[0]
+        config = replace(config, class_weight_values=tuple(weights))
     return (config, labels, *build_loaders(config, labels, train_samples, eval_samples))
+
+
+def warn_about_class_zero(samples, mapping, *, look_at: int = 16, share: float = 0.25) -> None:
+    """ADE's reduction on data that does not say it follows ADE's convention: say so when 0, which it
+    ignores, covers much of the first annotations (a background class, say)."""
+    if samples.known or not mapping.reduce or len(samples) == 0:
+        return
+    zeros = total = 0
+    for i in range(min(look_at, len(samples))):
+        try:
+            annotation, _, _ = samples.peek(i)
+            raw = annotation_to_tensor(annotation, samples.name(i), mapping)
+        except DataError:
+            continue  # reported when the sample is loaded
+        zeros, total = zeros + int((raw == 0).sum()), total + raw.numel()
+    if total and zeros / total > share:
+        print(f"warning: {100 * zeros / total:.0f}% of the pixels of the first {min(look_at, len(samples))} "
+              f"annotations are 0, which the ADE convention ignores as 'unlabelled'. If 0 is one of your classes "
+              f"(a background, say), pass --no-reduce-labels (or \"reduce_labels\": false in a dataset.json).")
+
+
+def class_weights(config: TrainConfig, labels: list[str], samples, mapping) -> list[float]:
+    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split."""
+    if config.class_weights != "auto":
+        return read_class_weights(config.class_weights, labels)
+    weights = median_frequency_weights(collect(samples, mapping, len(labels), description="class weights"))
+    print("class weights (median frequency balancing): "
+          + ", ".join(f"{name.strip()} {w:.3g}" for name, w in list(zip(labels, weights))[:10])
+          + (" ..." if len(weights) > 10 else ""))
+    return weights
+
+
+def loss_options(config: TrainConfig, device: torch.device) -> dict:
+    weights = config.class_weight_values
+    return dict(kind=config.loss, label_smoothing=config.label_smoothing, ohem_threshold=config.ohem,
+                ohem_min_kept=config.ohem_min_kept,
+                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
 
 
 def build_run(command: Command, *, rank: int, world_size: int, device: torch.device) -> Run:
     """Data, model, optimizer, schedule and, on --resume, the saved state: everything but the loop."""
     seed_everything(command.config.seed)  # the same initial weights on every process
     out = Path(command.config.out)
-    config, labels, train_loader, eval_loader = open_data(command.config, resume=command.resume,
+    config, labels, train_loader, eval_loader = open_data(command.config, resume=command.resume, rank=rank,
                                                           world_size=world_size, device=device)
     steps_per_epoch = len(train_loader) // config.grad_accum
     if steps_per_epoch == 0:
@@ -401,7 +454,8 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               raw_model=raw_model, model=model, optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
-              train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps)
+              train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
+              loss_options=loss_options(config, device), palette=train_loader.dataset.samples.palette)
     if command.resume:
         restore(run, command.resume, schedule)
     if run.is_main:
@@ -462,7 +516,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
             logits = run.model(pixel_values)
             # Nothing labelled (e.g. a crop of 'unlabelled' only): the mean over no pixel would be NaN. A zero
             # that still reaches every parameter keeps DDP's gradient all-reduce in step on every process.
-            loss = (segmentation_loss(logits, labels) if labelled else logits.sum() * 0.0) / config.grad_accum
+            loss = (segmentation_loss(logits, labels, **run.loss_options) if labelled else logits.sum() * 0.0)
+            loss = loss / config.grad_accum
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
         run.trained_batches += labelled
@@ -617,7 +672,8 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     if "reduce_labels" not in command.given and "do_reduce_labels" in preprocessor:
         reduce = preprocessor["do_reduce_labels"]
     samples = open_source(config.data, config.eval_split, train=False, test_size=config.test_size,
-                          image_column=config.image_column, annotation_column=config.annotation_column)
+                          image_column=config.image_column, annotation_column=config.annotation_column,
+                          dataset_config=config.dataset_config)
     check_same_classes(labels, f"the checkpoint {command.checkpoint}", source_class_names(samples, reduce),
                        f"the data {config.data}")
     config = replace(config, size=size, reduce_labels=reduce, amp=resolve_amp(config.amp, device))

@@ -7,9 +7,12 @@ Both sides start from the same decoded PIL images and end with pixel_values + la
   reference eval  = SegformerImageProcessor(do_reduce_labels=True)(image, annotation)
   reference train = the guide's ColorJitter(0.25, 0.25, 0.25, 0.1) on the PIL image, then the processor
   ours            = SegmentationDataset.__getitem__ (checks, label reduction, transform)
-Prints images/s and the ratio (ours / reference; > 1 means we are faster)."""
+Prints images/s and the ratio (ours / reference; > 1 means we are faster). Then colour masks: the same
+annotations saved as RGB PNGs in the ADE palette (150 colours, as a labelling tool exports them), loaded
+by our evaluation pipeline through a palette lookup, against the index masks: what decoding colours costs."""
 
 import argparse
+import io
 import sys
 import time
 
@@ -82,6 +85,64 @@ def main():
     for name, reference, ours in rows:
         ref_rate, our_rate = rate(reference, items, args.repeats), rate(ours, items, args.repeats)
         print(f"{name:18}{ref_rate:>9.1f} img/s{our_rate:>9.1f} img/s{our_rate / ref_rate:>7.2f}x")
+    colour_masks(items, args.repeats)
+
+
+def as_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colour_masks(items, repeats):
+    """From files to tensors (JPEG photo + PNG annotation -> evaluation sample), with index masks and with
+    the same masks as colour PNGs; and the colour lookup on its own."""
+    from data.mapping import ADE, LabelMapping
+    from data.sources import _open
+    from segformer.labels import ADE20K_PALETTE
+    palette = ((0, 0, 0),) + tuple(ADE20K_PALETTE)  # raw 0 (unlabelled) is black, raw k the colour of class k-1
+    unique = [palette[i] if palette.index(palette[i]) == i else (i, 1, 2) for i in range(len(palette))]  # 6 == 48
+    colours = np.asarray(unique, np.uint8)
+    photos = [as_jpeg(image) for image, _, _ in items]
+    index_png = [as_png(annotation) for _, annotation, _ in items]
+    colour_png = [as_png(Image.fromarray(colours[np.asarray(annotation)])) for _, annotation, _ in items]
+    rgb = LabelMapping(reduce=True, palette=tuple(map(tuple, unique)))
+
+    class FromFiles:  # what a folder source does: decode both files, name the sample
+        def __init__(self, annotations):
+            self.annotations = annotations
+
+        def __getitem__(self, i):
+            return _open(photos[i], "photo"), _open(self.annotations[i], "annotation"), f"sample {i}"
+
+    transform = build_transform(train=False)
+    by_index = SegmentationDataset(FromFiles(index_png), transform, train=False, class_names=ADE20K_CLASSES,
+                                   mapping=ADE)
+    by_colour = SegmentationDataset(FromFiles(colour_png), transform, train=False, class_names=ADE20K_CLASSES,
+                                    mapping=rgb)
+    assert all(torch.equal(by_index[i]["labels"], by_colour[i]["labels"]) for i in range(len(items)))
+    decoded_colours = [_open(c, "x") for c in colour_png]
+    times = {}
+    for name, fn in [("sample, index masks", lambda i: by_index[i]), ("sample, colour masks", lambda i: by_colour[i]),
+                     ("decode index PNG", lambda i: _open(index_png[i], "x")),
+                     ("decode colour PNG", lambda i: _open(colour_png[i], "x")),
+                     ("colour lookup", lambda i: rgb.decode_colours(decoded_colours[i], "x"))]:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for i in range(len(items)):
+                fn(i)
+        times[name] = (time.perf_counter() - start) / (repeats * len(items)) * 1000
+    print("\ncolour masks, from files to an evaluation sample (ms per sample):")
+    for name, ms in times.items():
+        print(f"  {name:22}{ms:>8.2f} ms")
+    print(f"  colour masks cost {times['sample, colour masks'] / times['sample, index masks']:.2f}x index masks; "
+          f"the lookup is {100 * times['colour lookup'] / times['sample, colour masks']:.0f}% of a sample")
+
+
+def as_jpeg(image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Data for SegFormer: sources (synthetic scenes, ADE-layout folders, Hugging Face datasets), joint
-image/mask transforms identical to the reference image processor, and the DataLoader.
+"""Data for SegFormer: sources (synthetic scenes, dataset folders in the ADE20K, Cityscapes, Pascal VOC,
+mmsegmentation or manifest layouts, Hugging Face datasets), label mappings, joint image/mask transforms
+identical to the reference image processor, and the DataLoader. `python -m data <source>` checks a data set.
 
     from data import build_dataset, build_loader
     ds = build_dataset("synthetic", split="validation", train=False, num_labels=7, size=128)
@@ -8,9 +9,11 @@ image/mask transforms identical to the reference image processor, and the DataLo
 """
 
 from .dataset import SegmentationDataset, build_loader, collate
-from .sources import DataError, Samples, open_source
+from .errors import DataError
+from .mapping import IGNORE_INDEX, LabelMapping
+from .sources import Samples, open_source
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
-from .transforms import IGNORE_INDEX, build_transform, reduce_labels
+from .transforms import build_transform, reduce_labels
 
 SYNTHETIC_SIZE = 128  # the synthetic scenes are rendered at 128x128, their default training size
 
@@ -19,7 +22,8 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
                   class_names=None, num_labels: int | None = None, reduce_labels: bool | None = None,
                   size: int | None = None, recipe: str = "guide", eval_mode: str = "resize",
                   test_size: float | None = None, split_seed: int = 0, image_column: str = "image",
-                  annotation_column: str = "annotation", seed: int = 0, skip_bad: bool = False) -> SegmentationDataset:
+                  annotation_column: str = "annotation", dataset_config: str | None = None, seed: int = 0,
+                  skip_bad: bool = False) -> SegmentationDataset:
     """A dataset yielding what the guide's transformed dataset yields.
 
     source: "synthetic", an ADE-layout folder, a `save_to_disk` directory, parquet file(s) (a glob is
@@ -31,15 +35,16 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
     class_names / num_labels: the classes after reduction; by default the source's own list (ADE20K
         folders and SceneParse150 name their 150 classes, the synthetic set its 7). A source that names
         none needs one of them.
-    reduce_labels: 0 -> 255, k -> k-1 (the ADE convention); by default the source's convention, and on
-        where the source does not say.
+    reduce_labels: 0 -> 255, k -> k-1 (the ADE convention); by default the source's own label mapping
+        (`samples.mapping`: ADE20K's, Cityscapes' labelIds -> trainIds, VOC's indices, a manifest's), and
+        ADE's where the source does not say.
     test_size: hold out this fraction of `split` by `train_test_split(test_size, seed=split_seed)`
         and take its train part when `train`, its test part otherwise (the guide uses 0.2).
     seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising.
     """
     samples = source if isinstance(source, Samples) else open_source(
         source, split, train=train, test_size=test_size, split_seed=split_seed, image_column=image_column,
-        annotation_column=annotation_column)
+        annotation_column=annotation_column, dataset_config=dataset_config)
     if len(samples) == 0:
         raise DataError(f"{source}: split {split!r} is empty")
     class_names = list(class_names or samples.class_names or [f"LABEL_{i}" for i in range(num_labels or 0)])
@@ -47,14 +52,13 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
         raise DataError(f"{source}: the data does not name its classes; give num_labels or class_names")
     if num_labels is not None and num_labels != len(class_names):
         raise DataError(f"{source}: num_labels={num_labels} but {len(class_names)} class names")
-    if reduce_labels is None:
-        reduce_labels = True if samples.reduce_labels is None else samples.reduce_labels
+    mapping = samples.mapping if reduce_labels is None else samples.mapping.with_reduce(reduce_labels)
     if size is None:
         size = SYNTHETIC_SIZE if samples.layout == "synthetic scenes" else 512
     transform = build_transform(train=train, recipe=recipe, size=size, eval_mode=eval_mode)
-    return SegmentationDataset(samples, transform, train=train, class_names=class_names, reduce_labels=reduce_labels,
+    return SegmentationDataset(samples, transform, train=train, class_names=class_names, mapping=mapping,
                                seed=seed, skip_bad=skip_bad)
 
 
 __all__ = ["build_dataset", "build_loader", "collate", "SegmentationDataset", "DataError", "IGNORE_INDEX",
-           "SYNTHETIC_CLASSES", "reduce_labels", "open_source", "Samples"]
+           "LabelMapping", "SYNTHETIC_CLASSES", "reduce_labels", "open_source", "Samples"]

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .sources import DataError
-from .transforms import IGNORE_INDEX, reduce_labels
+from .errors import DataError
+from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
 
 ANNOTATION_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 
@@ -39,22 +39,33 @@ def image_to_tensor(image: Image.Image, name: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
-def annotation_to_tensor(annotation: Image.Image, name: str) -> torch.Tensor:
-    """A single-channel label map (L, P, I;16) -> (H, W) tensor of the values as stored (palette
-    indices for P): uint8 for 8-bit maps, int64 for 16-bit ones."""
+def annotation_to_tensor(annotation: Image.Image, name: str, mapping: LabelMapping = IDENTITY) -> torch.Tensor:
+    """An annotation -> (H, W) raw values: the values as stored for single-channel label maps (L, P
+    indices, I;16: uint8 for 8-bit maps, int64 for 16-bit ones); for colour masks, each colour's position
+    in the mapping's palette. An RGB file whose three channels are equal is a grey label map. Errors name
+    the annotation's own file where it has one."""
+    name = getattr(annotation, "filename", "") or name
+    if mapping.palette is not None:  # colour masks: whatever the file's mode, its colours count
+        return mapping.decode_colours(annotation, name)
+    if annotation.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(annotation.convert("RGB"))
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return torch.from_numpy(rgb[..., 0].copy())
+        raise DataError(f"{name}: a colour mask (mode {annotation.mode}); give the data a dataset.json with "
+                        f'"annotation_format": "rgb" and a "palette" of one colour per class')
     if annotation.mode not in ANNOTATION_MODES:
         raise DataError(f"{name}: annotation has mode {annotation.mode!r} ({len(annotation.getbands())} channels); "
-                        f"expected a single-channel label map (L, P or I;16)")
+                        f"expected a single-channel label map (L, P or I;16) or a colour mask")
     array = np.asarray(annotation)
     return torch.from_numpy(array.copy() if array.dtype == np.uint8 else array.astype(np.int64))
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, transform, *, train: bool, class_names, reduce_labels: bool = True,
+    def __init__(self, samples, transform, *, train: bool, class_names, mapping: LabelMapping = ADE,
                  seed: int = 0, skip_bad: bool = False):
         self.samples, self.transform, self.train = samples, transform, train
         self.class_names, self.num_labels = list(class_names), len(class_names)
-        self.reduce_labels, self.seed, self.skip_bad = reduce_labels, seed, skip_bad
+        self.mapping, self.seed, self.skip_bad = mapping, seed, skip_bad
         self.skipped = 0
 
     def __len__(self):
@@ -77,21 +88,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values, "labels": labels.long()}
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded, checked and label-reduced sample: uint8 (3, H, W) image, (H, W) labels."""
+        """Decoded, checked and mapped sample: uint8 (3, H, W) image, (H, W) class ids (255 ignored)."""
         image, annotation, name = self.samples[index]
         image = image_to_tensor(image, name)
-        labels = annotation_to_tensor(annotation, name)
+        labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
         if image.shape[-2:] != labels.shape:
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
                             f"{image.shape[2]}x{image.shape[1]}")
-        if self.reduce_labels:
-            labels = reduce_labels(labels)
         highest = max(self.num_labels, 2) - 1  # one class: the binary head's 0/1 masks
         bad = labels[(labels > highest) & (labels != IGNORE_INDEX)].unique()
         if len(bad):
-            raise DataError(f"{name}: label values {bad.tolist()[:10]} (after reduction={self.reduce_labels}) are "
+            raise DataError(f"{name}: label values {bad.tolist()[:10]} (labels: {self.mapping.describe()}) are "
                             f"not class ids 0..{highest} nor {IGNORE_INDEX} (ignored); check num_labels "
-                            f"and reduce_labels")
+                            f"and the label convention (--reduce-labels / --no-reduce-labels, dataset.json)")
         return image, labels
 
 

@@ -1,11 +1,14 @@
 """Where samples come from. Each source is a sequence of `(image, annotation, name)` where image and
 annotation are PIL images (not yet checked or converted) and name identifies the sample in errors:
-a file path, or `dataset[index]`.
+a file path, `file row N`, or `dataset[index]`.
 
 * `"synthetic"`: the built-in procedural scenes (`synthetic.py`).
-* a folder in the ADEChallengeData2016 layout, `images/{training,validation}/*.jpg` +
-  `annotations/{training,validation}/*.png` paired by stem, or a flat `images/` + `annotations/`;
+* a dataset folder: ADE20K, Cityscapes, Pascal VOC, mmsegmentation's img_dir/ann_dir, or anything with a
+  `dataset.json` manifest (`layouts.py`);
 * Hugging Face datasets: a hub id, a `save_to_disk` directory, or parquet files.
+
+`open_source` returns the `Samples` of one split, which also carry what the source knows of its labels:
+the class names and colours, and the `LabelMapping` from stored values to class ids.
 
 Split expressions take the `datasets` form: `train`, `train[:50]`, `train[10:20]`, `train[:10%]`.
 A source with a single split (a folder of parquet files, one saved Dataset, a flat folder) is divided
@@ -25,20 +28,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import layouts
+from .errors import DataError
+from .mapping import ADE, IDENTITY, LabelMapping
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import SyntheticScenes
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-ADE_SPLITS = {"train": "training", "training": "training", "validation": "validation", "val": "validation",
-              "test": "validation"}
 # The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
 # automatic parquet export of it (revision refs/convert/parquet, config "scene_parsing") is read instead.
 PARQUET_EXPORTS = {"scene_parse_150": "zhoubolei/scene_parse_150",
                    "zhoubolei/scene_parse_150": "zhoubolei/scene_parse_150"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the sample or file."""
 
 
 def parse_split(split: str) -> tuple[str, slice | None, bool]:
@@ -74,13 +73,19 @@ def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> 
 
 class Samples:
     """The samples of one split: `indices` into a source, and what the source knows of its labels:
-    `class_names` (None when it does not name them) and `reduce_labels` (True where annotations follow
-    the ADE convention, 0 = unlabelled and k = class k-1; None where the source does not say)."""
+    `class_names` and `palette` (None where it does not name them), the `mapping` from stored values to
+    class ids, and whether that convention is `known` (else the ADE convention is assumed, and said)."""
 
-    def __init__(self, source, indices, *, layout: str, class_names=None, reduce_labels: bool | None = None):
+    def __init__(self, source, indices, *, layout: str, class_names=None, palette=None,
+                 mapping: LabelMapping = ADE, known: bool = False, unpaired=()):
         self.source, self.indices, self.layout = source, list(indices), layout
         self.class_names = list(class_names) if class_names else None
-        self.reduce_labels = reduce_labels
+        self.palette, self.mapping, self.known, self.unpaired = palette, mapping, known, list(unpaired)
+
+    @property
+    def reduce_labels(self) -> bool | None:
+        """The source's convention: True for ADE's, False for class ids as stored, None where it does not say."""
+        return self.mapping.reduce if self.known else None
 
     def __len__(self):
         return len(self.indices)
@@ -88,20 +93,16 @@ class Samples:
     def __getitem__(self, i):
         return self.source[self.indices[i]]
 
+    def name(self, i) -> str:
+        """Sample i's name, without decoding anything."""
+        return self.source.name(self.indices[i])
+
     def names(self) -> list[str]:
-        """Every sample's name, without decoding anything."""
-        return [self.source.name(j) for j in self.indices]
+        return [self.name(i) for i in range(len(self))]
 
-
-def list_images(folder: Path) -> dict[str, Path]:
-    """The image files of a folder by stem. Hidden files (macOS `._*` included) and directories are not
-    samples; a name that cannot be followed (a symlink loop) is kept, to fail by name when read."""
-    found = {}
-    for path in folder.iterdir():
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
-            continue
-        found[path.stem] = path
-    return found
+    def peek(self, i):
+        """(annotation, (width, height) of the image, name): the image is not decoded."""
+        return self.source.peek(self.indices[i])
 
 
 def read_file(path: Path) -> bytes:
@@ -111,17 +112,11 @@ def read_file(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
-class FolderSource:
-    """Image/annotation pairs matched by file stem, ordered by stem."""
+class FilePairs:
+    """(image file, annotation file) pairs."""
 
-    def __init__(self, images_dir: Path, annotations_dir: Path):
-        images, annotations = list_images(images_dir), list_images(annotations_dir)
-        lonely = sorted(set(images) ^ set(annotations))
-        if lonely:
-            listing = [str(images.get(s) or annotations.get(s)) for s in lonely]
-            raise DataError(f"{len(lonely)} unpaired files (an image without annotation or the reverse): "
-                            + ", ".join(listing[:10]) + (" ..." if len(listing) > 10 else ""))
-        self.pairs = [(images[s], annotations[s]) for s in sorted(images)]
+    def __init__(self, pairs: list[tuple[Path, Path]]):
+        self.pairs = pairs
 
     def __len__(self):
         return len(self.pairs)
@@ -133,6 +128,11 @@ class FolderSource:
         image_path, annotation_path = self.pairs[i]
         image = _open(read_file(image_path), str(image_path))
         return image, _open(read_file(annotation_path), str(annotation_path)), str(image_path)
+
+    def peek(self, i):
+        image_path, annotation_path = self.pairs[i]
+        return _open(read_file(annotation_path), str(annotation_path)), _size(read_file(image_path), image_path), \
+            str(image_path)
 
 
 class HFSource:
@@ -162,61 +162,91 @@ class HFSource:
     def __getitem__(self, i):
         row = self.dataset[i]
         name = self.name(i)
-        image, annotation = (self._decode(row[c], f"{name} column {c!r}") for c in self.columns)
+        image, annotation = (_open(self._bytes(row[c], f"{name} column {c!r}"), f"{name} column {c!r}")
+                             for c in self.columns)
         return image, annotation, name
 
+    def peek(self, i):
+        row = self.dataset[i]
+        name = self.name(i)
+        image_column, annotation_column = self.columns
+        annotation = _open(self._bytes(row[annotation_column], f"{name} column {annotation_column!r}"),
+                           f"{name} column {annotation_column!r}")
+        return annotation, _size(self._bytes(row[image_column], name), name), name
+
     @staticmethod
-    def _decode(value, name):
+    def _bytes(value, name) -> bytes:
         if isinstance(value, Image.Image):
-            return value
+            buffer = io.BytesIO()
+            value.save(buffer, format="PNG")
+            return buffer.getvalue()
         if isinstance(value, dict) and value.get("bytes"):
-            return _open(value["bytes"], name)
+            return value["bytes"]
         if isinstance(value, dict) and value.get("path"):
             try:
-                return _open(Path(value["path"]).read_bytes(), name)
+                return Path(value["path"]).read_bytes()
             except OSError as e:
                 raise DataError(f"{name}: cannot read {value['path']} ({e.strerror or type(e).__name__})") from None
         raise DataError(f"{name}: expected an image, got {type(value).__name__}")
 
 
-def _open(data: bytes, name: str) -> Image.Image:
-    """Decode fully now, so that a corrupt or truncated file fails here with its name."""
+def _size(data: bytes, name) -> tuple[int, int]:
+    """An image's (width, height) from its header, without decoding it."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
     except Exception as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+def _open(data: bytes, name: str) -> Image.Image:
+    """Decode fully now, so that a corrupt or truncated file fails here with its name, which the image
+    keeps as PIL's `filename` (for errors found later, such as a colour outside the palette)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    image.filename = name
+    return image
+
+
 def open_source(source: str, split: str, *, train: bool, test_size: float | None = None, split_seed: int = 0,
-                image_column: str = "image", annotation_column: str = "annotation") -> Samples:
-    """The samples of `split` of `source` (see module docstring)."""
-    from segformer.labels import ADE20K_CLASSES
+                image_column: str = "image", annotation_column: str = "annotation",
+                dataset_config: str | None = None, strict: bool = True) -> Samples:
+    """The samples of `split` of `source` (see module docstring). `dataset_config`: a manifest to read
+    instead of the folder's own `dataset.json`. `strict=False` lists unpaired files in `.unpaired`
+    instead of refusing them (the dataset doctor)."""
+    from segformer.labels import ADE20K_CLASSES, ADE20K_PALETTE
     name, sl, percent = parse_split(split)
     if source == "synthetic":
         data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train")
         if test_size:
             raise ValueError("the synthetic set has its own validation split; test_size does not apply")
         return Samples(data, apply_slice(list(range(len(data))), sl, percent), layout="synthetic scenes",
-                       class_names=SYNTHETIC_CLASSES, reduce_labels=True)
+                       class_names=SYNTHETIC_CLASSES, mapping=ADE, known=True)
 
     path = Path(source)
-    known = {}  # what the source says of its labels
-    if path.is_dir() and (path / "images").is_dir() and (path / "annotations").is_dir():
-        data, single = _ade_folder(path, name)
-        if not single:  # ADEChallengeData2016: the 150 SceneParse classes, 0 = unlabelled
-            known = dict(class_names=ADE20K_CLASSES, reduce_labels=True)
-        layout = "ADEChallengeData2016 folder" if not single else "images/ + annotations/ folder"
+    labels, unpaired = {}, []  # what the source says of its labels
+    manifest = Path(dataset_config) if dataset_config else None
+    if path.is_dir() and (layout := layouts.detect(path, manifest)):
+        pairs, unpaired, single = layout.split(name, path)
+        if unpaired and strict:
+            raise DataError(f"{len(unpaired)} unpaired files (an image without annotation or the reverse): "
+                            + ", ".join(unpaired[:10]) + (" ..." if len(unpaired) > 10 else ""))
+        data, description = FilePairs(pairs), layout.name
+        labels = dict(class_names=layout.class_names, palette=layout.palette, mapping=layout.mapping,
+                      known=layout.known)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
-        layout = "save_to_disk dataset"
+        description = "save_to_disk dataset"
     elif files := _parquet_files(source):
         data, single = _parquet_source(files, str(source), image_column, annotation_column), True
-        layout = f"{len(files)} parquet file(s)"
+        description = f"{len(files)} parquet file(s)"
     elif path.exists():
-        raise DataError(f"{source}: not a dataset; expected 'synthetic', an ADE-layout folder (images/ + "
-                        f"annotations/), a save_to_disk directory, parquet files, or a hub dataset id")
+        raise DataError(f"{source}: not a dataset; expected 'synthetic', a dataset folder (ADE20K, Cityscapes, Pascal "
+                        f"VOC, img_dir/ + ann_dir/, or one with a dataset.json), a save_to_disk directory, parquet "
+                        f"files, or a hub dataset id")
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not an "org/name" hub id
         raise DataError(f"{source}: no such file or directory")
     else:
@@ -224,8 +254,10 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         if not single:
             sl = None  # load_dataset has read the whole split expression, slice included
         if source in PARQUET_EXPORTS:  # SceneParse150 is ADE20K's 150 classes
-            known = dict(class_names=ADE20K_CLASSES, reduce_labels=True)
-        layout = "hub dataset"
+            labels = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE, known=True)
+        description = "hub dataset"
+    if manifest and not labels:  # a manifest may describe the labels of any source
+        labels = _manifest_labels(manifest)
 
     indices = list(range(len(data)))
     if single and test_size is None:
@@ -233,7 +265,16 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     indices = apply_slice(indices, sl, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
-    return Samples(data, indices, layout=layout, **known)
+    return Samples(data, indices, layout=description, unpaired=unpaired, **labels)
+
+
+def _manifest_labels(path: Path) -> dict:
+    manifest = layouts.read_manifest(path)
+    if manifest.get("splits"):
+        raise DataError(f"{path}: key 'splits' describes folders; this source is not one")
+    refined = layouts.refine(layouts.Layout("data", {}, mapping=IDENTITY, known=False), manifest, path)
+    return dict(class_names=refined.class_names, palette=refined.palette, mapping=refined.mapping,
+                known=refined.known)
 
 
 def _parquet_files(source: str) -> list[str]:
@@ -265,18 +306,6 @@ def _parquet_source(files: list[str], origin: str, image_column: str, annotation
     dataset = load_dataset("parquet", data_files=files, split="train")
     return HFSource(dataset, image_column=image_column, annotation_column=annotation_column, origin=origin,
                     row_names=row_name if len(files) > 1 else lambda i: f"{files[0]} row {i}")
-
-
-def _ade_folder(root: Path, split_name: str):
-    images, annotations = root / "images", root / "annotations"
-    if split_name in ADE_SPLITS and (images / ADE_SPLITS[split_name]).is_dir():
-        sub = ADE_SPLITS[split_name]
-        return FolderSource(images / sub, annotations / sub), False
-    splits = sorted(p.name for p in images.iterdir()  # a directory named like an image is no split
-                    if p.is_dir() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES)
-    if splits:
-        raise DataError(f"{root}: no split {split_name!r}; found {splits}")
-    return FolderSource(images, annotations), True  # flat layout: one split
 
 
 def _saved_dataset(path: Path, split_name: str, image_column, annotation_column):

@@ -25,7 +25,7 @@ import torchvision.transforms.v2.functional as TF
 
 from segformer.preprocess import aspect_size, normalize, resize_image
 
-IGNORE_INDEX = 255
+from .mapping import IGNORE_INDEX
 
 
 def reduce_labels(mask: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,20 @@ def read_preprocessor_config(source: str | Path) -> dict:
     return read_json_object(config) if config.is_file() else {}
 
 
+def read_palette(source: str | Path) -> list[tuple[int, int, int]] | None:
+    """The class colours in a checkpoint directory's `palette.json` (written where the training data
+    defined them), or None."""
+    path = Path(source)
+    file = (path if path.is_dir() else path.parent) / "palette.json"
+    if not file.is_file():
+        return None
+    try:
+        colours = json.loads(file.read_text())
+        return [tuple(int(v) for v in colour) for colour in colours if len(colour) == 3]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: expected a list of [r, g, b] colours ({e})") from None
+
+
 def read_input_size(source: str | Path) -> int | None:
     """The square input size in a checkpoint directory's `preprocessor_config.json`, if any."""
     size = read_preprocessor_config(source).get("size", {})

@@ -1,6 +1,6 @@
-"""Class names and colours: the ADE20K / SceneParse150 table built in (the guide downloads
-`ade20k-id2label.json` from the hub; we work offline), a reader for any `id2label.json`, and a
-palette generator for other label sets."""
+"""Class names and colours: the ADE20K / SceneParse150, Cityscapes and Pascal VOC tables built in (the
+guide downloads `ade20k-id2label.json` from the hub; we work offline), a reader for any `id2label.json`,
+and a palette generator for other label sets."""
 
 import colorsys
 import json
@@ -57,6 +57,39 @@ ADE20K_PALETTE = (
 )
 
 
+# Cityscapes (cityscapesScripts' helpers/labels.py): the 19 training classes by trainId, their colours, and
+# the labelId each comes from; every other labelId (unlabeled, ego vehicle, parking, guard rail, ...) is ignored.
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle")
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153), (250, 170, 30),
+    (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # of trainId 0..18
+
+# Pascal VOC 2012: background and the 20 object classes; a SegmentationClass PNG's palette index is the class.
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+
+def voc_colour(index: int) -> tuple[int, int, int]:
+    """The VOC development kit's colour map: the bits of the index spread over R, G, B, high bits first."""
+    r = g = b = 0
+    for shift in range(7, -1, -1):
+        r |= (index & 1) << shift
+        g |= ((index >> 1) & 1) << shift
+        b |= ((index >> 2) & 1) << shift
+        index >>= 3
+    return r, g, b
+
+
+VOC_PALETTE = tuple(voc_colour(i) for i in range(len(VOC_CLASSES)))
+KNOWN_PALETTES = {ADE20K_CLASSES: ADE20K_PALETTE, CITYSCAPES_CLASSES: CITYSCAPES_PALETTE, VOC_CLASSES: VOC_PALETTE}
+
+
 def read_id2label(path: str | Path) -> dict[int, str]:
     """Read an `id2label.json` ({"0": "wall", ...}); ids must be 0..N-1."""
     path = Path(path)
@@ -76,10 +109,13 @@ def read_id2label(path: str | Path) -> dict[int, str]:
 
 
 def palette(num_labels: int, id2label: dict[int, str] | None = None) -> list[tuple[int, int, int]]:
-    """ADE20K's colours for the ADE20K label set; otherwise distinct colours spread over the hue circle
-    (golden-ratio steps), the same for the same number of labels."""
-    is_ade = not id2label or tuple(id2label.get(i) for i in range(num_labels)) == ADE20K_CLASSES
-    if num_labels == len(ADE20K_CLASSES) and is_ade:
+    """The data set's own colours for the ADE20K, Cityscapes and VOC label sets (unnamed 150 labels are
+    taken for ADE20K's); otherwise distinct colours spread over the hue circle (golden-ratio steps), the
+    same for the same number of labels."""
+    names = tuple(id2label.get(i) for i in range(num_labels)) if id2label else None
+    if names in KNOWN_PALETTES:
+        return list(KNOWN_PALETTES[names])
+    if names is None and num_labels == len(ADE20K_CLASSES):
         return list(ADE20K_PALETTE)
     colours = []
     for i in range(num_labels):

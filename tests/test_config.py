@@ -12,7 +12,8 @@ from training.config import DEFAULT, RECIPES, ConfigError, TrainConfig, parse_co
 
 
 def test_json_round_trip_gives_an_equal_config(tmp_path):
-    custom = replace(RECIPES["paper"], reduce_labels=False, clip_grad=0.5, test_size=0.1, device="cpu")
+    custom = replace(RECIPES["paper"], reduce_labels=False, clip_grad=0.5, test_size=0.1, device="cpu",
+                     class_weights="auto", class_weight_values=(0.5, 1.0, 2.25), loss="ce+dice", ohem=0.7)
     for config in [*RECIPES.values(), custom]:
         config.save(tmp_path / "training_args.json")
         assert TrainConfig.load(tmp_path / "training_args.json") == config
@@ -84,7 +85,7 @@ def test_help_lists_every_setting_and_what_resume_may_change(capsys):
         parse_command_line(["--help"])
     text = capsys.readouterr().out
     for f in fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in text
+        assert ("--" + f.name.replace("_", "-") in text) == f.metadata["flag"], f.name
     assert "--no-reduce-labels" in text and "--no-decay-norm-bias" in text and "--skip-bad" in text
     assert "On --resume these may change: --out --skip-bad --workers --max-steps" in text
 

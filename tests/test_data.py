@@ -195,13 +195,13 @@ def test_corrupt_and_truncated_images_are_named(tmp_path):
     first = root / "images" / "training" / "ADE_training_00000000.png"
     first.write_bytes(first.read_bytes()[:200])  # truncated
     (root / "images" / "training" / "ADE_training_00000001.png").write_text("not an image")
-    ds = build_dataset(str(root), split="training")
+    ds = build_dataset(str(root), split="training", test_size=0)
     with pytest.raises(DataError, match=r"ADE_training_00000000\.png: cannot decode image"):
         ds[0]
     with pytest.raises(DataError, match=r"ADE_training_00000001\.png: cannot decode image"):
         ds[1]
     # opt-in: skip with a warning, count, keep the good sample
-    ds = build_dataset(str(root), split="training", skip_bad=True)
+    ds = build_dataset(str(root), split="training", skip_bad=True, test_size=0)
     with pytest.warns(UserWarning, match="skipping bad sample"):
         batch = next(iter(build_loader(ds, batch_size=3, shuffle=False)))
     assert batch["skipped"] == 2 and batch["pixel_values"].shape[0] == 1 and ds.skipped == 2
@@ -211,8 +211,14 @@ def test_annotation_size_mode_and_values_are_checked(tmp_path):
     image, label = make_pairs(1)[0]
     with pytest.raises(DataError, match=r"pair0: annotation is 50x50 \(WxH\) but the image is 91x67"):
         build_dataset_from_pairs([(image, label.resize((50, 50)))])[0]
-    with pytest.raises(DataError, match=r"pair0: annotation has mode 'RGB'.*single-channel"):
-        build_dataset_from_pairs([(image, label.convert("RGB"))])[0]
+    grey_as_rgb = build_dataset_from_pairs([(image, label.convert("RGB"))])[0]["labels"]  # a grey map saved as RGB
+    assert torch.equal(grey_as_rgb, build_dataset_from_pairs([(image, label)])[0]["labels"])
+    colours = np.stack([np.asarray(label)] * 3, -1)
+    colours[..., 0] = 7
+    with pytest.raises(DataError, match=r'pair0: a colour mask \(mode RGB\); .*dataset\.json with "annotation_format"'):
+        build_dataset_from_pairs([(image, Image.fromarray(colours))])[0]
+    with pytest.raises(DataError, match=r"pair0: annotation has mode 'CMYK'.*single-channel"):
+        build_dataset_from_pairs([(image, label.convert("CMYK"))])[0]
     too_high = Image.fromarray(np.full((67, 91), 200, np.uint8))
     with pytest.raises(DataError, match=r"pair0: label values \[199\].*not class ids 0\.\.149"):
         build_dataset_from_pairs([(image, too_high)])[0]

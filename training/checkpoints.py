@@ -1,8 +1,9 @@
 """The run folder: `checkpoint-<step>/` directories, `best/`, and what --resume reads back.
 
 A checkpoint directory holds the model in the hub layout (`model.safetensors`, `config.json`), the
-`preprocessor_config.json` inference needs, the resolved settings (`training_args.json`) and the state
-to continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position).
+`preprocessor_config.json` inference needs, the resolved settings (`training_args.json`), the state to
+continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position) and, where the
+data defines class colours, `palette.json`.
 
 What a kill, a power cut or a full disk can do to the folder, and why it cannot hurt:
 - one run at a time: `RunLock` holds an exclusive lock on `<out>/.lock` for the life of the run;
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segformer.checkpoint import write_preprocessor_config, write_torch
+from segformer.checkpoint import write_json, write_preprocessor_config, write_torch
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(.+\.tmp|old)")  # what save_checkpoint leaves when killed
@@ -147,7 +148,7 @@ def _writing(path: Path, previous: str):
         raise
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config) -> None:
+def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None) -> None:
     """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     intact = (f"the previous {directory.name} is intact" if directory.exists()
@@ -162,6 +163,9 @@ def save_checkpoint(directory: Path, *, model, state: dict, config) -> None:
             write_torch(state, tmp / "training_state.pt")
         with _writing(directory / "training_args.json", intact):
             config.save(tmp / "training_args.json")  # the resolved settings, for --resume and for people
+        if palette is not None:  # the data's class colours, for overlays (infer.py)
+            with _writing(directory / "palette.json", intact):
+                write_json([list(colour) for colour in palette], tmp / "palette.json")
         fsync_dir(tmp)
         replace_dir(tmp, directory)
     except BaseException:

@@ -30,10 +30,11 @@ class ConfigError(ValueError):
     """A setting that cannot be honoured; the message names the flag, file or key."""
 
 
-def setting(default, help: str, *, low=None, high=None, may_change: bool = False):
+def setting(default, help: str, *, low=None, high=None, may_change: bool = False, flag: bool = True):
     """A TrainConfig field: its default, a one-line help, an allowed range (inclusive; for floats a
-    `low` of the form (x,) means > x), and whether --resume may change it."""
-    return field(default=default, metadata=dict(help=help, low=low, high=high, may_change=may_change))
+    `low` of the form (x,) means > x), whether --resume may change it, and whether it has a flag (the
+    values the run itself fills in have none)."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, may_change=may_change, flag=flag))
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TrainConfig:
                                             "(the guide's train_test_split)", low=(0.0,), high=0.99)
     image_column: str = setting("image", "image column of a Hugging Face dataset")
     annotation_column: str = setting("annotation", "annotation column of a Hugging Face dataset")
+    dataset_config: str | None = setting(None, "a dataset.json describing the data (default: the folder's own)")
     id2label: str | None = setting(None, "JSON file naming the classes ({\"0\": \"wall\", ...})")
     num_labels: int | None = setting(None, "number of classes (default: the data's or the checkpoint's)",
                                      low=1, high=MAX_LABELS)
@@ -82,6 +84,15 @@ class TrainConfig:
     warmup_steps: int = setting(100, "linear warmup steps before the poly decay", low=0)
     poly_power: float = setting(1.0, "power of the poly decay (1 = linear)", low=0.0, high=100.0)
     clip_grad: float | None = setting(None, "clip the gradient norm to this value", low=(0.0,))
+    # The loss.
+    loss: Literal["ce", "dice", "ce+dice"] = setting("ce", "cross-entropy (the reference's), soft Dice, or both")
+    class_weights: str | None = setting(None, "cross-entropy class weights: 'auto' (median frequency balancing "
+                                              "over the training split) or a JSON file")
+    class_weight_values: tuple[float, ...] | None = setting(None, "the class weights in use", flag=False)
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", low=0.0, high=0.99)
+    ohem: float | None = setting(None, "online hard example mining: keep pixels whose true-class probability "
+                                       "is below this (mmseg's OHEMPixelSampler)", low=(0.0,), high=1.0)
+    ohem_min_kept: int = setting(100_000, "OHEM keeps at least this many pixels per image", low=1)
     amp: Literal["auto", "off", "bf16", "fp16"] = setting("auto", "autocast dtype (auto: bf16 on CUDA, off on "
                                                                    "CPU; fp16 uses a GradScaler)")
     max_steps: int | None = setting(1200, "optimizer steps in total (wins over --epochs)", low=1, may_change=True)
@@ -101,7 +112,10 @@ class TrainConfig:
     def __post_init__(self):
         hints = get_type_hints(type(self))
         for f in fields(self):
-            check_value(f, hints[f.name], getattr(self, f.name), where=f"setting {f.name!r}")
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # JSON has lists where the settings hold tuples
+                object.__setattr__(self, f.name, value := tuple(value))
+            check_value(f, hints[f.name], value, where=f"setting {f.name!r}")
 
     @property
     def reduce_labels_flag(self) -> str:
@@ -164,6 +178,11 @@ def _check_value(f, hint, value, *, where: str):
         if optional:
             return
         raise ConfigError(f"{where} must not be null".strip())
+    if get_origin(base) is tuple:  # tuple[float, ...]
+        if not isinstance(value, tuple) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    and math.isfinite(v) for v in value):
+            raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+        return
     ok_type = isinstance(value, base) and not (base is int and isinstance(value, bool))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         ok_type = True
@@ -273,7 +292,7 @@ def _recipe_lines() -> str:
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    may_change = [flag(f.name) for f in fields(TrainConfig) if f.metadata["may_change"]]
+    may_change = [flag(f.name) for f in fields(TrainConfig) if f.metadata["may_change"] and f.metadata["flag"]]
     epilog = ("Recipes (each sets these on top of the defaults shown above):\n" + _recipe_lines() + "\n\n"
               "Order: defaults <- --recipe <- the saved run (--resume) <- the flags you give.\n"
               "On --resume these may change: " + " ".join(may_change) + ";\nevery other setting is fixed by the "
@@ -282,6 +301,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
+        if not f.metadata["flag"]:
+            continue
         base, optional, choices = _unpack(hints[f.name])
         shown = "auto" if f.default is None else f.default
         help = f"{f.metadata['help']} [default: {shown}]"

@@ -1,0 +1,119 @@
+"""The dataset doctor: what a data set holds, as train.py will read it, without changing anything.
+
+    python -m data ADEChallengeData2016/
+    python -m data my_photos/ --split train          # a folder with a dataset.json
+    python -m data cityscapes/ --split val
+    python -m data scene_parse_150 --split "train[:100]" --num-labels 150
+
+Prints the layout recognised, the splits and their sizes, the label mapping in effect, and, reading every
+annotation of the split(s) once: the image sizes, the pixels of each class (named), the annotations with
+values outside the classes, unpaired files, colours outside the palette, and the class weights that
+`train.py --class-weights auto` would use (median frequency balancing over the training split).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import layouts
+from .errors import DataError
+from .sources import open_source
+from .stats import collect, median_frequency_weights
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a dataset folder, a save_to_disk dir, parquet files, a hub id, or 'synthetic'")
+    p.add_argument("--split", action="append", help="split(s) to read (default: every split of a folder, else train)")
+    p.add_argument("--dataset-config", help="a dataset.json to read instead of the folder's own")
+    p.add_argument("--num-labels", type=int, help="number of classes, where the data does not name them")
+    p.add_argument("--reduce-labels", action=argparse.BooleanOptionalAction,
+                   help="the ADE convention (0 ignored, k -> k-1); default: the data's own")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--annotation-column", default="annotation")
+    p.add_argument("--top", type=int, default=30, help="classes to list, most pixels first (default 30)")
+    return p.parse_args(argv)
+
+
+def folder_splits(source: str, dataset_config: str | None) -> dict[str, int] | None:
+    """Every split of a dataset folder with its number of pairs (None for other sources)."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    layout = layouts.detect(path, Path(dataset_config) if dataset_config else None)
+    return {name: len(pairs()[0]) for name, pairs in layout.splits.items()} if layout else None
+
+
+def report(args, split: str) -> dict:
+    samples = open_source(args.source, split, train=True, test_size=0, strict=False, dataset_config=args.dataset_config,
+                          image_column=args.image_column, annotation_column=args.annotation_column)
+    mapping = samples.mapping if args.reduce_labels is None else samples.mapping.with_reduce(args.reduce_labels)
+    names = samples.class_names if args.reduce_labels in (None, samples.reduce_labels) else None
+    if names is None and not args.num_labels:
+        raise DataError(f"{args.source}: the data does not name its classes; give --num-labels")
+    names = names or [f"LABEL_{i}" for i in range(args.num_labels)]
+    print(f"\n== split {split}: {len(samples)} samples; labels: {mapping.describe()}")
+    if not samples.known and mapping.reduce:
+        print("   (the data does not say its label convention: the ADE one is assumed; --no-reduce-labels if "
+              "0 is a class)")
+    for name in samples.unpaired[:10]:
+        print(f"   unpaired: {name}")
+    if len(samples.unpaired) > 10:
+        print(f"   ... {len(samples.unpaired) - 10} more unpaired files")
+    stats = collect(samples, mapping, len(names), description=f"reading {split}")
+    sizes = stats.sizes.most_common(5)
+    print("   image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes)
+          + (f", ... {len(stats.sizes) - 5} more sizes" if len(stats.sizes) > 5 else ""))
+    labelled = int(stats.pixels.sum())
+    total = labelled + stats.ignored
+    print(f"   pixels: {labelled:,} labelled, {stats.ignored:,} ignored ({100 * stats.ignored / max(total, 1):.1f}%)")
+    classes = names if len(names) > 1 else ["background", names[0]]
+    order = sorted(range(len(classes)), key=lambda c: -stats.pixels[c])
+    print(f"   {'class':<28}{'pixels':>8}{'images':>8}")
+    for c in order[:args.top]:
+        share = 100 * stats.pixels[c] / max(labelled, 1)
+        print(f"   {classes[c].strip()[:27]:<28}{share:>7.2f}%{stats.images_with[c]:>8}")
+    absent = [classes[c].strip() for c in range(len(classes)) if stats.pixels[c] == 0]
+    if len(order) > args.top:
+        print(f"   ... {len(order) - args.top} more classes")
+    if absent:
+        print(f"   never present ({len(absent)}): " + ", ".join(absent[:12]) + (" ..." if len(absent) > 12 else ""))
+    for name, values in stats.outside[:10]:
+        print(f"   values outside the classes 0..{len(classes) - 1}: {name}: {values[:10]}")
+    if len(stats.outside) > 10:
+        print(f"   ... {len(stats.outside) - 10} more annotations with values outside the classes")
+    for name, reason in stats.unreadable[:10]:
+        print(f"   unreadable or unknown colours: {reason}")
+    return {"samples": samples, "stats": stats, "classes": classes}
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    try:
+        splits = folder_splits(args.source, args.dataset_config)
+        layout = open_source(args.source, (args.split or ["train"])[0], train=True, test_size=0, strict=False,
+                             dataset_config=args.dataset_config, image_column=args.image_column,
+                             annotation_column=args.annotation_column).layout
+        print(f"{args.source}: {layout}")
+        if splits:
+            print("splits: " + ", ".join(f"{name} {count}" for name, count in splits.items()))
+        chosen = args.split or (list(splits) if splits else ["train"])
+        reports = {split: report(args, split) for split in chosen}
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train = next((r for s, r in reports.items() if s in ("train", "training", "all")), next(iter(reports.values())))
+    if train["stats"].pixels.any():
+        weights = median_frequency_weights(train["stats"])
+        print("\n--class-weights auto (median frequency balancing over this split): "
+              + ", ".join(f"{c.strip()} {w:.3g}" for c, w in list(zip(train["classes"], weights))[:args.top])
+              + (" ..." if len(weights) > args.top else ""))
+    problems = sum(len(r["stats"].outside) + len(r["stats"].unreadable) + len(r["samples"].unpaired)
+                   for r in reports.values())
+    print(f"\n{problems} problem(s) found" if problems else "\nno problems found")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Dataset folders in the layouts people have, recognised from the folder itself.
+
+* ADEChallengeData2016: `images/{training,validation}/*.jpg` + `annotations/{training,validation}/*.png`
+  (the 150 SceneParse classes, ADE convention); a flat `images/` + `annotations/` is one split.
+* Cityscapes: `leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png` + `gtFine/<split>/<city>/
+  *_gtFine_labelIds.png`, mapped to the 19 trainIds (every other labelId ignored); where only
+  `*_gtFine_labelTrainIds.png` files exist, they are read as they are.
+* Pascal VOC 2012: `JPEGImages/` + `SegmentationClass/` (palette PNGs: the index is the class, 255 the
+  void border) + `ImageSets/Segmentation/{train,val,trainval}.txt`; 21 classes, background = 0.
+  Found at the root, or below it in `VOC2012/` or `VOCdevkit/VOC2012/`.
+* mmsegmentation's custom layout: `img_dir/{train,val}/` + `ann_dir/{train,val}/`.
+* anything else, with a manifest: `dataset.json` in the folder (see `read_manifest`), which also
+  refines a recognised layout (class names, palette, suffixes, label conventions).
+
+Images and annotations of a folder pair by file stem. Where they do not pair as they are, a suffix that
+every image stem (and every annotation stem) shares, starting with `_` or `-` (`_sat` / `_mask`,
+`_leftImg8bit` / `_gtFine_labelIds`), is taken off first; a manifest can name the suffixes.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
+                              CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
+
+from .errors import DataError
+from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# What a split is called in each layout: the name asked for -> the names a folder may use.
+SPLIT_ALIASES = {"train": ("train", "training"), "training": ("training", "train"),
+                 "validation": ("validation", "val", "valid"), "val": ("val", "validation", "valid"),
+                 "test": ("test", "testing")}
+
+
+@dataclass
+class Layout:
+    name: str  # for the run's summary: "Cityscapes", "Pascal VOC 2012", ...
+    splits: dict[str, Callable[[], tuple[list, list]]]  # split -> () -> (pairs, unpaired file names)
+    class_names: tuple | None = None
+    palette: tuple | None = None  # the class colours, for overlays
+    mapping: LabelMapping = field(default_factory=lambda: IDENTITY)
+    known: bool = True  # the layout fixes its label convention (else ADE's is assumed, with a warning)
+
+    def split(self, name: str, root: Path):
+        """(pairs, unpaired, single) of the split asked for; a layout with one split serves every name."""
+        if len(self.splits) == 1:
+            only = next(iter(self.splits.values()))
+            return (*only(), True)
+        for candidate in SPLIT_ALIASES.get(name, (name,)):
+            if candidate in self.splits:
+                return (*self.splits[candidate](), False)
+        raise DataError(f"{root}: no split {name!r}; the {self.name} has {sorted(self.splits)}")
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
+
+
+def subfolders(folder: Path) -> list[str]:
+    """Split folders: visible directories not named like images."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES)
+
+
+def _strip(stem: str, suffix: str) -> str:
+    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+
+
+def _shared_suffix(stems: list[str]) -> str:
+    """The longest ending that all stems share and that starts with '_' or '-' ('' if none)."""
+    if not stems:
+        return ""
+    common = os.path.commonprefix([s[::-1] for s in stems])[::-1]
+    cut = max(common.rfind("_"), common.rfind("-"))
+    suffix = common[cut:] if cut >= 0 else ""
+    return suffix if all(len(s) > len(suffix) for s in stems) else ""
+
+
+def pair_by_stem(images_dir: Path, annotations_dir: Path, *, image_suffix: str | None = None,
+                 annotation_suffix: str | None = None) -> tuple[list, list]:
+    """(image, annotation) path pairs matched by stem, ordered by it, and the files that found no partner."""
+    for folder, key in ((images_dir, "images"), (annotations_dir, "annotations")):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: the {key} folder does not exist")
+    images = sorted(p for p in images_dir.iterdir() if is_image(p))
+    annotations = sorted(p for p in annotations_dir.iterdir() if is_image(p))
+
+    def match(image_suffix, annotation_suffix):
+        by_image = {_strip(p.stem, image_suffix): p for p in images}
+        by_annotation = {_strip(p.stem, annotation_suffix): p for p in annotations}
+        lonely = sorted(set(by_image) ^ set(by_annotation))
+        return [(by_image[s], by_annotation[s]) for s in sorted(by_image) if s in by_annotation], \
+            [str(by_image.get(s) or by_annotation.get(s)) for s in lonely]
+
+    if image_suffix is not None or annotation_suffix is not None:
+        return match(image_suffix or "", annotation_suffix or "")
+    pairs, unpaired = match("", "")
+    if unpaired:  # not as they are: try the endings every image and every annotation stem share
+        guess = match(_shared_suffix([p.stem for p in images]), _shared_suffix([p.stem for p in annotations]))
+        if len(guess[1]) < len(unpaired):
+            return guess
+    return pairs, unpaired
+
+
+def _folder_pairs(images_dir: Path, annotations_dir: Path, **suffixes):
+    return lambda: pair_by_stem(images_dir, annotations_dir, **suffixes)
+
+
+# ---- the layouts -----------------------------------------------------------------------------------------
+
+def ade_layout(root: Path, suffixes: dict) -> Layout:
+    images, annotations = root / "images", root / "annotations"
+    splits = subfolders(images)
+    if not splits:  # flat: one split, convention unknown
+        return Layout("images/ + annotations/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+                      mapping=ADE, known=False)
+    return Layout("ADEChallengeData2016 folder",
+                  {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
+                  class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE)
+
+
+def cityscapes_layout(root: Path, suffixes: dict) -> Layout:
+    images, labels = root / "leftImg8bit", root / "gtFine"
+    train_ids = not any(labels.glob("*/*/*_gtFine_labelIds.png")) and any(labels.glob("*/*/*_gtFine_labelTrainIds.png"))
+    ending = "_gtFine_labelTrainIds.png" if train_ids else "_gtFine_labelIds.png"
+
+    def pairs_of(split):
+        def pairs():
+            found, lonely = [], []
+            for image in sorted((images / split).glob("*/*_leftImg8bit.png")):
+                base = image.name[: -len("_leftImg8bit.png")]
+                annotation = labels / split / image.parent.name / f"{base}{ending}"
+                (found.append((image, annotation)) if annotation.is_file() else lonely.append(str(image)))
+            return found, lonely
+        return pairs
+    mapping = IDENTITY if train_ids else LabelMapping(
+        label_map={label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}, unmapped="ignore",
+        name="Cityscapes labelIds -> the 19 trainIds, every other labelId ignored")
+    return Layout("Cityscapes folder" + (" (labelTrainIds)" if train_ids else ""),
+                  {s: pairs_of(s) for s in subfolders(images)}, class_names=CITYSCAPES_CLASSES,
+                  palette=CITYSCAPES_PALETTE, mapping=mapping)
+
+
+def voc_layout(root: Path, suffixes: dict) -> Layout:
+    lists = root / "ImageSets" / "Segmentation"
+    if not lists.is_dir():
+        raise DataError(f"{root}: a Pascal VOC folder without ImageSets/Segmentation/ (its split lists)")
+
+    def pairs_of(list_file):
+        def pairs():
+            found, lonely = [], []
+            for line in list_file.read_text().split():
+                image, annotation = root / "JPEGImages" / f"{line}.jpg", root / "SegmentationClass" / f"{line}.png"
+                missing = [str(p) for p in (image, annotation) if not p.is_file()]
+                (lonely.extend(missing) if missing else found.append((image, annotation)))
+            return found, lonely
+        return pairs
+    return Layout("Pascal VOC 2012 folder", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
+                  class_names=VOC_CLASSES, palette=VOC_PALETTE,
+                  mapping=replace(IDENTITY, name="palette index = class (0 = background); 255 (void border) ignored"))
+
+
+def mmseg_layout(root: Path, suffixes: dict) -> Layout:
+    images, annotations = root / "img_dir", root / "ann_dir"
+    splits = subfolders(images)
+    if not splits:
+        return Layout("img_dir/ + ann_dir/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+                      mapping=ADE, known=False)
+    return Layout("mmsegmentation img_dir/ + ann_dir/ folder",
+                  {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
+                  mapping=ADE, known=False)
+
+
+def find_voc_root(root: Path) -> Path | None:
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "SegmentationClass").is_dir():
+            return candidate
+    return None
+
+
+def detect(root: Path, manifest_path: Path | None = None) -> Layout | None:
+    """The layout of a folder (None: not a dataset folder), refined by its manifest where it has one."""
+    manifest_path = manifest_path or (root / "dataset.json" if (root / "dataset.json").is_file() else None)
+    manifest = read_manifest(manifest_path) if manifest_path else {}
+    suffixes = {k: manifest[k] for k in ("image_suffix", "annotation_suffix") if k in manifest}
+    if manifest.get("splits"):
+        layout = manifest_layout(manifest, manifest_path.parent, suffixes)
+    elif (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        layout = cityscapes_layout(root, suffixes)
+    elif voc_root := find_voc_root(root):
+        layout = voc_layout(voc_root, suffixes)
+    elif (root / "img_dir").is_dir() and (root / "ann_dir").is_dir():
+        layout = mmseg_layout(root, suffixes)
+    elif (root / "images").is_dir() and (root / "annotations").is_dir():
+        layout = ade_layout(root, suffixes)
+    elif manifest:
+        raise DataError(f"{manifest_path}: no \"splits\", and {root} is in no layout known here (ADE20K, "
+                          f"Cityscapes, Pascal VOC, img_dir/ + ann_dir/) to take them from")
+    else:
+        return None
+    return refine(layout, manifest, manifest_path) if manifest else layout
+
+
+# ---- the manifest -----------------------------------------------------------------------------------------
+
+MANIFEST_KEYS = {
+    "classes": "list of class names; class id = position",
+    "splits": 'object: split name -> {"images": dir, "annotations": dir} or {"list": file}',
+    "image_suffix": "ending taken off image stems before pairing",
+    "annotation_suffix": "ending taken off annotation stems before pairing",
+    "annotation_format": '"index" (pixel value = raw label) or "rgb" (colour masks, decoded with "palette")',
+    "palette": "[[r, g, b], ...], one per class (also used for overlays)",
+    "reduce_labels": "bool: the ADE convention (0 ignored, k -> k-1)",
+    "ignore_index": "int or list of raw values to ignore (in addition to 255)",
+    "label_map": '{"<raw value>": class id or 255}, applied to raw values',
+    "unknown_colors": '"error" (default) or "ignore": a colour of an rgb mask not in the palette',
+    "name": "the data set's name (model cards)",
+}
+
+
+def read_manifest(path: Path) -> dict:
+    """A `dataset.json`, checked key by key; anything it gets wrong is an error naming the file and key."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+
+    def fail(key, message):
+        raise DataError(f"{path}: key {key!r} {message}")
+    for key in manifest:
+        if key not in MANIFEST_KEYS:
+            fail(key, f"is not a manifest key; expected some of {', '.join(MANIFEST_KEYS)}")
+    classes = manifest.get("classes")
+    if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        fail("classes", "must be a non-empty list of class names")
+    if manifest.get("annotation_format", "index") not in ("index", "rgb"):
+        fail("annotation_format", f"must be \"index\" or \"rgb\", got {manifest['annotation_format']!r}")
+    palette = manifest.get("palette")
+    if palette is not None:
+        if not (isinstance(palette, list) and all(isinstance(c, list) and len(c) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in palette)):
+            fail("palette", "must be a list of [r, g, b] triples of integers 0..255")
+        if classes is not None and len(palette) != len(classes):
+            fail("palette", f"has {len(palette)} colours for {len(classes)} classes")
+        if len({tuple(c) for c in palette}) < len(palette):
+            fail("palette", "gives two classes the same colour")
+        if len(palette) > IGNORE_INDEX:
+            fail("palette", f"has {len(palette)} colours; colour masks hold at most {IGNORE_INDEX} classes")
+    if manifest.get("annotation_format") == "rgb" and palette is None:
+        fail("annotation_format", 'is "rgb": colour masks need a "palette"')
+    for key in ("reduce_labels",):
+        if key in manifest and not isinstance(manifest[key], bool):
+            fail(key, f"must be true or false, got {manifest[key]!r}")
+    for key in ("image_suffix", "annotation_suffix", "name"):
+        if key in manifest and not isinstance(manifest[key], str):
+            fail(key, f"must be a string, got {manifest[key]!r}")
+    if manifest.get("unknown_colors", "error") not in ("error", "ignore"):
+        fail("unknown_colors", f"must be \"error\" or \"ignore\", got {manifest['unknown_colors']!r}")
+    ignore = manifest.get("ignore_index", [])
+    ignore = [ignore] if isinstance(ignore, int) and not isinstance(ignore, bool) else ignore
+    if not (isinstance(ignore, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ignore)):
+        fail("ignore_index", f"must be a raw value or a list of them, got {manifest['ignore_index']!r}")
+    manifest["ignore_index"] = ignore
+    label_map = manifest.get("label_map", {})
+    if not isinstance(label_map, dict):
+        fail("label_map", "must be an object {\"<raw value>\": class id or 255}")
+    checked = {}
+    for raw, class_id in label_map.items():
+        if not str(raw).isdigit() or not isinstance(class_id, int) or isinstance(class_id, bool) or not (
+                0 <= class_id < len(classes or [0] * 65536) or class_id == IGNORE_INDEX):
+            fail("label_map", f"entry {raw!r}: {class_id!r} must map a raw value to a class id"
+                              + (f" 0..{len(classes) - 1}" if classes else "") + " or 255")
+        checked[int(raw)] = class_id
+    manifest["label_map"] = checked
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        fail("splits", 'must be an object: split name -> {"images": dir, "annotations": dir} or {"list": file}')
+    for name, spec in splits.items():
+        if set(spec) not in ({"images", "annotations"}, {"list"}):
+            fail(f"splits.{name}", f'must hold "images" and "annotations", or "list"; got {sorted(spec)}')
+        for key, relative in spec.items():
+            if not (Path(path).parent / str(relative)).exists():
+                fail(f"splits.{name}.{key}", f"names {relative!r}, which does not exist in {Path(path).parent}")
+    return manifest
+
+
+def _list_pairs(list_file: Path, base: Path):
+    """`image annotation` per line (paths relative to the manifest; a tab separates paths with spaces)."""
+    def pairs():
+        found, lonely = [], []
+        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if len(fields) != 2:
+                raise DataError(f"{list_file} line {number}: expected 'image annotation', got {line.strip()!r}")
+            image, annotation = (base / f.strip() for f in fields)
+            missing = [str(p) for p in (image, annotation) if not p.is_file()]
+            (lonely.extend(missing) if missing else found.append((image, annotation)))
+        return found, lonely
+    return pairs
+
+
+def manifest_layout(manifest: dict, base: Path, suffixes: dict) -> Layout:
+    splits = {}
+    for name, spec in manifest["splits"].items():
+        if "list" in spec:
+            splits[name] = _list_pairs(base / spec["list"], base)
+        else:
+            splits[name] = _folder_pairs(base / spec["images"], base / spec["annotations"], **suffixes)
+    return Layout("dataset.json", splits, mapping=IDENTITY)
+
+
+def refine(layout: Layout, manifest: dict, path: Path) -> Layout:
+    """What a manifest says of the labels, on top of what the layout knows."""
+    classes = manifest.get("classes")
+    if classes is None and layout.class_names is None:
+        raise DataError(f"{path}: key 'classes' is needed: the {layout.name} does not name its classes")
+    palette = tuple(map(tuple, manifest["palette"])) if "palette" in manifest else None
+    mapping = layout.mapping
+    if any(k in manifest for k in ("reduce_labels", "ignore_index", "label_map", "annotation_format")) or palette:
+        mapping = LabelMapping(
+            reduce=manifest.get("reduce_labels", mapping.reduce),
+            label_map=manifest["label_map"] or dict(mapping.label_map), ignore=tuple(manifest["ignore_index"]),
+            unmapped=mapping.unmapped if not manifest["label_map"] else "keep",
+            palette=palette if manifest.get("annotation_format") == "rgb" else None,
+            unknown_colours=manifest.get("unknown_colors", "error"))
+    name = f"{layout.name} described by {path.name}" if "splits" not in manifest else f"{path}"
+    return replace(layout, name=name, class_names=tuple(classes) if classes else layout.class_names,
+                   palette=palette or layout.palette, mapping=mapping,
+                   known=layout.known or "reduce_labels" in manifest or "splits" in manifest)

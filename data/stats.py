@@ -1,0 +1,109 @@
+"""What a split's annotations hold, read once: pixels per class, image sizes, values outside the classes,
+colours outside the palette. The images themselves are not decoded (their sizes come from the headers).
+
+Used by the dataset doctor (`python -m data`) and by `train.py --class-weights auto`, whose weights are
+median frequency balancing (Eigen & Fergus, ICCV 2015): freq(c) = pixels of class c / labelled pixels of
+the images in which c appears, and weight(c) = median over classes of freq / freq(c), so that a class
+as common as the median weighs 1, rarer ones more. A class that never appears weighs 1.
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .dataset import annotation_to_tensor
+from .errors import DataError
+from .mapping import IGNORE_INDEX, LabelMapping
+
+
+@dataclass
+class SplitStats:
+    num_labels: int
+    images: int = 0
+    pixels: np.ndarray = None  # (K,) labelled pixels per class
+    image_pixels: np.ndarray = None  # (K,) labelled pixels of the images in which each class appears
+    images_with: np.ndarray = None  # (K,) images in which each class appears
+    ignored: int = 0  # pixels mapped to 255
+    sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
+    outside: list = field(default_factory=list)  # (name, values) of annotations with values beyond the classes
+    unreadable: list = field(default_factory=list)  # (name, reason): undecodable, unknown colours, size mismatch
+
+    def __post_init__(self):
+        for name in ("pixels", "image_pixels", "images_with"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(self.num_labels, dtype=np.int64))
+
+
+def collect(samples, mapping: LabelMapping, num_labels: int, *, progress: bool = True,
+            description: str = "reading annotations") -> SplitStats:
+    """Read every annotation of `samples` once."""
+    highest = max(num_labels, 2) - 1
+    stats = SplitStats(max(num_labels, 2))
+    for i in tqdm(range(len(samples)), desc=description, unit="annotation", disable=not progress):
+        try:
+            annotation, size, name = samples.peek(i)
+            labels = mapping.apply(annotation_to_tensor(annotation, name, mapping)).long()
+        except DataError as e:
+            stats.unreadable.append((samples.name(i), str(e)))
+            continue
+        stats.images += 1
+        stats.sizes[size] += 1
+        if (labels.shape[1], labels.shape[0]) != tuple(size):
+            stats.unreadable.append((name, f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {size[0]}x"
+                                           f"{size[1]}"))
+        ignored = labels == IGNORE_INDEX
+        beyond = labels[(labels > highest) & ~ignored].unique()
+        if len(beyond):
+            stats.outside.append((name, beyond.tolist()))
+        counts = torch.bincount(labels[(labels <= highest) & ~ignored], minlength=stats.num_labels).numpy()
+        stats.pixels += counts
+        present = counts > 0
+        stats.image_pixels[present] += counts.sum()
+        stats.images_with[present] += 1
+        stats.ignored += int(ignored.sum())
+    return stats
+
+
+def median_frequency_weights(stats: SplitStats) -> list[float]:
+    present = stats.pixels > 0
+    if not present.any():
+        raise DataError("no labelled pixel in the training split: class weights cannot be computed")
+    frequency = np.zeros(stats.num_labels)
+    frequency[present] = stats.pixels[present] / stats.image_pixels[present]
+    weights = np.ones(stats.num_labels)
+    weights[present] = np.median(frequency[present]) / frequency[present]
+    return [round(float(w), 6) for w in weights]
+
+
+def read_class_weights(path: str | Path, class_names: list[str]) -> list[float]:
+    """A JSON file: a list of one weight per class, or an object {class id or name: weight} (others 1)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read class weights ({e})") from None
+    K = len(class_names)
+    if isinstance(raw, list):
+        if len(raw) != K:
+            raise DataError(f"{path}: {len(raw)} class weights for {K} classes")
+        weights = raw
+    elif isinstance(raw, dict):
+        weights = [1.0] * K
+        by_name = {name.strip(): i for i, name in enumerate(class_names)}
+        for key, value in raw.items():
+            index = int(key) if str(key).isdigit() else by_name.get(str(key).strip())
+            if index is None or not 0 <= index < K:
+                raise DataError(f"{path}: {key!r} is not a class (ids 0..{K - 1} or names)")
+            weights[index] = value
+    else:
+        raise DataError(f"{path}: expected a list of weights or an object {{class: weight}}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w) or w < 0:
+            raise DataError(f"{path}: the weight of class {i} ({class_names[i].strip()}) must be a number >= 0, "
+                            f"got {w!r}")
+    return [float(w) for w in weights]
