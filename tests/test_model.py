@@ -46,10 +46,20 @@ def test_every_parameter_gets_a_gradient_and_no_nans(b0):
 
 
 def test_fast_decoder_equals_reference_decoder(b0):
+    """The folded evaluation form (per-level maps with the BatchNorm inside, upsampling as one matrix
+    product) against the paper's four steps, with random running statistics."""
     randomize_(b0, seed=5).eval()
     features = b0.encoder(torch.randn(2, 3, 100, 140))
     with torch.no_grad():
         assert torch.allclose(b0.decoder(features), b0.decoder.forward_reference(features), atol=1e-5)
+
+
+@pytest.mark.parametrize("in_size, out_size", [(16, 128), (13, 25), (7, 300), (128, 128), (1, 9)])
+def test_bilinear_matrix_is_f_interpolate(in_size, out_size):
+    from segformer.decoder import bilinear_matrix
+    x = torch.randn(3, in_size, 5)
+    expected = torch.nn.functional.interpolate(x[None], size=(out_size, 5), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(bilinear_matrix(out_size, in_size, x) @ x, expected, atol=1e-6)
 
 
 def test_eval_is_deterministic_and_train_is_stochastic(b0):
