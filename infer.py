@@ -2,6 +2,7 @@
 
     python infer.py --checkpoint runs/synthetic/best photo.jpg photos/ --out predictions/
     python infer.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 room.jpg --mode slide --tta
+    python infer.py --onnx exported/model.onnx photos/ --threads 2     # an export.py graph, through ONNX Runtime
     python infer.py            # demo: the checkpoint `python train.py` wrote, on fresh synthetic scenes
 
 For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <stem>_overlay.png
@@ -24,9 +25,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data.layouts import IMAGE_SUFFIXES as SOURCE_SUFFIXES
 from segformer import SegFormer
 from segformer.checkpoint import atomic_write, read_input_size, read_palette
+from segformer.inference import IMAGE_SUFFIXES as SOURCE_SUFFIXES
 from segformer.inference import Predictor, load_image
 from segformer.labels import palette
 
@@ -38,7 +39,10 @@ DEMO_OUT = Path("runs/synthetic/predictions")
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
-    p.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id")
+    source.add_argument("--onnx", help="an ONNX graph written by export.py, run by ONNX Runtime (its side files "
+                                       "give the input size and class names)")
     p.add_argument("--out", help="output folder (default: predictions/, or the demo's)")
     p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
                    help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
@@ -53,6 +57,12 @@ def get_args(argv=None):
                    help="TTA scales, each 0.1..8")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast dtype")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads (default: PyTorch's / ORT's own)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start)")
+    p.add_argument("--memory-mb", type=bounded(int, 64, 1 << 20), default=512,
+                   help="memory for full-size logits and slide windows: large photos are done a few classes "
+                        "at a time within it (default 512)")
     p.add_argument("--alpha", type=bounded(float, 0.0, 1.0), default=0.5,
                    help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -179,20 +189,29 @@ def main(args) -> int:
         args.checkpoint = str(DEMO_CHECKPOINT)
         args.out = args.out or str(DEMO_OUT)
         args.inputs = demo_inputs(Path(args.out) / "inputs")
-    if not args.checkpoint or not args.inputs:
-        print("give both --checkpoint and at least one image or folder (or neither, for the demo)", file=sys.stderr)
+    source = args.checkpoint or args.onnx
+    if not source or not args.inputs:
+        print("give --checkpoint (or --onnx) and at least one image or folder (or neither, for the demo)",
+              file=sys.stderr)
         return 2
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        model = SegFormer.from_pretrained(args.checkpoint)
-    except (FileNotFoundError, PermissionError, ValueError) as e:  # the message names the file or key
+        if args.onnx:
+            from segformer.onnx import OnnxModel
+            model = OnnxModel(args.onnx, threads=args.threads)
+        else:
+            model = SegFormer.from_pretrained(args.checkpoint)
+    except (FileNotFoundError, PermissionError, ValueError, ImportError) as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = args.size or read_input_size(args.checkpoint) or 512
+    size = args.size or read_input_size(source) or 512
     predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
-                          tta=args.tta, scales=args.scales, device=args.device, amp=args.amp)
+                          tta=args.tta, scales=args.scales, device="cpu" if args.onnx else args.device,
+                          amp=args.amp, channels_last=args.channels_last and not args.onnx,
+                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb)
     names = predictor.id2label
-    colours = read_palette(args.checkpoint) if Path(args.checkpoint).exists() else None
+    colours = read_palette(source) if Path(source).exists() else None
     if colours is None or len(colours) != len(names):  # the data's own colours where the checkpoint has them
         colours = palette(len(names), names)
     out = Path(args.out or "predictions")

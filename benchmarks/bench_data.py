@@ -7,7 +7,10 @@ Both sides start from the same decoded PIL images and end with pixel_values + la
   reference eval  = SegformerImageProcessor(do_reduce_labels=True)(image, annotation)
   reference train = the guide's ColorJitter(0.25, 0.25, 0.25, 0.1) on the PIL image, then the processor
   ours            = SegmentationDataset.__getitem__ (checks, label reduction, transform)
-Prints images/s and the ratio (ours / reference; > 1 means we are faster). Then colour masks: the same
+Prints images/s and the ratio (ours / reference; > 1 means we are faster). Then, for GPU training, what
+one worker core delivers for each recipe as train.py loads it (bytes, normalised on the device), the
+bytes a sample crosses to the main process, and the workers it takes to feed a GPU training at
+--gpu-images-per-second (gpu_check.py measures that rate). Then colour masks: the same
 annotations saved as RGB PNGs in the ADE palette (150 colours, as a labelling tool exports them), loaded
 by our evaluation pipeline through a palette lookup, against the index masks: what decoding colours costs."""
 
@@ -55,6 +58,8 @@ def main():
     parser.add_argument("--split", default="validation")
     parser.add_argument("--n", type=int, default=16, help="number of generated images")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-images-per-second", type=float, default=400.0,
+                        help="the training rate to feed (default 400: B0 at 512 on one H100, roughly)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker, one thread: what a DataLoader worker gets
 
@@ -85,7 +90,44 @@ def main():
     for name, reference, ours in rows:
         ref_rate, our_rate = rate(reference, items, args.repeats), rate(ours, items, args.repeats)
         print(f"{name:18}{ref_rate:>9.1f} img/s{our_rate:>9.1f} img/s{our_rate / ref_rate:>7.2f}x")
+    workers_for_gpu(items, args.repeats, args.gpu_images_per_second)
     colour_masks(items, args.repeats)
+
+
+class EncodedItems:
+    """What a folder source does: decode a JPEG photo and a PNG annotation, and name the sample."""
+
+    def __init__(self, items, annotations=None):
+        from data.sources import _open
+        self.open = _open
+        self.photos = [as_jpeg(image) for image, _, _ in items]
+        self.annotations = annotations or [as_png(annotation) for _, annotation, _ in items]
+
+    def __len__(self):
+        return len(self.photos)
+
+    def __getitem__(self, i):
+        return self.open(self.photos[i], "photo"), self.open(self.annotations[i], "annotation"), f"sample {i}"
+
+
+def workers_for_gpu(items, repeats, gpu_rate):
+    """Per-core rate of each recipe's samples from files, as train.py loads them (bytes), their size, and
+    the workers needed."""
+    import math
+    files = EncodedItems(items)
+    print(f"\nfeeding a GPU at {gpu_rate:.0f} images/s (one worker = one core; from JPEG/PNG files to uint8 "
+          f"samples):")
+    print(f"{'':18}{'per core':>12}{'bytes/sample':>16}{'as float':>12}{'workers':>9}")
+    for name, train, recipe in (("evaluation", False, "guide"), ("training (guide)", True, "guide"),
+                                ("training (paper)", True, "paper")):
+        dataset = SegmentationDataset(files, build_transform(train=train, recipe=recipe), train=train,
+                                      class_names=ADE20K_CLASSES, uint8=True)
+        sample_rate = rate(lambda i: dataset[i], list(range(len(files))), repeats)
+        sample = dataset[0]
+        size = sum(t.numel() * t.element_size() for t in sample.values())
+        as_float = sample["pixel_values"].numel() * 4 + sample["labels"].numel() * 8
+        print(f"{name:18}{sample_rate:>7.1f} img/s{size / 2**20:>13.2f} MB{as_float / 2**20:>9.2f} MB"
+              f"{math.ceil(gpu_rate / sample_rate):>9}")
 
 
 def as_png(image) -> bytes:
@@ -103,23 +145,14 @@ def colour_masks(items, repeats):
     palette = ((0, 0, 0),) + tuple(ADE20K_PALETTE)  # raw 0 (unlabelled) is black, raw k the colour of class k-1
     unique = [palette[i] if palette.index(palette[i]) == i else (i, 1, 2) for i in range(len(palette))]  # 6 == 48
     colours = np.asarray(unique, np.uint8)
-    photos = [as_jpeg(image) for image, _, _ in items]
     index_png = [as_png(annotation) for _, annotation, _ in items]
     colour_png = [as_png(Image.fromarray(colours[np.asarray(annotation)])) for _, annotation, _ in items]
     rgb = LabelMapping(reduce=True, palette=tuple(map(tuple, unique)))
-
-    class FromFiles:  # what a folder source does: decode both files, name the sample
-        def __init__(self, annotations):
-            self.annotations = annotations
-
-        def __getitem__(self, i):
-            return _open(photos[i], "photo"), _open(self.annotations[i], "annotation"), f"sample {i}"
-
     transform = build_transform(train=False)
-    by_index = SegmentationDataset(FromFiles(index_png), transform, train=False, class_names=ADE20K_CLASSES,
-                                   mapping=ADE)
-    by_colour = SegmentationDataset(FromFiles(colour_png), transform, train=False, class_names=ADE20K_CLASSES,
-                                    mapping=rgb)
+    by_index = SegmentationDataset(EncodedItems(items, index_png), transform, train=False,
+                                   class_names=ADE20K_CLASSES, mapping=ADE)
+    by_colour = SegmentationDataset(EncodedItems(items, colour_png), transform, train=False,
+                                    class_names=ADE20K_CLASSES, mapping=rgb)
     assert all(torch.equal(by_index[i]["labels"], by_colour[i]["labels"]) for i in range(len(items)))
     decoded_colours = [_open(c, "x") for c in colour_png]
     times = {}

@@ -13,7 +13,7 @@ from .errors import DataError
 from .mapping import IGNORE_INDEX, LabelMapping
 from .sources import Samples, open_source
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
-from .transforms import build_transform, reduce_labels
+from .transforms import build_transform, normalize_batch, reduce_labels
 
 SYNTHETIC_SIZE = 128  # the synthetic scenes are rendered at 128x128, their default training size
 
@@ -23,7 +23,7 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
                   size: int | None = None, recipe: str = "guide", eval_mode: str = "resize",
                   test_size: float | None = None, split_seed: int = 0, image_column: str = "image",
                   annotation_column: str = "annotation", dataset_config: str | None = None, seed: int = 0,
-                  skip_bad: bool = False) -> SegmentationDataset:
+                  skip_bad: bool = False, uint8: bool = False) -> SegmentationDataset:
     """A dataset yielding what the guide's transformed dataset yields.
 
     source: "synthetic", an ADE-layout folder, a `save_to_disk` directory, parquet file(s) (a glob is
@@ -41,6 +41,7 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
     test_size: hold out this fraction of `split` by `train_test_split(test_size, seed=split_seed)`
         and take its train part when `train`, its test part otherwise (the guide uses 0.2).
     seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising.
+    uint8: samples as bytes (pixels and labels), to be normalised on the device by `normalize_batch`.
     """
     samples = source if isinstance(source, Samples) else open_source(
         source, split, train=train, test_size=test_size, split_seed=split_seed, image_column=image_column,
@@ -57,8 +58,8 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, train: 
         size = SYNTHETIC_SIZE if samples.layout == "synthetic scenes" else 512
     transform = build_transform(train=train, recipe=recipe, size=size, eval_mode=eval_mode)
     return SegmentationDataset(samples, transform, train=train, class_names=class_names, mapping=mapping,
-                               seed=seed, skip_bad=skip_bad)
+                               seed=seed, skip_bad=skip_bad, uint8=uint8)
 
 
 __all__ = ["build_dataset", "build_loader", "collate", "SegmentationDataset", "DataError", "IGNORE_INDEX",
-           "LabelMapping", "SYNTHETIC_CLASSES", "reduce_labels", "open_source", "Samples"]
+           "LabelMapping", "SYNTHETIC_CLASSES", "normalize_batch", "reduce_labels", "open_source", "Samples"]

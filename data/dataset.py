@@ -16,8 +16,11 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
+
+from segformer.preprocess import normalize
 
 from .errors import DataError
 from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
@@ -62,10 +65,10 @@ def annotation_to_tensor(annotation: Image.Image, name: str, mapping: LabelMappi
 
 class SegmentationDataset(torch.utils.data.Dataset):
     def __init__(self, samples, transform, *, train: bool, class_names, mapping: LabelMapping = ADE,
-                 seed: int = 0, skip_bad: bool = False):
+                 seed: int = 0, skip_bad: bool = False, uint8: bool = False):
         self.samples, self.transform, self.train = samples, transform, train
         self.class_names, self.num_labels = list(class_names), len(class_names)
-        self.mapping, self.seed, self.skip_bad = mapping, seed, skip_bad
+        self.mapping, self.seed, self.skip_bad, self.uint8 = mapping, seed, skip_bad, uint8
         self.skipped = 0
 
     def __len__(self):
@@ -84,8 +87,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return {"skipped": str(e)}
         with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
-            pixel_values, labels = self.transform(image, labels)
-        return {"pixel_values": pixel_values, "labels": labels.long()}
+            image, labels = self.transform(image, labels)  # uint8 image, labels as stored
+        pad_to = getattr(self.transform, "pad_to", None)  # a crop smaller than that is padded after normalising
+        valid = tuple(image.shape[-2:])
+        pad = (0, pad_to - valid[1], 0, pad_to - valid[0]) if pad_to and valid != (pad_to, pad_to) else None
+        if self.uint8:  # bytes to the device, which normalises (data.transforms.normalize_batch)
+            sample = {"pixel_values": F.pad(image, pad) if pad else image, "labels": labels}
+            return {**sample, "valid": torch.tensor(valid)} if pad_to else sample
+        pixel_values = normalize(image)
+        return {"pixel_values": F.pad(pixel_values, pad) if pad else pixel_values, "labels": labels.long()}
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded, checked and mapped sample: uint8 (3, H, W) image, (H, W) class ids (255 ignored)."""
@@ -121,6 +131,8 @@ def collate(samples: list[dict]) -> dict:
                             f"for the aspect-preserving evaluation")
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in kept])
         batch["labels"] = torch.stack([s["labels"] for s in kept])
+        if "valid" in kept[0]:
+            batch["valid"] = torch.stack([s["valid"] for s in kept])
     return batch
 
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from segformer.inference import IMAGE_SUFFIXES
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
 
 from .errors import DataError
 from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # What a split is called in each layout: the name asked for -> the names a folder may use.
 SPLIT_ALIASES = {"train": ("train", "training"), "training": ("training", "train"),
                  "validation": ("validation", "val", "valid"), "val": ("val", "validation", "valid"),

@@ -13,10 +13,15 @@ Masks are only ever moved, never blended: they resize with nearest neighbour and
   (4*size, size) scale, random crop with `cat_max_ratio=0.75`, horizontal flip, photometric
   distortion, padding to the crop size (mask with 255).
 
-Labels stay in their stored dtype (uint8 for L/P annotations) until `SegmentationDataset` makes them
-int64 at the end, so masks move as bytes. Random transforms draw only from torch's global generator;
-`SegmentationDataset` seeds it per sample
-inside `torch.random.fork_rng`, which makes every augmentation repeatable.
+Every transform returns the image still as uint8 and the mask in its stored dtype (uint8 for L/P
+annotations): `SegmentationDataset` normalises (and makes labels int64), or, for training on a GPU,
+hands both on as bytes to be normalised on the device (`normalize_batch`). The paper recipe's crop may
+be smaller than `size`: the image is then padded with zeros *after* normalisation (the mean colour),
+which the dataset does, knowing the crop's own size; the mask is padded here, with 255.
+
+Random transforms draw only from torch's global generator; `SegmentationDataset` seeds it per sample
+inside `torch.random.fork_rng`, which makes every augmentation repeatable. The guide's ColorJitter stays
+with the workers (on PIL, 8-bit): its hue shift has no exact equivalent on the device.
 """
 
 import torch
@@ -62,7 +67,7 @@ class EvalTransform:
             mask = resize_mask(mask, size)
         else:
             size = aspect_size(H, W, self.size)
-        return normalize(resize_image(image, size)), mask
+        return resize_image(image, size), mask
 
 
 class GuideTrainTransform:
@@ -84,7 +89,7 @@ class GuideTrainTransform:
             image = on_pil(resize_image(image, size), self.jitter)
         else:
             image = resize_image(on_pil(image, self.jitter), size)
-        return normalize(image), resize_mask(mask, size)
+        return image, resize_mask(mask, size)
 
 
 class PaperTrainTransform:
@@ -111,14 +116,17 @@ class PaperTrainTransform:
         # 3. Horizontal flip with probability 0.5.
         if torch.rand(()) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
-        # 4. Photometric distortion, 5. pad to the crop size (image with 0, mask with 255).
+        # 4. Photometric distortion, 5. pad the mask to the crop size with 255 (the image: see pad_to).
         image = photometric_distortion(image)
         pad_h, pad_w = self.size - image.shape[-2], self.size - image.shape[-1]
-        image = normalize(image)
         if pad_h or pad_w:
-            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
             mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         return image, mask
+
+    @property
+    def pad_to(self) -> int:
+        """Images come out at most this big and are padded to it after normalisation."""
+        return self.size
 
     def _crop_origin(self, mask):
         H, W = mask.shape
@@ -153,6 +161,16 @@ def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
         x = on_pil(x, lambda im: TF.adjust_hue(im, shift))
     if not contrast_first and contrast is not None:
         x = (x.float() * contrast).clamp(0, 255).round().to(torch.uint8)
+    return x
+
+
+def normalize_batch(pixel_values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) batches of `SegmentationDataset(uint8=True)` -> float, as the dataset itself
+    would have made them: normalised, and zero (the mean colour) beyond each sample's `valid` (h, w)."""
+    x = normalize(pixel_values)
+    if valid is not None:
+        for i, (h, w) in enumerate(valid.tolist()):
+            x[i, :, h:], x[i, :, :, w:] = 0.0, 0.0
     return x
 
 

@@ -1,21 +1,33 @@
 """Inference: what `pipeline("image-segmentation")` and the guide's manual inference do, plus the
-paper's sliding window and test-time augmentation.
+paper's sliding window and test-time augmentation, in bounded memory on photos of any size.
 
     predictor = Predictor(SegFormer.from_pretrained("nvidia/segformer-b0-finetuned-ade-512-512"))
     result = predictor(load_image("room.jpg"))
     result.label_map   # (H, W) int64 class ids at the image's own size
     result.segments    # [{"label": "wall", "score": None, "mask": PIL L image (0/255)}, ...]
 
-Logits always come back to the image's size the way `post_process_semantic_segmentation` brings
-them: bilinear upsampling (align_corners=False), then argmax.
+Logits come back to the image's size the way `post_process_semantic_segmentation` brings them:
+bilinear upsampling (align_corners=False), then argmax.
 
 Modes: "resize" squashes to size x size (the image processor, the guide; default); "aspect" keeps
 the aspect ratio (short side `size`, sides multiples of 32); "slide" runs `window` x `window` crops
 every `stride` pixels over the image at its own resolution and averages the overlapping logits
-(smaller images are padded). `tta=True` averages the softmax probabilities over `scales` and their
-horizontal flips (the paper's multi-scale + flip testing).
+(smaller images are padded; mmseg's slide_inference). `tta=True` averages the softmax probabilities
+over `scales` and their horizontal flips (the paper's multi-scale + flip testing).
+
+Memory. Upsampled logits are K x H x W floats: a 4000x3000 photo with 150 classes would need 7 GB.
+Nothing that large is ever held. Each view of an image keeps only its low-resolution logits (a slide
+view, its windows', spilled to a temporary file beyond `memory_mb`), and the full-size logits are
+made a few classes at a time: upsampling one class does not depend on the others, so a class chunk
+of F.interpolate is bit for bit the rows of the full call. One view: a running maximum over the
+chunks gives exactly the argmax of all classes (ties keep the lower class, as argmax does). Several
+views: each view's per-pixel maximum, then its softmax denominator summed class after class, come
+first, then the averaged probabilities chunk by chunk. The chunk size only sets the memory: the label
+map does not depend on it.
 """
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +36,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .metrics import predicted_classes
-from .model import SegFormer
 from .preprocess import aspect_size, normalize, resize_image
+
+ROWS = 512  # rows of a label map updated at a time: small temporaries
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def load_image(path) -> Image.Image:
@@ -52,10 +66,163 @@ class Prediction:
         return out
 
 
+# ---- the views of an image, and their full-size logits one class chunk at a time --------------------------
+
+class ResizedView:
+    """Low-resolution logits (K, h, w) of the whole image, brought to (H, W). A flipped view is flipped
+    back before upsampling, which commutes with a horizontal flip (align_corners=False mirrors exactly)."""
+
+    def __init__(self, logits: torch.Tensor, size: tuple[int, int], flipped: bool):
+        self.logits, self.size = (logits.flip(-1) if flipped else logits), size
+        self.device = logits.device
+
+    def classes(self, first: int, last: int) -> torch.Tensor:
+        return F.interpolate(self.logits[None, first:last], size=self.size, mode="bilinear",
+                             align_corners=False)[0]  # (last - first, H, W)
+
+
+class WindowStore:
+    """The low-resolution logits of a slide view's windows: in memory up to `budget` bytes, beyond it in a
+    temporary file, from which class chunks are read back (a window's classes are contiguous)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.boxes, self.tensors, self.shapes, self.offsets = budget, [], [], [], []
+        self.file, self.size = None, 0
+
+    def append(self, box: tuple[int, int, int, int], logits: torch.Tensor) -> None:
+        logits = logits.float().cpu().contiguous()
+        if self.file is None and self.size + logits.nbytes > self.budget:
+            self.file = tempfile.TemporaryFile()
+            for tensor in self.tensors:
+                self.file.write(tensor.numpy().tobytes())
+            self.tensors = []
+        self.boxes.append(box)
+        self.shapes.append(tuple(logits.shape))
+        self.offsets.append(self.size)
+        self.size += logits.nbytes
+        if self.file is None:
+            self.tensors.append(logits)
+        else:
+            self.file.write(logits.numpy().tobytes())
+
+    def classes(self, index: int, first: int, last: int) -> torch.Tensor:
+        K, h, w = self.shapes[index]
+        if self.file is None:
+            return self.tensors[index][first:last]
+        self.file.flush()
+        data = os.pread(self.file.fileno(), (last - first) * h * w * 4, self.offsets[index] + first * h * w * 4)
+        return torch.frombuffer(bytearray(data), dtype=torch.float32).view(last - first, h, w)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class SlideView:
+    """Windows over the padded (Hp, Wp) image at scale: their logits, each upsampled to its window and
+    averaged where they overlap, cropped to (Hs, Ws), then brought to (H, W) (and flipped back)."""
+
+    def __init__(self, windows: WindowStore, padded: tuple[int, int], scaled: tuple[int, int],
+                 size: tuple[int, int], flipped: bool, device):
+        self.windows, self.padded, self.scaled, self.size, self.flipped = windows, padded, scaled, size, flipped
+        self.device = device
+        self.count = torch.zeros(1, *padded, dtype=torch.uint8, device=device)  # windows over each pixel
+        for y1, y2, x1, x2 in windows.boxes:
+            self.count[:, y1:y2, x1:x2] += 1
+
+    def classes(self, first: int, last: int) -> torch.Tensor:
+        total = torch.zeros(last - first, *self.padded, device=self.count.device)
+        for i, (y1, y2, x1, x2) in enumerate(self.windows.boxes):
+            low = self.windows.classes(i, first, last).to(self.count.device)
+            total[:, y1:y2, x1:x2] += F.interpolate(low[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                                    align_corners=False)[0]
+        Hs, Ws = self.scaled
+        logits = total.div_(self.count)[:, :Hs, :Ws]
+        if self.flipped:  # back before the last upsampling, which commutes with it
+            logits = logits.flip(-1)
+        if (Hs, Ws) != tuple(self.size):
+            logits = F.interpolate(logits[None], size=self.size, mode="bilinear", align_corners=False)[0]
+        return logits
+
+
+# ---- combining the views, a class chunk at a time ----------------------------------------------------------
+
+def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int, probabilities: bool):
+    """(label map (H, W), probabilities (K', H, W) or None) of an image from its views, a chunk of
+    classes at a time, in about `memory` bytes. K' is 2 for the binary head (background and the label)."""
+    H, W = size
+    device, plane = views[0].device, 4 * H * W  # bytes of one (H, W) float map
+    if num_labels == 1:  # the binary head: 1 where the (averaged) sigmoid is above one half
+        logits = [view.classes(0, 1)[0] for view in views]
+        if len(views) == 1 and not probabilities:
+            return (logits[0] > 0).long(), None
+        p = sum(x.sigmoid() for x in logits) / len(views)
+        return (p > 0.5).long(), torch.stack([1 - p, p]) if probabilities else None
+    tta = len(views) > 1 or probabilities
+    fixed = plane * (1 + 0.5 + (len(views) if tta else 0))  # best value, int16 label map, a log-sum-exp per view
+    chunk = int(max(1, min(num_labels, (memory - fixed) // (2 * plane))))  # two (chunk, H, W) maps at a time
+    chunks = [(first, min(first + chunk, num_labels)) for first in range(0, num_labels, chunk)]
+    best = torch.full((H, W), -float("inf"), device=device)
+    label_map = torch.zeros((H, W), dtype=torch.int16, device=device)  # class ids < 4096
+
+    if not tta:  # one view: the argmax of the logits themselves
+        for first, last in chunks:
+            keep_best(views[0].classes(first, last), first, best, label_map)
+        del best
+        return label_map.long(), None
+    # A view's softmax is exp(x - L), L = log sum_k exp(x_k) each pixel's log-sum-exp over all classes:
+    # its maximum m first, then the sum of exp(x_k - m), class after class (the same arithmetic whatever
+    # the chunk size). One plane per view.
+    log_sums = []
+    for view in views:
+        maximum = torch.full((H, W), -float("inf"), device=device)
+        for first, last in chunks:
+            maximum = torch.maximum(maximum, view.classes(first, last).amax(0))
+        total = torch.zeros((H, W), device=device)
+        for first, last in chunks:
+            exponentials = view.classes(first, last).sub_(maximum).exp_()
+            for k in range(last - first):
+                total += exponentials[k]
+        log_sums.append(total.log_().add_(maximum))
+        del maximum, exponentials
+    full = torch.empty((num_labels, H, W), device=device) if probabilities else None
+    for first, last in chunks:
+        averaged = None
+        for view, log_sum in zip(views, log_sums):  # the softmax of each view, summed
+            softmax = view.classes(first, last).sub_(log_sum).exp_()
+            averaged = softmax if averaged is None else averaged.add_(softmax)
+            del softmax
+        averaged /= len(views)
+        if full is not None:
+            full[first:last] = averaged
+        keep_best(averaged, first, best, label_map)
+        del averaged
+    del log_sums, best
+    return label_map.long(), full
+
+
+def keep_best(scores: torch.Tensor, first: int, best: torch.Tensor, label_map: torch.Tensor) -> None:
+    """Fold the scores of classes first.. into a running maximum and its class, a band of rows at a time.
+    Strictly greater: ties keep the lower class, as argmax does."""
+    for top in range(0, best.shape[0], ROWS):
+        value, index = scores[:, top:top + ROWS].max(0)
+        better = value > best[top:top + ROWS]
+        best[top:top + ROWS][better] = value[better]
+        label_map[top:top + ROWS][better] = (index[better] + first).to(label_map.dtype)
+
+
+# ---- the predictor -------------------------------------------------------------------------------------
+
 class Predictor:
-    def __init__(self, model: SegFormer, *, size: int = 512, mode: str = "resize", window: int = 512,
-                 stride: int = 341, tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True,
-                 device=None, amp: str = "off", batch_size: int = 4):
+    """model: a `SegFormer`, or any module-like object with `id2label` and a forward from normalised
+    pixel values to logits (an exported graph: `segformer.onnx.OnnxModel`).
+
+    channels_last / compile: the faster CPU paths of eager PyTorch; memory_mb: the memory the
+    full-size logits and the windows may take (the chunking above)."""
+
+    def __init__(self, model, *, size: int = 512, mode: str = "resize", window: int = 512, stride: int = 341,
+                 tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True, device=None, amp: str = "off",
+                 batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512):
         if mode not in ("resize", "aspect", "slide"):
             raise ValueError(f"mode must be 'resize', 'aspect' or 'slide', got {mode!r}")
         if amp not in ("off", "bf16", "fp16"):
@@ -63,46 +230,60 @@ class Predictor:
         if mode == "slide" and not 0 < stride <= window:
             raise ValueError(f"the stride ({stride}) must be in 1..window ({window})")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
+        model = model.eval().to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model, dynamic=mode != "resize") if compile else model
+        self.num_labels = len(model.id2label)
+        self.id2label = dict(enumerate(predicted_classes(list(model.id2label.values()))))
         self.size, self.mode, self.window, self.stride = size, mode, window, stride
         self.scales = tuple(scales) if tta else (1.0,)
         self.flip = tta and flip
-        self.amp, self.batch_size = amp, batch_size
-        self.id2label = dict(enumerate(predicted_classes(model.config.label_names())))
+        self.amp, self.batch_size, self.channels_last = amp, batch_size, channels_last
+        self.memory = memory_mb * 2**20
+        self.views_per_image = len(self.scales) * (2 if self.flip else 1)
 
     @torch.no_grad()
     def __call__(self, images, *, probabilities: bool = False):
         """One image (PIL, any mode, or uint8 (3, H, W) tensor) -> Prediction; a list -> list.
-        In "resize" mode a list runs through the model `batch_size` images at a time."""
+        In "resize" mode a list runs through the model `batch_size` images at a time. probabilities=True
+        also returns the (K, H, W) class probabilities, which take K x H x W floats."""
         single = not isinstance(images, (list, tuple))
         images = [to_uint8_tensor(image).to(self.device) for image in ([images] if single else images)]
         results = []
-        for start in range(0, len(images), self.batch_size):
-            for probs in self.probabilities(images[start:start + self.batch_size]):  # (K, H, W) each
-                results.append(Prediction(probs.argmax(0), probs if probabilities else None, self.id2label))
+        batch_size = self.batch_size if self.mode == "resize" else 1  # other modes: an image at a time
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            for image, views in zip(batch, self.views(batch)):
+                H, W = image.shape[-2:]
+                label_map, probs = combine(views, self.num_labels, (H, W), memory=self.memory // 2,
+                                           probabilities=probabilities)
+                for view in views:
+                    if isinstance(view, SlideView):
+                        view.windows.close()
+                results.append(Prediction(label_map, probs, self.id2label))
         return results[0] if single else results
 
-    def probabilities(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 (3, H_i, W_i) images -> (K, H_i, W_i) class probabilities, averaged over the TTA views."""
-        views = [(scale, flipped) for scale in self.scales for flipped in ((False, True) if self.flip else (False,))]
-        totals = [0.0] * len(images)
-        for scale, flipped in views:
-            inputs = [image.flip(-1) if flipped else image for image in images]
-            for i, logits in enumerate(self.logits(inputs, scale)):
-                logits = logits.flip(-1) if flipped else logits  # back to the image's orientation
-                totals[i] = totals[i] + class_probabilities(logits)
-        return [total / len(views) for total in totals]
+    def views(self, images: list[torch.Tensor]) -> list[list]:
+        """For each image, its views (every scale, and flipped where asked): their low-resolution results."""
+        per_image = [[] for _ in images]
+        for scale in self.scales:
+            for flipped in ((False, True) if self.flip else (False,)):
+                inputs = [image.flip(-1) if flipped else image for image in images]
+                for i, view in enumerate(self.view_of(inputs, scale, flipped)):
+                    per_image[i].append(view)
+        return per_image
 
-    def logits(self, images: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
-        """uint8 (3, H_i, W_i) images -> (K, H_i, W_i) logits, upsampled to each image's size."""
-        inputs = [normalize(resize_image(image, self.input_size(*image.shape[-2:], scale))) for image in images]
-        if self.mode == "resize":  # one size for all: one batch
-            outputs = list(self.forward(torch.stack(inputs)))  # B x (K, h, w)
-        else:
-            run = self.slide if self.mode == "slide" else self.forward
-            outputs = [run(x[None])[0] for x in inputs]
-        return [F.interpolate(out[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-                for out, image in zip(outputs, images)]
+    def view_of(self, images: list[torch.Tensor], scale: float, flipped: bool) -> list:
+        scaled = [resize_image(image, self.input_size(*image.shape[-2:], scale)) for image in images]  # uint8
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        if self.mode == "slide":  # normalised a window at a time: no float copy of a large image
+            return [self.slide(x, size, flipped) for x, size in zip(scaled, sizes)]
+        inputs = [normalize(x) for x in scaled]
+        if self.mode == "resize":  # one input size for all: one batch
+            batch = self.forward(torch.stack(inputs))  # (B, K, size/4, size/4)
+            return [ResizedView(logits, size, flipped) for logits, size in zip(batch, sizes)]
+        return [ResizedView(self.forward(x[None])[0], size, flipped) for x, size in zip(inputs, sizes)]
 
     def input_size(self, H: int, W: int, scale: float) -> tuple[int, int]:
         if self.mode == "resize":
@@ -113,37 +294,27 @@ class Predictor:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != "off"):
             return self.model(x).float()
 
-    def slide(self, x: torch.Tensor) -> torch.Tensor:
-        """Average the logits of overlapping window x window crops (mmseg's slide_inference)."""
-        _, _, H, W = x.shape
+    def slide(self, image: torch.Tensor, size: tuple[int, int], flipped: bool) -> SlideView:
+        """mmseg's slide_inference on a uint8 (3, Hs, Ws) image: window x window crops every `stride`
+        pixels (the last ones flush with the far edges), the image padded to at least one window with
+        zeros after normalisation (the mean colour)."""
+        Hs, Ws = image.shape[-2:]
         win, stride = self.window, self.stride
-        pad_h, pad_w = max(win - H, 0), max(win - W, 0)
-        x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros after normalisation: the mean colour
-        Hp, Wp = x.shape[-2:]
-        total = torch.zeros(1, self.model.config.num_labels, Hp, Wp, device=x.device)
-        count = torch.zeros(1, 1, Hp, Wp, device=x.device)
-        rows = range(0, max(Hp - win + stride - 1, 0) // stride + 1)
-        cols = range(0, max(Wp - win + stride - 1, 0) // stride + 1)
-        for r in rows:
-            for c in cols:
+        Hp, Wp = max(Hs, win), max(Ws, win)
+        windows = WindowStore(self.memory // (2 * self.views_per_image))  # the views' windows share half
+        for r in range(max(Hp - win + stride - 1, 0) // stride + 1):
+            for c in range(max(Wp - win + stride - 1, 0) // stride + 1):
                 y2, x2 = min(r * stride + win, Hp), min(c * stride + win, Wp)
                 y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
-                logits = self.forward(x[:, :, y1:y2, x1:x2])
-                total[:, :, y1:y2, x1:x2] += F.interpolate(logits, size=(y2 - y1, x2 - x1), mode="bilinear",
-                                                           align_corners=False)
-                count[:, :, y1:y2, x1:x2] += 1
-        return (total / count)[:, :, :H, :W]
-
-
-def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) logits -> (K, H, W) softmax; one channel (the binary head) -> (2, H, W) [1 - p, p]."""
-    if logits.shape[0] == 1:
-        p = logits.sigmoid()
-        return torch.cat([1 - p, p])
-    return logits.softmax(0)
+                crop = normalize(image[:, y1:min(y2, Hs), x1:min(x2, Ws)])
+                crop = F.pad(crop, (0, x2 - x1 - crop.shape[-1], 0, y2 - y1 - crop.shape[-2]))
+                windows.append((y1, y2, x1, x2), self.forward(crop[None])[0])
+        return SlideView(windows, (Hp, Wp), (Hs, Ws), size, flipped, image.device)
 
 
 def to_uint8_tensor(image) -> torch.Tensor:

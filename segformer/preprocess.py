@@ -2,17 +2,18 @@
 1/255 and ImageNet normalisation. Shared by the data pipeline and the predictor."""
 
 import torch
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear with antialiasing, on uint8 natively: the bytes torchvision's resize gives (a test checks),
+    without importing torchvision where only inference runs."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return TF.resize(image, list(size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,84 @@ def test_an_unloadable_checkpoint_is_named_without_a_traceback(tmp_path, capsys)
     (tmp_path / "model.safetensors").write_text("not tensors")
     assert infer.main(infer.get_args(["--checkpoint", str(tmp_path), str(tmp_path / "x.png")])) == 2
     assert "model.safetensors: not a valid safetensors file" in capsys.readouterr().err
+
+
+# ---- bounded memory: a few classes at a time, the same label map ---------------------------------------
+
+def reference_prediction(model, image, *, size=64, tta=False, scales=(0.75, 1.0, 1.25)):
+    """The previous implementation's arithmetic, all classes at full size: resize, upsample every
+    class, softmax, average over the views, argmax."""
+    from segformer.inference import to_uint8_tensor
+    from segformer.preprocess import normalize, resize_image
+    x = to_uint8_tensor(image)
+    H, W = x.shape[-2:]
+    total = 0
+    views = [(s, f) for s in (scales if tta else (1.0,)) for f in ((False, True) if tta else (False,))]
+    for scale, flipped in views:
+        inputs = normalize(resize_image(x.flip(-1) if flipped else x, (round(size * scale),) * 2))
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(model(inputs[None]), size=(H, W), mode="bilinear",
+                                                     align_corners=False)[0]
+        logits = logits.flip(-1) if flipped else logits
+        if not tta:
+            return logits.argmax(0), logits.softmax(0)
+        total = total + logits.softmax(0)
+    return (total / len(views)).argmax(0), total / len(views)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_label_map_is_the_full_size_computation(small_model, tta):
+    image = random_image(77, 103, seed=9)
+    expected, probabilities = reference_prediction(small_model, image, tta=tta)
+    got = Predictor(small_model, size=64, tta=tta, device="cpu")(image, probabilities=True)
+    if not tta:  # one view: exactly the argmax of the upsampled logits
+        assert torch.equal(got.label_map, expected)
+    else:  # averaged probabilities: float rounding aside, the same (and the same label map)
+        top2 = probabilities.topk(2, dim=0).values
+        clear = (top2[0] - top2[1]) > 1e-6
+        assert clear.float().mean() > 0.999 and torch.equal(got.label_map[clear], expected[clear])
+        assert (got.label_map != expected).sum() == 0
+    assert torch.allclose(got.probabilities, probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["resize", "aspect", "slide"])
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_few_classes_at_a_time_give_the_same_bits(small_model, mode, tta, monkeypatch):
+    """memory_mb=1: two classes at a time and the slide windows in a temporary file; the label map and
+    the probabilities equal those computed all at once, bit for bit."""
+    import segformer.inference as inference
+    image = random_image(70, 150, seed=4)
+    options = dict(size=64, mode=mode, window=64, stride=40, tta=tta, scales=(0.75, 1.0), device="cpu")
+    whole = Predictor(small_model, memory_mb=4096, **options)(image, probabilities=True)
+    spilled = []
+    append = inference.WindowStore.append
+    monkeypatch.setattr(inference.WindowStore, "append",
+                        lambda self, box, logits: (append(self, box, logits), spilled.append(self.file is not None)))
+    chunked = Predictor(small_model, memory_mb=1e-3, **options)(image, probabilities=True)
+    assert torch.equal(whole.label_map, chunked.label_map)
+    assert torch.equal(whole.probabilities, chunked.probabilities)
+    assert mode != "slide" or any(spilled)  # the windows went to disk
+
+
+def test_memory_stays_bounded_on_a_large_photo(tmp_path):
+    """2000x1500 with 150 classes: the full-size logits alone would take 1.8 GB."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch
+sys.path.insert(0, %r)
+def peak_mb():  # since exec: ru_maxrss would include pytest's own peak, from before exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+from segformer import SegFormer
+from segformer.inference import Predictor
+torch.manual_seed(0)
+model = SegFormer.from_variant("b0", num_labels=150)
+image = torch.randint(0, 256, (3, 1500, 2000), dtype=torch.uint8)
+Predictor(model, size=256, device="cpu", memory_mb=64)(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8))
+before = peak_mb()
+label_map = Predictor(model, size=256, device="cpu", memory_mb=64)(image).label_map
+print(label_map.shape[0], label_map.shape[1], int(peak_mb() - before))
+""" % str(Path(__file__).resolve().parents[1])
+    H, W, grown_mb = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert (H, W) == (1500, 2000) and grown_mb < 400

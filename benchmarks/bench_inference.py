@@ -1,0 +1,119 @@
+"""CPU inference, every path side by side on the same weights: what a deployer would pick instead of us
+(transformers eager, ONNX Runtime on transformers' ONNX export) against our eager, channels-last,
+torch.compile and ONNX Runtime paths (fp32, and int8 with its measured mask agreement).
+
+    python benchmarks/bench_inference.py                    # B0, 512x512, batch 1, 2 threads, 150 classes
+    python benchmarks/bench_inference.py --compile --rounds 30
+
+Calls are interleaved (one call of each path per round, in turn), so a machine whose speed drifts slows
+every path alike; the table shows medians and the ratios to transformers eager and to ONNX Runtime on
+transformers' export (> 1: faster). Every path is checked against our eager logits first.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from segformer import SegFormer  # noqa: E402
+
+
+def onnx_session(path: Path, threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_transformers(model, x, path: Path) -> None:
+    """transformers' model through the TorchScript-based exporter, as optimum and most deployers do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}}, opset_version=17,
+                          dynamo=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="b0")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--num-labels", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import SegformerForSemanticSegmentation
+
+    from export import export_onnx, quantize_int8
+    torch.manual_seed(0)
+    ours = SegFormer.from_variant(args.model, num_labels=args.num_labels).eval()
+    tmp = Path(tempfile.mkdtemp())
+    ours.save_pretrained(tmp / "model")
+    reference = SegformerForSemanticSegmentation.from_pretrained(tmp / "model").eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    print(f"{args.model} {args.size}x{args.size}, batch 1, {args.threads} threads, {args.num_labels} classes, "
+          f"torch {torch.__version__}; exporting ...", flush=True)
+    export_transformers(reference, x, tmp / "transformers.onnx")
+    export_onnx(ours, tmp / "ours.onnx")
+    paths = {}
+    with torch.no_grad():
+        expected = ours(x)
+        paths["transformers eager"] = lambda: reference(pixel_values=x).logits
+        hf_session = onnx_session(tmp / "transformers.onnx", args.threads)
+        feed = {"pixel_values": x.numpy()}
+        paths["ORT, transformers' ONNX"] = lambda: torch.from_numpy(hf_session.run(None, feed)[0])
+        paths["ours eager"] = lambda: ours(x)
+        channels_last = SegFormer.from_variant(args.model, num_labels=args.num_labels).eval()
+        channels_last.load_state_dict(ours.state_dict())
+        channels_last = channels_last.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        paths["ours channels-last"] = lambda: channels_last(x_cl)
+        if args.compile:  # Inductor with frozen weights: PyTorch's own recommendation for CPU inference
+            import torch._inductor.config as inductor
+            inductor.freezing = True
+            compiled = torch.compile(channels_last)
+            compiled(x_cl)
+            paths["ours torch.compile"] = lambda: compiled(x_cl)
+        our_session = onnx_session(tmp / "ours.onnx", args.threads)
+        paths["ORT, our ONNX"] = lambda: torch.from_numpy(our_session.run(None, {"pixel_values": x.numpy()})[0])
+        if not args.no_int8:
+            quantize_int8(tmp / "ours.onnx", tmp / "ours.int8.onnx")
+            int8_session = onnx_session(tmp / "ours.int8.onnx", args.threads)
+            paths["ORT, our ONNX int8"] = lambda: torch.from_numpy(
+                int8_session.run(None, {"pixel_values": x.numpy()})[0])
+        for name, run in paths.items():
+            got = run()
+            difference = (got - expected).abs().max().item()
+            agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+            print(f"  {name:26} max |logits - ours eager| {difference:.1e}, argmax agreement {agreement:.4f}")
+        times = {name: [] for name in paths}
+        for name, run in paths.items():  # warm up
+            run(), run()
+        for _ in range(args.rounds):
+            for name, run in paths.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    base, ort_base = medians["transformers eager"], medians["ORT, transformers' ONNX"]
+    print(f"\n{'path':28}{'median':>10}{'p10-p90':>16}{'vs transformers':>17}{'vs ORT(transformers)':>22}")
+    for name, ms in medians.items():
+        p10, p90 = np.percentile(np.array(times[name]) * 1000, [10, 90])
+        print(f"{name:28}{ms:>7.1f} ms{p10:>8.1f}-{p90:<6.1f}{base / ms:>15.2f}x{ort_base / ms:>20.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""An exported graph (export.py) run by ONNX Runtime where a `SegFormer` would run at inference:
+
+    from segformer.onnx import OnnxModel
+    predictor = Predictor(OnnxModel("exported/model.onnx"), size=512)   # every mode and TTA, as with the model
+
+It reads the class names (`id2label.json`) written beside the graph. onnxruntime is an optional
+dependency (`pip install onnxruntime`), imported here only.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class OnnxModel:
+    """The logits graph of export.py: pixel_values (B, 3, H, W) -> logits (B, K, H/4, W/4), on the CPU."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("running an ONNX graph needs onnxruntime: pip install onnxruntime") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # not ONNX, truncated, an unknown operator
+            raise ValueError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != ["pixel_values"]:
+            raise ValueError(f"{path}: a graph with inputs {inputs}; this needs export.py's logits graph "
+                             f"(pixel_values -> logits), not --label-map")
+        names = path.parent / "id2label.json"
+        if not names.is_file():
+            raise FileNotFoundError(f"{names}: the class names export.py writes beside the graph are missing")
+        try:
+            id2label = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
+        self.id2label, self.path = dict(sorted(id2label.items())), path
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {"pixel_values": pixel_values.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits)
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def to(self, device=None, memory_format=None) -> "OnnxModel":
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError("OnnxModel runs on the CPU (ONNX Runtime's CPU provider)")
+        return self
