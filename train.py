@@ -34,19 +34,21 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import IGNORE_INDEX, DataError, build_dataset, build_loader, open_source
+from data import IGNORE_INDEX, DataError, build_dataset, build_loader, normalize_batch, open_source
 from data.dataset import annotation_to_tensor
 from data.stats import collect, median_frequency_weights, read_class_weights
 from segformer import SegFormer, segmentation_loss
 from segformer.checkpoint import (atomic_write, read_input_size, read_preprocessor_config,
                                   segmentation_labels)
-from segformer.labels import read_id2label
+from segformer.labels import palette, read_id2label
 from segformer.layouts import LayoutError
 from segformer.metrics import ConfusionMatrix, logits_to_predictions, predicted_classes
 from training.checkpoints import (CheckpointError, RunLock, RunLocked, check_output_dir, clean_up_after_a_kill,
                                   last_checkpoint_note, load_training_state, prune_checkpoints, rng_from_plain,
                                   rng_to_plain, save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
+from training.hub import HubError, HubPusher, model_card
+from training.report import TensorBoard, draw_curves, draw_per_class, read_log, write_evaluation
 
 AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -180,7 +182,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def build_loaders(config: TrainConfig, labels: list[str], train_samples, eval_samples):
     common = dict(class_names=labels, reduce_labels=config.reduce_labels, size=config.size, seed=config.seed,
-                  skip_bad=config.skip_bad)
+                  skip_bad=config.skip_bad, uint8=True)  # bytes from the workers, normalised on the device
     train_set = build_dataset(train_samples, train=True, recipe=config.augment, **common)
     eval_set = build_dataset(eval_samples, train=False, eval_mode=config.eval_mode, **common)
     train_loader = build_loader(train_set, batch_size=config.batch_size, num_workers=config.workers, seed=config.seed)
@@ -231,29 +233,51 @@ def poly_schedule(warmup_steps: int, total_steps: int, power: float):
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 
+def to_device(batch: dict, device: torch.device, *, channels_last: bool = False):
+    """A loader's batch -> (pixel values, labels) on the device: bytes become the normalised float input
+    there (4x less to move than floats), labels int64."""
+    pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+    if pixel_values.dtype == torch.uint8:
+        valid = batch.get("valid")
+        pixel_values = normalize_batch(pixel_values, valid)
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    return pixel_values, batch["labels"].to(device, non_blocking=True).long()
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # mean_iou, ..., per_category_iou (float64 arrays, NaN where undefined)
+    confusion: np.ndarray  # (K, K) pixel counts, rows: labels, columns: predictions
+    shown: tuple = ()  # (uint8 images, predictions) of the first few samples, to look at
+
+
 @torch.no_grad()
-def evaluate(model, loader, *, num_labels: int, device, autocast) -> dict:
+def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0) -> Evaluation:
     """Mean IoU over the loader, summed over all processes. Predictions are the logits upsampled to
     the label size, then argmax, as in the guide's compute_metrics. A validation set with no labelled
     pixel (every sample skipped as bad, or all ignored) is an error, not a NaN."""
     model.eval()
     confusion = ConfusionMatrix(num_labels, ignore_index=IGNORE_INDEX, device=device)
-    reasons = []
+    reasons, shown = [], ()
     for batch in loader:
         reasons += batch["skip_reasons"]
         if "pixel_values" not in batch:  # every sample of the batch was skipped
             continue
-        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        pixel_values, labels = to_device(batch, device)
         with autocast():
             logits = model(pixel_values)
-        confusion.update(logits_to_predictions(logits.float(), labels.shape[-2:]), labels)
+        predictions = logits_to_predictions(logits.float(), labels.shape[-2:])
+        confusion.update(predictions, labels)
+        if show and not shown and batch["pixel_values"].dtype == torch.uint8 and predictions.shape[-2:] == \
+                batch["pixel_values"].shape[-2:]:
+            shown = (batch["pixel_values"][:show], predictions[:show].cpu())
     confusion.all_reduce()
     model.train()
     if confusion.counts.sum() == 0:
         raise DataError(f"nothing to evaluate: no labelled pixel in the validation split ({len(reasons)} sample(s) "
                         f"skipped as bad{': ' + '; '.join(reasons[:3]) if reasons else ''})")
-    return confusion.compute()
+    return Evaluation(confusion.compute(), confusion.matrix.cpu().numpy(), shown)
 
 
 def class_table(metrics: dict, class_names: list[str]) -> str:
@@ -308,6 +332,8 @@ class Run:
     loss_options: dict  # segmentation_loss's keyword arguments
     palette: tuple | None = None  # the data's class colours, saved with each checkpoint for overlays
     log: object = None  # metrics.jsonl, open on rank 0
+    tensorboard: object = None  # training.report.TensorBoard, on rank 0 with --report-to tensorboard
+    pusher: object = None  # training.hub.HubPusher, on rank 0 with --push-to-hub
     step: int = 0
     epoch: int = 0
     batches_done: int = 0  # batches of the current epoch already trained on (per process)
@@ -347,7 +373,10 @@ class Run:
         state = self.training_state()
         path = self.out / name
         if self.is_main:
-            save_checkpoint(path, model=self.raw_model, state=state, config=self.config, palette=self.palette)
+            card = model_card(self.config, self.metric_classes, self.metrics, step=self.step,
+                              variant=self.raw_model.config.variant)
+            save_checkpoint(path, model=self.raw_model, state=state, config=self.config, palette=self.palette,
+                            card=card)
         return path
 
 
@@ -422,7 +451,7 @@ def class_weights(config: TrainConfig, labels: list[str], samples, mapping) -> l
 def loss_options(config: TrainConfig, device: torch.device) -> dict:
     weights = config.class_weight_values
     return dict(kind=config.loss, label_smoothing=config.label_smoothing, ohem_threshold=config.ohem,
-                ohem_min_kept=config.ohem_min_kept,
+                ohem_min_kept=config.ohem_min_kept, memory_efficient=True,  # the fused cross-entropy
                 class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
 
 
@@ -460,6 +489,10 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
         restore(run, command.resume, schedule)
     if run.is_main:
         run.log = open_log(out, resumed_at=run.step if command.resume else None)
+        if config.report_to == "tensorboard":
+            run.tensorboard = TensorBoard(out, palette(len(run.metric_classes), dict(enumerate(run.metric_classes))))
+        if config.push_to_hub:
+            run.pusher = HubPusher(config.push_to_hub, private=config.hub_private)
         print(f"training {raw_model.config.variant or 'custom'} on {config.data} ({len(train_loader.dataset)} train / "
               f"{len(eval_loader.dataset)} eval images, {len(labels)} classes) for {total_steps} steps of "
               f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
@@ -507,10 +540,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
         if "pixel_values" not in batch:
             continue
         labelled = bool((batch["labels"] != IGNORE_INDEX).any())  # on the CPU: no device sync
-        pixel_values = batch["pixel_values"].to(run.device, non_blocking=True)
-        labels = batch["labels"].to(run.device, non_blocking=True)
-        if config.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        pixel_values, labels = to_device(batch, run.device, channels_last=config.channels_last)
         sync = i == len(micro_batches) - 1 or run.world_size == 1  # DDP: all-reduce on the last one only
         with (nullcontext() if sync else run.model.no_sync()), run.autocast():
             logits = run.model(pixel_values)
@@ -543,6 +573,19 @@ def write_log(run: Run, record: dict) -> None:
     if run.log:
         run.log.write(json.dumps(record) + "\n")
         run.log.flush()
+    if run.tensorboard:
+        run.tensorboard.scalars(record["step"], record, "validation" if "mean_iou" in record else "train")
+
+
+def report_evaluation(run: Run, evaluation: Evaluation) -> None:
+    """What an evaluation leaves to look at: its confusion matrix and per-class table, the refreshed
+    curves, and in TensorBoard a few images with their predictions (training/report.py)."""
+    write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.metric_classes,
+                     evaluation.metrics)
+    run.log.flush()
+    draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
+    if run.tensorboard and evaluation.shown:
+        run.tensorboard.predictions(run.step, *evaluation.shown)
 
 
 def check_something_trained(run: Run) -> None:
@@ -570,21 +613,26 @@ def after_step(run: Run, loss: float, lr: float, stop: "StopRequest", progress: 
         check_something_trained(run)
     if step % config.eval_every == 0 or last:
         # the plain module: no DDP collectives, so shards of unequal length are fine
-        run.metrics = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.metric_classes), device=run.device,
-                               autocast=run.autocast)
+        evaluation = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.metric_classes), device=run.device,
+                              autocast=run.autocast, show=4 if run.tensorboard else 0)
+        run.metrics = evaluation.metrics
         if run.is_main:
             progress.write(f"step {step}: mean IoU {run.metrics['mean_iou']:.4f}, mean accuracy "
                            f"{run.metrics['mean_accuracy']:.4f}, overall accuracy "
                            f"{run.metrics['overall_accuracy']:.4f}")
         write_log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
+        if run.is_main:
+            report_evaluation(run, evaluation)
         if run.metrics["mean_iou"] > run.best_miou:
             run.best_miou = run.metrics["mean_iou"]
             run.checkpoint("best")
         run.window.update(images=0, start=time.perf_counter())
     if step % config.save_every == 0 or last:
-        run.checkpoint(f"checkpoint-{step}")
+        path = run.checkpoint(f"checkpoint-{step}")
         if run.is_main:
             prune_checkpoints(run.out, config.save_total_limit)
+            if run.pusher and config.hub_strategy == "every_save":
+                run.pusher.push(path, f"checkpoint at step {step}")
     if any_process(stop.signal is not None, run.world_size, run.device):
         progress.close()
         path = run.checkpoint(f"checkpoint-{step}")
@@ -650,6 +698,13 @@ def train(run: Run) -> dict:
 
 
 def report_end(run: Run) -> None:
+    if run.metrics:
+        draw_per_class(run.metrics, run.metric_classes, run.out / "per_class_iou.png")
+    if run.pusher and (run.out / "best").is_dir():
+        if run.pusher.push(run.out / "best", f"best at step {run.step}: mean IoU {run.best_miou:.4f}"):
+            print(f"pushed {run.out / 'best'} to {run.pusher.url}")
+    if run.tensorboard:
+        run.tensorboard.close()
     if run.skipped:
         print(f"skipped {run.skipped} bad training samples, e.g. {run.skip_reasons[0]}")
     if run.unlabelled_batches:
@@ -684,7 +739,7 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
         return torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != "off")
     classes = predicted_classes(labels)
     metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
-                       autocast=autocast)
+                       autocast=autocast).metrics
     if rank == 0:
         print(f"{command.checkpoint} on {config.data} {config.eval_split} ({len(eval_set)} images, {config.eval_mode}, "
               f"size {size}, {'reduced' if reduce else 'raw'} labels):")
@@ -725,6 +780,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, CheckpointError, RunLocked, FloatingPointError, DataError, LayoutError,
-            FileNotFoundError) as e:  # the message says it all
+    except (ConfigError, CheckpointError, RunLocked, FloatingPointError, DataError, LayoutError, HubError,
+            FileNotFoundError, ImportError) as e:  # the message says it all
         sys.exit(f"error: {e}")

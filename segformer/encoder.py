@@ -60,23 +60,38 @@ class EfficientSelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.proj_drop = nn.Dropout(dropout)
 
+    def project(self, x: torch.Tensor, H: int, W: int):
+        """Queries from every token; keys and values from the spatially reduced map. Returns q
+        (B, heads, N, d), k and v (B, heads, N', d), and the (H', W') grid of the N' reduced tokens."""
+        B, N, C = x.shape
+        heads = self.num_heads
+        q = self.q(x).view(B, N, heads, C // heads).transpose(1, 2)  # (B, heads, N, d)
+        reduced, grid = x, (H, W)
+        if self.sr_ratio > 1:  # the reduction: a conv of kernel = stride = sr_ratio over the (H, W) map
+            reduced = reduced.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+            reduced = self.sr(reduced)  # (B, C, H', W'), H' = H // sr_ratio
+            grid = tuple(reduced.shape[-2:])
+            reduced = self.sr_norm(reduced.flatten(2).transpose(1, 2))  # (B, N', C), N' = H' * W'
+        k = self.k(reduced).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, N', d)
+        v = self.v(reduced).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, N', d)
+        return q, k, v, grid
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
-        nh = self.num_heads
-        q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)  # (B, nh, N, hs)
-
-        kv = x
-        if self.sr_ratio > 1:
-            kv = kv.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-            kv = self.sr(kv).flatten(2).transpose(1, 2)  # (B, N', C), N' = (H // sr) * (W // sr)
-            kv = self.sr_norm(kv)
-        k = self.k(kv).view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, N', hs)
-        v = self.v(kv).view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, N', hs)
-
+        q, k, v, _ = self.project(x, H, W)
+        # softmax(Q K^T / sqrt(d)) V: each of the N queries attends to the N' reduced keys (paper eq. 2),
+        # computed by PyTorch's fused kernel; `attention_weights` writes the softmax out.
         dropout_p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, N, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, d)
         y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(y))
+
+    def attention_weights(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """softmax(Q K^T / sqrt(d)) written out: (B, heads, N, N') weights, each row summing to 1, and
+        the (H', W') grid of the reduced keys. What the forward's fused kernel computes, for explain.py."""
+        q, k, _, grid = self.project(x, H, W)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, N')
+        return scores.softmax(-1), grid
 
 
 class MixFFN(nn.Module):
@@ -154,8 +169,9 @@ class Stage(nn.Module):
 
 
 class MixTransformer(nn.Module):
-    """Returns the four stage outputs; `channels` and `strides` declare their widths and their
-    downsampling relative to the input (a map has ceil(H_in / stride) rows)."""
+    """Returns the four stage outputs; `channels` and `reduction` declare their widths and their
+    downsampling relative to the input, 4/8/16/32 (a map has ceil(H_in / reduction) rows). Not to be
+    confused with `config.strides`, each patch embedding's own stride (4/2/2/2), whose products these are."""
 
     def __init__(self, config: SegFormerConfig):
         super().__init__()
@@ -173,11 +189,11 @@ class MixTransformer(nn.Module):
                 dropout=config.dropout, attention_dropout=config.attention_dropout,
             ))
         self.channels = list(config.hidden_sizes)
-        self.strides = [math.prod(config.strides[:i + 1]) for i in range(len(config.strides))]  # 4, 8, 16, 32
+        self.reduction = [math.prod(config.strides[:i + 1]) for i in range(len(config.strides))]  # 4, 8, 16, 32
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
         for stage in self.stages:
-            x = stage(x)  # (B, C_i, H / stride_i, W / stride_i)
+            x = stage(x)  # (B, C_i, H / reduction_i, W / reduction_i)
             features.append(x)
         return features

@@ -2,8 +2,8 @@
 
 A checkpoint directory holds the model in the hub layout (`model.safetensors`, `config.json`), the
 `preprocessor_config.json` inference needs, the resolved settings (`training_args.json`), the state to
-continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position) and, where the
-data defines class colours, `palette.json`.
+continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position), the model card
+(`README.md`, the hub's format) and, where the data defines class colours, `palette.json`.
 
 What a kill, a power cut or a full disk can do to the folder, and why it cannot hurt:
 - one run at a time: `RunLock` holds an exclusive lock on `<out>/.lock` for the life of the run;
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segformer.checkpoint import write_json, write_preprocessor_config, write_torch
+from segformer.checkpoint import atomic_write, write_json, write_preprocessor_config, write_torch
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(.+\.tmp|old)")  # what save_checkpoint leaves when killed
@@ -148,7 +148,7 @@ def _writing(path: Path, previous: str):
         raise
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None) -> None:
+def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None, card: str | None = None) -> None:
     """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     intact = (f"the previous {directory.name} is intact" if directory.exists()
@@ -163,6 +163,9 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None
             write_torch(state, tmp / "training_state.pt")
         with _writing(directory / "training_args.json", intact):
             config.save(tmp / "training_args.json")  # the resolved settings, for --resume and for people
+        if card is not None:  # the model card: README.md in the hub's format
+            with _writing(directory / "README.md", intact):
+                atomic_write(tmp / "README.md", lambda path: Path(path).write_text(card))
         if palette is not None:  # the data's class colours, for overlays (infer.py)
             with _writing(directory / "palette.json", intact):
                 write_json([list(colour) for colour in palette], tmp / "palette.json")

@@ -104,6 +104,14 @@ class TrainConfig:
     save_total_limit: int | None = setting(2, "keep only the newest N checkpoint-<step> directories", low=1,
                                            may_change=True)
     log_every: int = setting(20, "log loss and lr every N steps", low=1, may_change=True)
+    # What the run shows and shares.
+    report_to: Literal["none", "tensorboard"] = setting("none", "also log to TensorBoard (<out>/tensorboard)",
+                                                        may_change=True)
+    push_to_hub: str | None = setting(None, "upload best/ to this hub repository (HF_TOKEN or `hf auth login`)",
+                                      may_change=True)
+    hub_private: bool = setting(False, "create the hub repository private", may_change=True)
+    hub_strategy: Literal["end", "every_save"] = setting("end", "push best/ at the end, or every checkpoint too",
+                                                         may_change=True)
     # Where and how fast it runs: no effect on the numbers.
     device: str | None = setting(None, "cuda, cpu, cuda:1, ... (default: cuda if available)", may_change=True)
     compile: bool = setting(False, "torch.compile the model", may_change=True)
@@ -304,7 +312,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         if not f.metadata["flag"]:
             continue
         base, optional, choices = _unpack(hints[f.name])
-        shown = "auto" if f.default is None else f.default
+        shown = "none" if f.default is None else f.default
         help = f"{f.metadata['help']} [default: {shown}]"
         if base is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help)

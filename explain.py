@@ -1,0 +1,214 @@
+"""A tour of SegFormer on one image: what each part of the model computes, drawn.
+
+    python explain.py --checkpoint runs/synthetic/best scene.png --pixel 70 40 --out tour/
+    python explain.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 room.jpg
+
+Writes tour/tour.png (every panel in one figure, in the order of the computation) and each panel as its
+own PNG:
+  input.png               the image as the model sees it: resized to the checkpoint's input size
+  stage1..4.png           the four encoder maps (strides 4, 8, 16, 32) as images: their first three
+                          principal components as red, green and blue; the shape in the title
+  attention_stage1..4.png where the query pixel (the cross) attends in each stage's last block:
+                          softmax(Q K^T / sqrt(d)) over the reduced keys, averaged over heads, on the
+                          grid the spatial reduction actually uses (16x16 keys at stride 32, ...)
+  attention_heads.png     the same for each head of the last stage separately
+  decoder_level1..4.png   each level's share of the decoder's fused feature: the decoder computes
+                          sum_i Up(W_i P_i F_i), so each term can be drawn alone, on the same three
+                          colour axes as the sum (fused.png): what 1/32 adds that 1/4 does not
+  prediction.png          the predicted classes over the image, with a legend of the classes present
+
+It runs on the CPU in seconds, with any checkpoint. Needs matplotlib (pip install matplotlib).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segformer import SegFormer
+from segformer.checkpoint import read_input_size, read_palette
+from segformer.inference import load_image, to_uint8_tensor
+from segformer.labels import palette
+from segformer.metrics import logits_to_predictions, predicted_classes
+from segformer.preprocess import normalize, resize_image
+
+
+def principal_colours(features: torch.Tensor, basis: torch.Tensor | None = None):
+    """(C, H, W) features -> (H, W, 3) colours: the projection on three principal directions (of these
+    features, or the given (C, 3) basis), each scaled to 0..1. Returns (colours, basis)."""
+    C, H, W = features.shape
+    flat = features.reshape(C, -1).T  # (H*W, C)
+    centred = flat - flat.mean(0)
+    if basis is None:
+        basis = torch.linalg.svd(centred, full_matrices=False).Vh[:3].T  # (C, 3)
+    projected = centred @ basis  # (H*W, 3)
+    low, high = projected.quantile(0.01, dim=0), projected.quantile(0.99, dim=0)
+    colours = ((projected - low) / (high - low).clamp(min=1e-8)).clamp(0, 1)
+    return colours.T.reshape(3, H, W).permute(1, 2, 0).numpy(), basis
+
+
+@torch.no_grad()
+def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, int]) -> dict:
+    """Every intermediate the panels draw, computed from the model's own modules."""
+    x = normalize(resize_image(to_uint8_tensor(image), (size, size)))[None]  # (1, 3, size, size)
+    row, col = (min(max(p, 0), size - 1) for p in (round(pixel[0] * size / image.height),
+                                                     round(pixel[1] * size / image.width)))
+    captured = []  # the inputs of each stage's last attention: (normalised tokens, H, W)
+    hooks = [stage.blocks[-1].attn.register_forward_hook(lambda module, inputs, output: captured.append(inputs))
+             for stage in model.encoder.stages]
+    try:
+        stages = model.encoder(x)  # four (1, C_i, H_i, W_i) maps
+    finally:
+        for hook in hooks:
+            hook.remove()
+    attention = []
+    for stage, (tokens, H, W) in zip(model.encoder.stages, captured):
+        weights, grid = stage.blocks[-1].attn.attention_weights(tokens, H, W)  # (1, heads, N, N')
+        stride = size / H
+        query = min(int(row / stride), H - 1) * W + min(int(col / stride), W - 1)
+        attention.append((weights[0, :, query].reshape(-1, *grid), (H, W), grid))
+    decoder = model.decoder
+    _, _, H, W = stages[0].shape
+    levels = [F.conv2d(f, weight[:, :, None, None], bias) for f, (weight, bias) in zip(stages, decoder.level_maps())]
+    levels = [levels[0]] + [F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False) for y in levels[1:]]
+    fused = sum(levels)  # (1, D, H/4, W/4): the decoder's fused feature (normalised), before its ReLU
+    logits = model(x)
+    prediction = logits_to_predictions(F.interpolate(logits, size=(image.height, image.width), mode="bilinear",
+                                                     align_corners=False), (image.height, image.width))[0]
+    return dict(input=x[0], query=(row, col), stages=stages, attention=attention, levels=levels, fused=fused,
+                logits=logits, prediction=prediction)
+
+
+def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, size: int) -> dict:
+    """name -> (title, (H, W, 3) float image or (H, W) map, and what to draw on it)."""
+    shown = {}
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    picture = (result["input"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    grey = picture.mean(2)
+    shown["input"] = (f"input {size}x{size}\n(after the processor's resize)", picture, result["query"], size, None)
+    for i, features in enumerate(result["stages"]):
+        rgb, _ = principal_colours(features[0])
+        C, H, W = features.shape[1:]
+        shown[f"stage{i + 1}"] = (f"stage {i + 1}: {C} x {H} x {W}\n(stride {size // H})", rgb, result["query"], size,
+                                  None)
+    for i, (weights, (H, W), grid) in enumerate(result["attention"]):
+        attn = model.encoder.stages[i].blocks[-1].attn
+        heads = weights.shape[0]
+        mean_map = weights.mean(0).numpy()
+        shown[f"attention_stage{i + 1}"] = (
+            f"stage {i + 1} attention: {H * W} queries\n-> {grid[0]}x{grid[1]} keys (reduction {attn.sr_ratio}), "
+            f"{heads} head{'s' * (heads > 1)}", mean_map, result["query"], size, grey)
+    fused_rgb, basis = principal_colours(result["fused"][0])
+    for i, level in enumerate(result["levels"]):
+        rgb, _ = principal_colours(level[0], basis)
+        shown[f"decoder_level{i + 1}"] = (f"decoder: stage {i + 1}'s term\n(from 1/{4 * 2 ** i})", rgb, None, size,
+                                          None)
+    shown["fused"] = ("decoder: the sum of the four\n(fused feature)", fused_rgb, None, size, None)
+    return shown
+
+
+def overlay_prediction(image: Image.Image, prediction: torch.Tensor, colours: list, names: dict) -> Image.Image:
+    from infer import overlay
+    return overlay(image, prediction.numpy(), colours, names, alpha=0.5)
+
+
+def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def one(axis, title, picture, query, size, background=None):
+        if background is not None:  # the image in grey under the attention weights
+            axis.imshow(background, cmap="gray", extent=(0, size, size, 0))
+        axis.imshow(picture, cmap="magma" if picture.ndim == 2 else None, extent=(0, size, size, 0),
+                    interpolation="nearest", alpha=0.65 if background is not None else 1.0)
+        if query is not None:
+            axis.plot(query[1], query[0], "c+", markersize=14, markeredgewidth=2)
+        axis.set_title(title, fontsize=8)
+        axis.axis("off")
+
+    for name, panel in shown.items():  # each panel alone
+        figure, axis = plt.subplots(figsize=(4, 4))
+        one(axis, *panel)
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=100)
+        plt.close(figure)
+    weights, stage, size, query = heads
+    background = shown["attention_stage1"][4]
+    figure, axes = plt.subplots(1, len(weights), figsize=(2.2 * len(weights), 2.6))
+    for h, axis in enumerate(np.atleast_1d(axes)):
+        one(axis, f"stage {stage}, head {h + 1}", weights[h].numpy(), query, size, background)
+    figure.tight_layout()
+    figure.savefig(out / "attention_heads.png", dpi=100)
+    plt.close(figure)
+    prediction.save(out / "prediction.png")
+
+    rows = [["input", "stage1", "stage2", "stage3", "stage4"],
+            ["prediction", "attention_stage1", "attention_stage2", "attention_stage3", "attention_stage4"],
+            ["fused", "decoder_level1", "decoder_level2", "decoder_level3", "decoder_level4"]]
+    figure, axes = plt.subplots(3, 5, figsize=(17, 10.5))
+    for row, names in zip(axes, rows):
+        for axis, name in zip(row, names):
+            if name == "prediction":
+                axis.imshow(np.asarray(prediction))
+                axis.set_title("prediction (and the classes present)", fontsize=8)
+                axis.axis("off")
+            else:
+                one(axis, *shown[name])
+    figure.suptitle("SegFormer, step by step: encoder maps (top), where one pixel attends (middle), the "
+                    "decoder's four terms and their sum (bottom)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(out / "tour.png", dpi=90)
+    plt.close(figure)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, weights file or hub id")
+    p.add_argument("--pixel", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="the query pixel of the attention panels, in the image's own pixels (default: its centre)")
+    p.add_argument("--size", type=int, help="input size (default: the checkpoint's preprocessor_config.json, else 512)")
+    p.add_argument("--out", default="tour", help="output folder (default: tour/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: explain.py draws with matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    try:
+        model = SegFormer.from_pretrained(args.checkpoint).eval()
+        image = load_image(args.image)
+    except (FileNotFoundError, PermissionError, ValueError, OSError) as e:  # the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = args.size or read_input_size(args.checkpoint) or 512
+    pixel = tuple(args.pixel) if args.pixel else (image.height // 2, image.width // 2)
+    if not (0 <= pixel[0] < image.height and 0 <= pixel[1] < image.width):
+        print(f"error: --pixel {pixel[0]} {pixel[1]}: outside the {image.width}x{image.height} image", file=sys.stderr)
+        return 2
+    result = tour(model, image, size=size, pixel=pixel)
+    names = dict(enumerate(predicted_classes(model.config.label_names())))
+    colours = read_palette(args.checkpoint) if Path(args.checkpoint).exists() else None
+    if colours is None or len(colours) != len(names):
+        colours = palette(len(names), names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = panels(model, image, result, colours, size)
+    last = result["attention"][-1][0]
+    draw(shown, (last, len(result["attention"]), size, result["query"]),
+         overlay_prediction(image, result["prediction"], colours, names), out)
+    print(f"wrote {out / 'tour.png'} and its {len(shown) + 2} panels in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""What a run leaves to look at, refreshed at every evaluation, in its output folder:
+
+    curves.png                         loss and learning rate, mean IoU and accuracies, against step
+    evaluations/step-<N>/confusion.npy the confusion matrix (rows: labels, columns: predictions), counts
+    evaluations/step-<N>/confusion.csv the same with class names
+    evaluations/step-<N>/per_class.csv IoU, accuracy, labelled / predicted / correct pixels per class
+    evaluations/step-<N>/confusion.png row-normalised heatmap (past 30 classes: the most confused pairs)
+    per_class_iou.png                  at the end: per-class IoU, sorted, named
+
+Plots need matplotlib (an optional dependency: without it, one line says so and the numbers are still
+written). Several runs side by side, e.g. to compare two:
+
+    python -m training.report runs/a runs/b --out comparison.png
+"""
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HEATMAP_CLASSES = 30  # beyond this, a heatmap is unreadable: the most confused pairs instead
+
+
+def matplotlib_pyplot():
+    """pyplot on a file-only backend, or None (said once) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(matplotlib_pyplot, "said", False):
+            print("plots need matplotlib (pip install matplotlib); the numbers are written without them")
+            matplotlib_pyplot.said = True
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict) -> None:
+    """The confusion matrix (.npy, .csv), the per-class table (.csv) and the heatmap of one evaluation."""
+    from segformer.checkpoint import atomic_write
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [name.strip() for name in class_names]
+    atomic_write(directory / "confusion.npy", lambda tmp: np.save(open(tmp, "wb"), matrix))
+
+    def write_csv(name, rows):
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+        atomic_write(directory / name, write)
+    write_csv("confusion.csv", [["label \\ prediction", *names]]
+              + [[names[i], *map(int, row)] for i, row in enumerate(matrix)])
+    labelled, predicted, correct = matrix.sum(1), matrix.sum(0), np.diag(matrix)
+    write_csv("per_class.csv", [["class", "iou", "accuracy", "labelled_pixels", "predicted_pixels", "correct_pixels"]]
+              + [[names[i], _number(metrics["per_category_iou"][i]), _number(metrics["per_category_accuracy"][i]),
+                  int(labelled[i]), int(predicted[i]), int(correct[i])] for i in range(len(names))])
+    plt = matplotlib_pyplot()
+    if plt is not None:
+        draw_confusion(plt, matrix, names, directory / "confusion.png")
+
+
+def _number(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.6f}"
+
+
+def row_normalised(matrix: np.ndarray) -> np.ndarray:
+    """Each label's row as fractions of its pixels (rows of unlabelled classes stay 0)."""
+    totals = matrix.sum(1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)
+
+
+def most_confused(matrix: np.ndarray, names: list[str], count: int = 20) -> list[tuple[str, str, float]]:
+    """(label, predicted as, share of the label's pixels), the largest off-diagonal shares first."""
+    shares = row_normalised(matrix)
+    np.fill_diagonal(shares, 0)
+    order = np.argsort(shares, axis=None)[::-1][:count]
+    return [(names[i], names[j], float(shares[i, j])) for i, j in zip(*np.unravel_index(order, shares.shape))
+            if shares[i, j] > 0]
+
+
+def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> None:
+    present = matrix.sum(1) + matrix.sum(0) > 0
+    if present.sum() <= HEATMAP_CLASSES:
+        keep = np.flatnonzero(present)
+        shares = row_normalised(matrix)[np.ix_(keep, keep)]
+        size = max(4.0, 0.35 * len(keep) + 2)
+        figure, axis = plt.subplots(figsize=(size + 1, size))
+        image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        axis.set_xticks(range(len(keep)), [names[i] for i in keep], rotation=90)
+        axis.set_yticks(range(len(keep)), [names[i] for i in keep])
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("labelled")
+        for (r, c), value in np.ndenumerate(shares):
+            if value >= 0.01:
+                axis.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if value > 0.5 else "black")
+        figure.colorbar(image, ax=axis, fraction=0.046, label="share of the label's pixels")
+        axis.set_title("confusion (rows sum to 1)")
+    else:
+        pairs = most_confused(matrix, names)
+        figure, axis = plt.subplots(figsize=(8, 0.3 * len(pairs) + 1.5))
+        axis.barh(range(len(pairs)), [share for _, _, share in pairs], color="tab:red")
+        axis.set_yticks(range(len(pairs)), [f"{label} -> {predicted}" for label, predicted, _ in pairs])
+        axis.invert_yaxis()
+        axis.set_xlabel("share of the label's pixels predicted as the other class")
+        axis.set_title(f"the {len(pairs)} most confused pairs of {int(present.sum())} classes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
+    """Loss and learning rate; mean IoU and accuracies; against step: one line per run."""
+    plt = matplotlib_pyplot()
+    if plt is None:
+        return False
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, records in runs:
+        train = [r for r in records if "mean_iou" not in r]
+        evaluations = [r for r in records if "mean_iou" in r]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
+        for key, style in (("mean_iou", "-o"), ("mean_accuracy", "--"), ("overall_accuracy", ":")):
+            axes[2].plot([r["step"] for r in evaluations], [r[key] for r in evaluations], style,
+                         label=f"{name}: {key.replace('_', ' ')}" if len(runs) > 1 else key.replace("_", " "))
+    for axis, title in zip(axes, ("training loss", "learning rate (encoder)", "validation")):
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def draw_per_class(metrics: dict, class_names: list[str], path: Path) -> bool:
+    """Per-class IoU, sorted, named (the classes neither labelled nor predicted are left out)."""
+    plt = matplotlib_pyplot()
+    if plt is None:
+        return False
+    pairs = sorted(((float(v), name.strip()) for v, name in zip(metrics["per_category_iou"], class_names)
+                    if v is not None and not math.isnan(float(v))), reverse=True)
+    figure, axis = plt.subplots(figsize=(8, 0.25 * len(pairs) + 1.5))
+    axis.barh(range(len(pairs)), [v for v, _ in pairs], color="tab:blue")
+    axis.set_yticks(range(len(pairs)), [name for _, name in pairs], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.axvline(metrics["mean_iou"], color="black", linestyle="--", label=f"mean {metrics['mean_iou']:.3f}")
+    axis.set_xlabel("IoU")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+class TensorBoard:
+    """--report-to tensorboard: scalars of training and evaluation, and a few validation images with their
+    predicted classes drawn over them, in <out>/tensorboard (tensorboard --logdir <out>)."""
+
+    def __init__(self, out: Path, palette: list[tuple[int, int, int]]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("--report-to tensorboard needs the tensorboard package: "
+                              "pip install tensorboard") from None
+        self.writer, self.palette = SummaryWriter(str(Path(out) / "tensorboard")), np.asarray(palette, np.uint8)
+
+    def scalars(self, step: int, record: dict, prefix: str) -> None:
+        for key in ("loss", "lr", "images_per_s", "mean_iou", "mean_accuracy", "overall_accuracy"):
+            if isinstance(record.get(key), (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", record[key], step)
+        self.writer.flush()
+
+    def predictions(self, step: int, images, predictions) -> None:
+        """uint8 (N, 3, H, W) images and (N, H, W) class ids -> the classes' colours over the images."""
+        images, predictions = np.asarray(images), np.asarray(predictions)
+        colours = self.palette[predictions].transpose(0, 3, 1, 2)  # (N, 3, H, W)
+        blended = (0.5 * images + 0.5 * colours).round().astype(np.uint8)
+        self.writer.add_images("validation/predictions", np.concatenate([images, blended], axis=3), step,
+                               dataformats="NCHW")  # each image beside its prediction
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (each with its metrics.jsonl)")
+    p.add_argument("--out", help="the figure (default: comparison.png, or the run's curves.png for one run)")
+    args = p.parse_args(argv)
+    runs = []
+    for folder in map(Path, args.runs):
+        log = folder / "metrics.jsonl"
+        if not log.is_file():
+            print(f"error: {log}: no such file (is {folder} a run folder?)", file=sys.stderr)
+            return 2
+        try:
+            runs.append((folder.name, read_log(log)))
+        except json.JSONDecodeError as e:
+            print(f"error: {log}: not JSON lines ({e})", file=sys.stderr)
+            return 2
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(runs) == 1
+                                           else Path("comparison.png"))
+    if not draw_curves(runs, out):
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
