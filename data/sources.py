@@ -45,20 +45,21 @@ def parse_split(split: str) -> tuple[str, slice | None, bool]:
     m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*", split)
     if not m:
         raise ValueError(f"cannot parse split {split!r}; expected e.g. 'train', 'train[:50]', 'validation[:10%]'")
-    name, start, p1, stop, p2 = m.groups()
-    if start is None and stop is None and not p1 and not p2 and "[" not in split:
+    name, start, start_percent, stop, stop_percent = m.groups()
+    if start is None and stop is None and not start_percent and not stop_percent and "[" not in split:
         return name, None, False
-    return name, slice(int(start) if start else None, int(stop) if stop else None), bool(p1 or p2)
+    bounds = slice(int(start) if start else None, int(stop) if stop else None)
+    return name, bounds, bool(start_percent or stop_percent)
 
 
-def apply_slice(indices: list[int], sl: slice | None, percent: bool) -> list[int]:
-    if sl is None:
+def apply_slice(indices: list[int], bounds: slice | None, percent: bool) -> list[int]:
+    if bounds is None:
         return indices
     if percent:
         n = len(indices)
-        sl = slice(None if sl.start is None else round(sl.start * n / 100),
-                   None if sl.stop is None else round(sl.stop * n / 100))
-    return indices[sl]
+        bounds = slice(None if bounds.start is None else round(bounds.start * n / 100),
+                       None if bounds.stop is None else round(bounds.stop * n / 100))
+    return indices[bounds]
 
 
 def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> list[int]:
@@ -218,12 +219,12 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     instead of the folder's own `dataset.json`. `strict=False` lists unpaired files in `.unpaired`
     instead of refusing them (the dataset doctor)."""
     from segformer.labels import ADE20K_CLASSES, ADE20K_PALETTE
-    name, sl, percent = parse_split(split)
+    name, bounds, percent = parse_split(split)
     if source == "synthetic":
         data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train")
         if test_size:
             raise ValueError("the synthetic set has its own validation split; test_size does not apply")
-        return Samples(data, apply_slice(list(range(len(data))), sl, percent), layout="synthetic scenes",
+        return Samples(data, apply_slice(list(range(len(data))), bounds, percent), layout="synthetic scenes",
                        class_names=SYNTHETIC_CLASSES, mapping=ADE, known=True)
 
     path = Path(source)
@@ -252,7 +253,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     else:
         data, single = _hub_dataset(source, split, name, image_column, annotation_column)
         if not single:
-            sl = None  # load_dataset has read the whole split expression, slice included
+            bounds = None  # load_dataset has read the whole split expression, slice included
         if source in PARQUET_EXPORTS:  # SceneParse150 is ADE20K's 150 classes
             labels = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE, known=True)
         description = "hub dataset"
@@ -262,7 +263,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     indices = list(range(len(data)))
     if single and test_size is None:
         test_size = 0.2  # one split only: hold out 20% as the guide does, on both sides
-    indices = apply_slice(indices, sl, percent)
+    indices = apply_slice(indices, bounds, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
     return Samples(data, indices, layout=description, unpaired=unpaired, **labels)

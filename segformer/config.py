@@ -7,7 +7,7 @@ ratios (8, 4, 2, 1), patch sizes (7, 3, 3, 3) and strides (4, 2, 2, 2), and diff
 depths and the decoder width.
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 VARIANTS = {
     #       hidden_sizes            depths          decoder_hidden_size
@@ -99,6 +99,8 @@ class SegFormerConfig:
             "classifier_dropout_prob": self.classifier_dropout,
             "decoder_hidden_size": self.decoder_hidden_size,
             "initializer_range": 0.02,
+            # transformers' default value of a field its SegFormer never reads: every LayerNorm there, and
+            # here, uses PyTorch's 1e-5. Written for a faithful config.json; not a reason to change the model.
             "layer_norm_eps": 1e-6,
             "reshape_last_stage": True,
             "semantic_loss_ignore_index": 255,
@@ -132,17 +134,6 @@ class SegFormerConfig:
             return cls(**kwargs)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SegFormerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown SegFormerConfig keys: {sorted(unknown)}")
-        return cls(**values)
 
 
 # our field <- (transformers' key, what it must hold)

@@ -46,6 +46,21 @@ class AllMLPDecoder(nn.Module):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Conv2d(D, config.num_labels, kernel_size=1)
 
+    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder exactly as written in the paper and the reference code, the four steps above: read
+        this first. `forward` computes the same function; a test checks that they agree."""
+        B, _, H, W = features[0].shape
+        levels = []
+        for x, proj in zip(features, self.proj):
+            y = proj(x.flatten(2).transpose(1, 2))  # (B, H_i * W_i, D)
+            y = y.transpose(1, 2).reshape(B, -1, *x.shape[-2:])  # (B, D, H_i, W_i)
+            levels.append(F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False))
+        x = self.fuse(torch.cat(levels[::-1], dim=1))  # (B, D, H, W)
+        x = F.relu(self.norm(x))
+        return self.classifier(self.dropout(x))
+
+    # ---- how we compute it: the same function, in less work (module docstring) ----
+
     def level_maps(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For each level i, the (D, C_i) weight and (D,) bias of the map straight to the fused width:
         W_i P_i and W_i b_i, with the BatchNorm folded in when it is not training."""
@@ -71,19 +86,6 @@ class AllMLPDecoder(nn.Module):
         fused = levels[0] + rows @ columns  # (B, D, H, W): the coarse levels upsampled and added
         x = F.relu(self.norm(fused) if self.training else fused)  # at evaluation the norm is in the maps
         return self.classifier(self.dropout(x))  # (B, num_labels, H, W)
-
-    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """The decoder exactly as written in the paper and the reference code; kept to show and test
-        that `forward` computes the same function."""
-        B, _, H, W = features[0].shape
-        levels = []
-        for x, proj in zip(features, self.proj):
-            y = proj(x.flatten(2).transpose(1, 2))  # (B, H_i * W_i, D)
-            y = y.transpose(1, 2).reshape(B, -1, *x.shape[-2:])  # (B, D, H_i, W_i)
-            levels.append(F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False))
-        x = self.fuse(torch.cat(levels[::-1], dim=1))  # (B, D, H, W)
-        x = F.relu(self.norm(x))
-        return self.classifier(self.dropout(x))
 
 
 def bilinear_matrix(out_size: int, in_size: int, like: torch.Tensor) -> torch.Tensor:

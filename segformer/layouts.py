@@ -18,7 +18,6 @@ Every converter raises `LayoutError` naming any key it cannot place; keys that a
 
 import re
 
-import torch
 
 from .config import VARIANTS, SegFormerConfig
 
@@ -133,17 +132,6 @@ def nvlabs_to_native(state_dict: dict) -> tuple[dict, list[str]]:
     return _rename(split, _NVLABS_RULES, stage_offset=-1, layout="NVlabs"), dropped
 
 
-def native_to_nvlabs(state_dict: dict) -> dict:
-    renamed = _rename(state_dict, _swap(_NVLABS_RULES), stage_offset=+1, layout="native")
-    out = {}
-    for key, value in renamed.items():
-        if ".attn.k." in key:
-            out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([value, renamed[key.replace(".attn.k.", ".attn.v.")]])
-        elif ".attn.v." not in key:
-            out[key] = value
-    return out
-
-
 def detect_layout(state_dict: dict, *, source: str) -> str:
     keys = list(state_dict)
     if any(k.startswith("encoder.stages.") for k in keys):
@@ -196,7 +184,8 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
     if "decoder.proj.0.weight" in state_dict:
         settings["decoder_hidden_size"] = shape("decoder.proj.0.weight")[0]
     else:  # encoder only: the decoder width of the matching variant (256 for B0/B1, 768 above)
-        widths = [d for h, dep, d in VARIANTS.values() if (h, dep) == (tuple(hidden_sizes), tuple(depths))]
+        widths = [decoder_width for widths_, depths_, decoder_width in VARIANTS.values()
+                  if (widths_, depths_) == (tuple(hidden_sizes), tuple(depths))]
         settings["decoder_hidden_size"] = widths[0] if widths else 256
     if "decoder.classifier.weight" in state_dict:
         settings["num_labels"] = shape("decoder.classifier.weight")[0]

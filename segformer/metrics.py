@@ -38,9 +38,6 @@ class ConfusionMatrix:
         # counts[label * K + prediction]: int64, so a whole dataset of pixels cannot overflow it
         self.counts = torch.zeros(num_labels * num_labels, dtype=torch.int64, device=device)
 
-    def reset(self) -> None:
-        self.counts.zero_()
-
     @torch.no_grad()
     def update(self, predictions: torch.Tensor, references: torch.Tensor) -> None:
         """predictions, references: integer tensors of the same shape, e.g. (B, H, W)."""
@@ -70,13 +67,12 @@ class ConfusionMatrix:
         labelled = m.sum(dim=1)
         predicted = m.sum(dim=0)
         union = labelled + predicted - intersection
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = (intersection / union).numpy()  # 0/0 -> NaN: absent from both
-            accuracy = (intersection / labelled).numpy()
-            return {
-                "mean_iou": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
-                "mean_accuracy": float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else float("nan"),
-                "overall_accuracy": float(intersection.sum() / labelled.sum()),
-                "per_category_iou": iou,
-                "per_category_accuracy": accuracy,
-            }
+        iou = (intersection / union).numpy()  # torch: 0/0 -> NaN (absent from both), no warning
+        accuracy = (intersection / labelled).numpy()
+        return {
+            "mean_iou": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
+            "mean_accuracy": float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else float("nan"),
+            "overall_accuracy": float(intersection.sum() / labelled.sum()),
+            "per_category_iou": iou,
+            "per_category_accuracy": accuracy,
+        }
