@@ -48,7 +48,8 @@ from training.checkpoints import (CheckpointError, RunLock, RunLocked, check_out
                                   rng_to_plain, save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 from training.hub import HubError, HubPusher, model_card
-from training.report import TensorBoard, draw_curves, draw_per_class, read_log, write_evaluation
+from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log,
+                             write_evaluation)
 
 AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -278,36 +279,6 @@ def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0)
         raise DataError(f"nothing to evaluate: no labelled pixel in the validation split ({len(reasons)} sample(s) "
                         f"skipped as bad{': ' + '; '.join(reasons[:3]) if reasons else ''})")
     return Evaluation(confusion.compute(), confusion.matrix.cpu().numpy(), shown)
-
-
-def class_table(metrics: dict, class_names: list[str]) -> str:
-    """Per-class IoU and accuracy (%) of the classes seen in the labels or the predictions."""
-    rows = [f"{'class':<24}{'IoU':>8}{'acc':>8}"]
-    absent = 0
-    for name, iou, acc in zip(class_names, metrics["per_category_iou"], metrics["per_category_accuracy"]):
-        if math.isnan(iou):
-            absent += 1
-            continue
-        rows.append(f"{name.strip()[:23]:<24}{_pct(iou):>8}{_pct(acc):>8}")
-    if absent:
-        rows.append(f"({absent} classes neither labelled nor predicted: not shown, not in the means)")
-    rows.append(f"{'mean':<24}{_pct(metrics['mean_iou']):>8}{_pct(metrics['mean_accuracy']):>8}")
-    rows.append(f"overall accuracy {_pct(metrics['overall_accuracy'])}")
-    return "\n".join(rows)
-
-
-def _pct(x) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
-
-
-def jsonable(metrics: dict) -> dict:
-    """NaN -> null, arrays -> lists: strict JSON."""
-    def clean(x):
-        if isinstance(x, (np.ndarray, list, tuple)):
-            return [clean(v) for v in x]
-        x = float(x)
-        return None if math.isnan(x) else x
-    return {k: clean(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}
 
 
 # ---- the run -------------------------------------------------------------------------------------------

@@ -48,8 +48,11 @@ print(peak_mb() - before)
 
 
 def count_flops(fn) -> float:
+    """FLOPs of one call, attention included: the CPU's fused attention kernel has no FLOP formula in
+    FlopCounterMode, so attention runs as its math decomposition (matrix products) while counting."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         fn()
     return counter.get_total_flops()
 

@@ -17,12 +17,12 @@ every image stem (and every annotation stem) shares, starting with `_` or `-` (`
 `_leftImg8bit` / `_gtFine_labelIds`), is taken off first; a manifest can name the suffixes.
 """
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from segformer.checkpoint import read_json_object
 from segformer.inference import IMAGE_SUFFIXES
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
@@ -225,11 +225,9 @@ MANIFEST_KEYS = {
 def read_manifest(path: Path) -> dict:
     """A `dataset.json`, checked key by key; anything it gets wrong is an error naming the file and key."""
     try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+        manifest = read_json_object(path)
+    except ValueError as e:  # unreadable, not JSON, not an object: the message names the file
+        raise DataError(f"{e} (a dataset manifest)") from None
 
     def fail(key, message):
         raise DataError(f"{path}: key {key!r} {message}")
