@@ -55,9 +55,9 @@ def rate(fn, items, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", help="an ADE-layout folder to read images from (default: generated images)")
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default="validation", help="the split of --folder to read (default validation)")
     parser.add_argument("--n", type=int, default=16, help="number of generated images")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the images, timed together")
     parser.add_argument("--gpu-images-per-second", type=float, default=400.0,
                         help="the training rate to feed (default 400: B0 at 512 on one H100, roughly)")
     args = parser.parse_args()

@@ -45,11 +45,11 @@ def export_transformers(model, x, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="b0")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--num-labels", type=int, default=150)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--model", default="b0", help="variant b0..b5, random weights (default b0)")
+    parser.add_argument("--size", type=int, default=512, help="input height and width (default 512)")
+    parser.add_argument("--num-labels", type=int, default=150, help="classes (default 150, ADE20K)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of torch and ONNX Runtime (default 2)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds, one call of each path per round")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 path")
     args = parser.parse_args()

@@ -51,9 +51,10 @@ def run_case(H, W, mode, tta, labels, memory, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, nargs=2, default=[3000, 4000], metavar=("H", "W"))
-    p.add_argument("--labels", type=int, default=150)
-    p.add_argument("--modes", nargs="+", default=["resize", "aspect", "slide"])
+    p.add_argument("--size", type=int, nargs=2, default=[3000, 4000], metavar=("H", "W"),
+                   help="photo height and width (default 3000 4000)")
+    p.add_argument("--labels", type=int, default=150, help="classes (default 150)")
+    p.add_argument("--modes", nargs="+", default=["resize", "aspect", "slide"], help="Predictor modes to run")
     p.add_argument("--tta", action="store_true", help="with test-time augmentation too (3 scales x flips)")
     p.add_argument("--memory-mb", type=int, default=512, help="Predictor(memory_mb=...)")
     args = p.parse_args()
