@@ -63,7 +63,7 @@ if {side!r} == "reference":
         model = SegformerForSemanticSegmentation.from_pretrained(tmp)
 x = torch.randn({batch}, 3, {size}, {size})
 labels = torch.randint(0, {labels}, ({batch}, {size}, {size}))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
 def step():
     loss = (model(pixel_values=x, labels=labels).loss if {side!r} == "reference"
             else segmentation_loss(model(x), labels, memory_efficient=True))
@@ -84,15 +84,15 @@ def cpu_step_memory(args, side: str) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="b0")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--num-labels", type=int, default=150)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--model", default="b0", help="variant b0..b5, random weights (default b0)")
+    parser.add_argument("--size", type=int, default=512, help="input height and width (default 512)")
+    parser.add_argument("--num-labels", type=int, default=150, help="classes (default 150, ADE20K)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast dtype (default off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--batch", type=int, default=2, help="training-step batch (the forward uses 1)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="timed calls of each model, alternating")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     args = parser.parse_args()
 
     from transformers import SegformerForSemanticSegmentation
@@ -128,8 +128,9 @@ def main():
 
     xb = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.num_labels, (args.batch, args.size, args.size), device=args.device)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-6)
-    opt_reference = torch.optim.AdamW(reference.parameters(), lr=1e-6)
+    # Fused AdamW on both sides: train.py's optimizer, and the Trainer's default (adamw_torch_fused)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-6, fused=True)
+    opt_reference = torch.optim.AdamW(reference.parameters(), lr=1e-6, fused=True)
 
     def step_ours():
         with autocast():

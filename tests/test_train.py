@@ -151,6 +151,7 @@ def test_each_flag_changes_what_it_names(tmp_path, monkeypatch):
     rates = {g["name"]: (g["lr"], g["weight_decay"]) for g in run_.optimizer.param_groups}
     assert rates == {"encoder": (1e-3, 0.01), "encoder, no decay": (1e-3, 0.0),  # the next step's: warmed up
                      "head": (1e-2, 0.01), "head, no decay": (1e-2, 0.0)}
+    assert run_.optimizer.defaults["fused"]  # one kernel per step, as the Trainer's adamw_torch_fused
 
 
 def test_fp16_needs_cuda(tmp_path):
