@@ -554,9 +554,10 @@ def report_evaluation(run: Run, evaluation: Evaluation) -> None:
     """What an evaluation leaves to look at: its confusion matrix and per-class table, the refreshed
     curves, and in TensorBoard a few images with their predictions (training/report.py)."""
     write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.metric_classes,
-                     evaluation.metrics)
+                     evaluation.metrics, draw=run.config.plots)
     run.log.flush()
-    draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
+    if run.config.plots:
+        draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
     if run.tensorboard and evaluation.shown:
         run.tensorboard.predictions(run.step, *evaluation.shown)
 
@@ -671,7 +672,7 @@ def train(run: Run) -> dict:
 
 
 def report_end(run: Run) -> None:
-    if run.metrics:
+    if run.metrics and run.config.plots:
         draw_per_class(run.metrics, run.metric_classes, run.out / "per_class_iou.png")
     if run.pusher and (run.out / "best").is_dir():
         if run.pusher.push(run.out / "best", f"best at step {run.step}: mean IoU {run.best_miou:.4f}"):

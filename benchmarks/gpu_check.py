@@ -110,7 +110,7 @@ def amp_steps(device, size, dtypes):
 def train_args(out, size, device, steps):
     return ["--train-split", "train[:16]", "--eval-split", "validation[:4]", "--size", str(size), "--batch-size", "2",
             "--max-steps", str(steps), "--warmup-steps", "1", "--eval-every", str(steps), "--save-every", "2",
-            "--log-every", "1", "--device", device, "--out", str(out)]
+            "--log-every", "1", "--device", device, "--out", str(out), "--no-plots"]  # plots: CPU-only work
 
 
 @check("train.py")

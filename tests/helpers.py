@@ -72,7 +72,8 @@ def write_ade_folder(root: Path, train_masks: list[np.ndarray], val_masks: list[
 
 # 20 synthetic training images of 64x64, 2 x 2 images per step: 5 steps per epoch, so 8 steps cross an epoch.
 TINY = ["--train-split", "train[:20]", "--eval-split", "validation[:8]", "--size", "64", "--batch-size", "2",
-        "--grad-accum", "2", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1"]
+        "--grad-accum", "2", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1",
+        "--no-plots"]  # drawing is most of a tiny run's time; tests/test_report.py checks the plots
 
 
 def run_training(out, *extra, base=TINY):

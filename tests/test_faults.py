@@ -24,7 +24,7 @@ from training.config import ConfigError
 
 # 8 synthetic images of 32x32, one step of 2: runs of a second or two.
 QUICK = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "2",
-         "--warmup-steps", "0", "--log-every", "1", "--eval-every", "100", "--save-every", "1"]
+         "--warmup-steps", "0", "--log-every", "1", "--eval-every", "100", "--save-every", "1", "--no-plots"]
 
 
 def quick(out, *extra):

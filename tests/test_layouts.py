@@ -224,7 +224,7 @@ def test_the_run_says_layout_sizes_and_mapping_and_warns_about_class_zero(tmp_pa
         random_image(SIZE, SIZE, seed=i).save(folder / "images" / f"{i}.png")
         Image.fromarray(mask.astype(np.uint8)).save(folder / "annotations" / f"{i}.png")
     quick = ["--data", str(folder), "--size", "32", "--batch-size", "2", "--max-steps", "1", "--eval-every", "1",
-             "--save-every", "100", "--num-labels", "2"]
+             "--save-every", "100", "--num-labels", "2", "--no-plots"]
     train.main(quick + ["--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "data: images/ + annotations/ folder" in out and "8 training / 2 validation samples" in out

@@ -51,6 +51,13 @@ def test_plots_and_csvs_hold_what_was_logged(tiny_run):
             np.array([[int(v) for v in line[1:]] for line in table[1:]]), matrix)
 
 
+def test_no_plots_writes_the_numbers_and_draws_nothing(tmp_path):
+    quick(tmp_path, "--max-steps", "2", "--no-plots")
+    assert not list(tmp_path.rglob("*.png"))
+    assert {p.name for p in (tmp_path / "evaluations" / "step-2").iterdir()} == {"confusion.npy", "confusion.csv",
+                                                                                 "per_class.csv"}
+
+
 def test_heatmap_rows_sum_to_one_and_many_classes_show_the_most_confused_pairs(tmp_path):
     matrix = np.array([[8, 2, 0], [1, 3, 0], [0, 0, 0]])
     shares = report.row_normalised(matrix)

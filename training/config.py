@@ -105,6 +105,8 @@ class TrainConfig:
                                            may_change=True)
     log_every: int = setting(20, "log loss and lr every N steps", low=1, may_change=True)
     # What the run shows and shares.
+    plots: bool = setting(True, "draw curves.png and each evaluation's confusion heatmap (matplotlib, a second or "
+                                "two each); --no-plots writes the numbers only", may_change=True)
     report_to: Literal["none", "tensorboard"] = setting("none", "also log to TensorBoard (<out>/tensorboard)",
                                                         may_change=True)
     push_to_hub: str | None = setting(None, "upload best/ to this hub repository (HF_TOKEN or `hf auth login`)",

@@ -73,8 +73,9 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict) -> None:
-    """The confusion matrix (.npy, .csv), the per-class table (.csv) and the heatmap of one evaluation."""
+def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict, *,
+                     draw: bool = True) -> None:
+    """The confusion matrix (.npy, .csv), the per-class table (.csv) and (draw) the heatmap of one evaluation."""
     from segformer.checkpoint import atomic_write
     directory.mkdir(parents=True, exist_ok=True)
     names = [name.strip() for name in class_names]
@@ -91,7 +92,7 @@ def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str]
     write_csv("per_class.csv", [["class", "iou", "accuracy", "labelled_pixels", "predicted_pixels", "correct_pixels"]]
               + [[names[i], _number(metrics["per_category_iou"][i]), _number(metrics["per_category_accuracy"][i]),
                   int(labelled[i]), int(predicted[i]), int(correct[i])] for i in range(len(names))])
-    plt = matplotlib_pyplot()
+    plt = matplotlib_pyplot() if draw else None
     if plt is not None:
         draw_confusion(plt, matrix, names, directory / "confusion.png")
 
