@@ -117,9 +117,8 @@ def overlay_prediction(image: Image.Image, prediction: torch.Tensor, colours: li
 
 
 def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.report import matplotlib_pyplot, save_figure
+    plt = matplotlib_pyplot()  # main has checked that matplotlib is there
 
     def one(axis, title, picture, query, size, background=None):
         if background is not None:  # the image in grey under the attention weights
@@ -134,17 +133,13 @@ def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
     for name, panel in shown.items():  # each panel alone
         figure, axis = plt.subplots(figsize=(4, 4))
         one(axis, *panel)
-        figure.tight_layout()
-        figure.savefig(out / f"{name}.png", dpi=100)
-        plt.close(figure)
+        save_figure(plt, figure, out / f"{name}.png")
     weights, stage, size, query = heads
     background = shown["attention_stage1"][4]
     figure, axes = plt.subplots(1, len(weights), figsize=(2.2 * len(weights), 2.6))
     for h, axis in enumerate(np.atleast_1d(axes)):
         one(axis, f"stage {stage}, head {h + 1}", weights[h].numpy(), query, size, background)
-    figure.tight_layout()
-    figure.savefig(out / "attention_heads.png", dpi=100)
-    plt.close(figure)
+    save_figure(plt, figure, out / "attention_heads.png")
     prediction.save(out / "prediction.png")
 
     rows = [["input", "stage1", "stage2", "stage3", "stage4"],
@@ -161,9 +156,7 @@ def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
                 one(axis, *shown[name])
     figure.suptitle("SegFormer, step by step: encoder maps (top), where one pixel attends (middle), the "
                     "decoder's four terms and their sum (bottom)", fontsize=11)
-    figure.tight_layout()
-    figure.savefig(out / "tour.png", dpi=90)
-    plt.close(figure)
+    save_figure(plt, figure, out / "tour.png", dpi=90)
 
 
 def get_args(argv=None):

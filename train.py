@@ -555,8 +555,7 @@ def report_evaluation(run: Run, evaluation: Evaluation) -> None:
     curves, and in TensorBoard a few images with their predictions (training/report.py)."""
     write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.metric_classes,
                      evaluation.metrics, draw=run.config.plots)
-    run.log.flush()
-    if run.config.plots:
+    if run.config.plots:  # from metrics.jsonl, which write_log has just flushed
         draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
     if run.tensorboard and evaluation.shown:
         run.tensorboard.predictions(run.step, *evaluation.shown)

@@ -69,6 +69,14 @@ def matplotlib_pyplot():
     return plt
 
 
+def save_figure(plt, figure, path: Path, dpi: int = 100) -> None:
+    """Lay out, write atomically (a run killed mid-write leaves the previous PNG, never half of one), close."""
+    from segformer.checkpoint import atomic_write
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(figure)
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -142,9 +150,7 @@ def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> Non
         axis.invert_yaxis()
         axis.set_xlabel("share of the label's pixels predicted as the other class")
         axis.set_title(f"the {len(pairs)} most confused pairs of {int(present.sum())} classes")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(plt, figure, path)
 
 
 def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
@@ -167,9 +173,7 @@ def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(plt, figure, path)
     return True
 
 
@@ -188,9 +192,7 @@ def draw_per_class(metrics: dict, class_names: list[str], path: Path) -> bool:
     axis.axvline(metrics["mean_iou"], color="black", linestyle="--", label=f"mean {metrics['mean_iou']:.3f}")
     axis.set_xlabel("IoU")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(plt, figure, path)
     return True
 
 
