@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from segformer import SegFormer
 from segformer.checkpoint import (read_input_size, read_palette, read_preprocessor_config, write_json,
                                   write_preprocessor_config)
+from segformer.onnx import onnx_session
 from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
@@ -104,18 +105,9 @@ def quantize_int8(source: str | Path, target: str | Path) -> None:
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
 
 
-def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def check_logits(model: SegFormer, path: Path, shapes) -> float:
     """The largest |ONNX Runtime - eager| over random inputs of the given shapes."""
-    runner, worst = session(path), 0.0
+    runner, worst = onnx_session(path), 0.0
     generator = torch.Generator().manual_seed(0)
     for shape in shapes:
         x = torch.randn(shape, generator=generator)
@@ -145,7 +137,7 @@ def check_images(folder: str | None, size: int, count: int = 8) -> list[torch.Te
 
 def mask_agreement(reference: Path, candidate: Path, inputs: list[torch.Tensor]) -> float:
     """The fraction of pixels whose class the two graphs agree on (label maps at the logits' size)."""
-    a, b = session(reference), session(candidate)
+    a, b = onnx_session(reference), onnx_session(candidate)
     same = total = 0
     for x in inputs:
         feed = {"pixel_values": x[None].numpy()}

@@ -13,25 +13,31 @@ from pathlib import Path
 import torch
 
 
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with every graph optimisation (operator fusions, NCHWc layouts);
+    `threads` sets its intra-op threads. Errors name the file."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("running an ONNX graph needs onnxruntime: pip install onnxruntime") from None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # not ONNX, truncated, an unknown operator
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+
+
 class OnnxModel:
     """The logits graph of export.py: pixel_values (B, 3, H, W) -> logits (B, K, H/4, W/4), on the CPU."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("running an ONNX graph needs onnxruntime: pip install onnxruntime") from None
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # not ONNX, truncated, an unknown operator
-            raise ValueError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        self.session = onnx_session(path, threads)
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != ["pixel_values"]:
             raise ValueError(f"{path}: a graph with inputs {inputs}; this needs export.py's logits graph "

@@ -13,6 +13,7 @@ from helpers import random_image, randomize_
 from segformer import SegFormer
 from segformer.checkpoint import write_json, write_preprocessor_config
 from segformer.inference import Predictor
+from segformer.onnx import onnx_session
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_label_map_graph_needs_no_numpy(tmp_path):
     write_preprocessor_config(tmp_path / "checkpoint", size=64, reduce_labels=True)
     assert export.main(["--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "out"),
                         "--label-map"]) == 0  # the command line, this time
-    session = export.session(tmp_path / "out" / "model.onnx")
+    session = onnx_session(tmp_path / "out" / "model.onnx")
     predictor = Predictor(model, size=64, device="cpu")
     for seed, (h, w) in enumerate([(70, 90), (41, 133)]):
         image = np.asarray(random_image(h, w, seed=seed))
