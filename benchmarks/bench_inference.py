@@ -1,13 +1,17 @@
 """CPU inference, every path side by side on the same weights: what a deployer would pick instead of us
 (transformers eager, ONNX Runtime on transformers' ONNX export) against our eager, channels-last,
-torch.compile and ONNX Runtime paths (fp32, and int8 with its measured mask agreement).
+torch.compile and ONNX Runtime paths: export.py's graph (attention as ONNX Runtime's fused operator), its
+--portable twin (standard operators), and its int8 twins (static: calibrated on generated scenes; dynamic).
 
     python benchmarks/bench_inference.py                    # B0, 512x512, batch 1, 2 threads, 150 classes
     python benchmarks/bench_inference.py --compile --rounds 30
 
-Calls are interleaved (one call of each path per round, in turn), so a machine whose speed drifts slows
-every path alike; the table shows medians and the ratios to transformers eager and to ONNX Runtime on
-transformers' export (> 1: faster). Every path is checked against our eager logits first.
+Calls are interleaved (one call of each path per round, in turn, the order reversed every other round),
+so a machine whose speed drifts slows every path alike; the table shows medians and the ratios to
+transformers eager and to ONNX Runtime on transformers' export (> 1: faster), and for each path the
+median of its per-round ratios to ONNX Runtime on transformers' export (the steadiest figure on a noisy
+machine). Every ONNX Runtime session has thread spinning off, so that no path inherits the busy-waiting
+threads of the one before it. Every path is checked against our eager logits first.
 """
 
 import argparse
@@ -49,7 +53,7 @@ def main():
 
     from transformers import SegformerForSemanticSegmentation
 
-    from export import export_onnx, quantize_int8
+    from export import check_images, export_onnx, quantize_int8
     torch.manual_seed(0)
     ours = SegFormer.from_variant(args.model, num_labels=args.num_labels).eval()
     tmp = Path(tempfile.mkdtemp())
@@ -60,11 +64,12 @@ def main():
           f"torch {torch.__version__}; exporting ...", flush=True)
     export_transformers(reference, x, tmp / "transformers.onnx")
     export_onnx(ours, tmp / "ours.onnx")
+    export_onnx(ours, tmp / "ours.portable.onnx", portable=True)
     paths = {}
     with torch.no_grad():
         expected = ours(x)
         paths["transformers eager"] = lambda: reference(pixel_values=x).logits
-        hf_session = onnx_session(tmp / "transformers.onnx", args.threads)
+        hf_session = onnx_session(tmp / "transformers.onnx", args.threads, spinning=False)
         feed = {"pixel_values": x.numpy()}
         paths["ORT, transformers' ONNX"] = lambda: torch.from_numpy(hf_session.run(None, feed)[0])
         paths["ours eager"] = lambda: ours(x)
@@ -79,13 +84,15 @@ def main():
             compiled = torch.compile(channels_last)
             compiled(x_cl)
             paths["ours torch.compile"] = lambda: compiled(x_cl)
-        our_session = onnx_session(tmp / "ours.onnx", args.threads)
-        paths["ORT, our ONNX"] = lambda: torch.from_numpy(our_session.run(None, {"pixel_values": x.numpy()})[0])
+        graphs = {"ORT, our ONNX --portable": "ours.portable.onnx", "ORT, our ONNX": "ours.onnx"}
         if not args.no_int8:
-            quantize_int8(tmp / "ours.onnx", tmp / "ours.int8.onnx")
-            int8_session = onnx_session(tmp / "ours.int8.onnx", args.threads)
-            paths["ORT, our ONNX int8"] = lambda: torch.from_numpy(
-                int8_session.run(None, {"pixel_values": x.numpy()})[0])
+            quantize_int8(tmp / "ours.onnx", tmp / "ours.static.onnx", check_images(None, args.size, 16, "train"))
+            quantize_int8(tmp / "ours.onnx", tmp / "ours.dynamic.onnx")
+            graphs.update({"ORT, our ONNX int8 static": "ours.static.onnx",
+                           "ORT, our ONNX int8 dynamic": "ours.dynamic.onnx"})
+        for name, file in graphs.items():
+            session = onnx_session(tmp / file, args.threads, spinning=False)
+            paths[name] = lambda session=session: torch.from_numpy(session.run(None, feed)[0])
         for name, run in paths.items():
             got = run()
             difference = (got - expected).abs().max().item()
@@ -94,17 +101,20 @@ def main():
         times = {name: [] for name in paths}
         for name, run in paths.items():  # warm up
             run(), run()
-        for _ in range(args.rounds):
-            for name, run in paths.items():
+        for round_ in range(args.rounds):
+            for name, run in list(paths.items())[::1 if round_ % 2 == 0 else -1]:
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
     base, ort_base = medians["transformers eager"], medians["ORT, transformers' ONNX"]
-    print(f"\n{'path':28}{'median':>10}{'p10-p90':>16}{'vs transformers':>17}{'vs ORT(transformers)':>22}")
+    print(f"\n{'path':30}{'median':>10}{'p10-p90':>16}{'vs transformers':>17}{'vs ORT(transformers)':>22}"
+          f"{'paired':>9}")
     for name, ms in medians.items():
         p10, p90 = np.percentile(np.array(times[name]) * 1000, [10, 90])
-        print(f"{name:28}{ms:>7.1f} ms{p10:>8.1f}-{p90:<6.1f}{base / ms:>15.2f}x{ort_base / ms:>20.2f}x")
+        paired = statistics.median(a / b for a, b in zip(times["ORT, transformers' ONNX"], times[name]))
+        print(f"{name:30}{ms:>7.1f} ms{p10:>8.1f}-{p90:<6.1f}{base / ms:>15.2f}x{ort_base / ms:>20.2f}x"
+              f"{paired:>8.2f}x")
 
 
 if __name__ == "__main__":

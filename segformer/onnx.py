@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool = True):
     """An ONNX Runtime CPU session with every graph optimisation (operator fusions, NCHWc layouts);
-    `threads` sets its intra-op threads. Errors name the file."""
+    `threads` sets its intra-op threads; `spinning=False` lets them sleep as soon as a call ends instead
+    of busy-waiting for the next one (for benchmarks that alternate runtimes). Errors name the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -26,6 +27,8 @@ def onnx_session(path: str | Path, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # not ONNX, truncated, an unknown operator

@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -18,8 +20,8 @@ from segformer.onnx import onnx_session
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """One export (and its int8 twin) of a random-weight checkpoint for 64x64 inputs, shared by the tests:
-    B0 with one block per stage (every kind of module, half the tracing time)."""
+    """One export (and its static int8 twin) of a random-weight checkpoint for 64x64 inputs, shared by the
+    tests: B0 with one block per stage (every kind of module, half the tracing time)."""
     torch.manual_seed(0)
     model = randomize_(SegFormer.from_variant("b0", num_labels=5, depths=(1, 1, 1, 1)), seed=3).eval()
     checkpoint = tmp_path_factory.mktemp("checkpoint")
@@ -27,7 +29,7 @@ def exported(tmp_path_factory):
     write_preprocessor_config(checkpoint, size=64, reduce_labels=False)
     write_json([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], checkpoint / "palette.json")
     out = tmp_path_factory.mktemp("exported")
-    program = export.export_checkpoint(str(checkpoint), out, int8=True)
+    program = export.export_checkpoint(str(checkpoint), out, int8="static")
     return model, checkpoint, out, program
 
 
@@ -37,6 +39,9 @@ def test_onnx_runtime_equals_eager_at_two_shapes_from_one_export(exported):
     model, _, out, _ = exported
     shapes = [(1, 3, 512, 512), (2, 3, 320, 480), (1, 3, 32, 40)]
     assert export.check_logits(model, out / "model.onnx", shapes) <= 1e-4
+    operators = [(node.domain, node.op_type) for node in onnx.load(out / "model.onnx").graph.node]
+    assert operators.count(("com.microsoft", "MultiHeadAttention")) == 4  # one per block: ONNX Runtime's kernel
+    assert ("", "Softmax") not in operators
 
 
 def test_the_torch_export_graph_serves_any_batch_and_size(exported):
@@ -59,12 +64,20 @@ def test_the_side_files_carry_size_labels_and_colours(exported):
     assert json.loads((out / "id2label.json").read_text()) == {str(i): f"LABEL_{i}" for i in range(5)}
 
 
-def test_int8_is_written_with_its_measured_agreement(exported, capsys):
+def test_int8_is_written_with_its_measured_agreement(exported, tmp_path):
+    """Static (the fixture's: calibrated, every convolution and matrix product int8) and dynamic."""
     _, _, out, _ = exported
+    export.quantize_int8(out / "model.onnx", tmp_path / "dynamic.onnx")
     inputs = export.check_images(None, 64, count=2)
-    agreement = export.mask_agreement(out / "model.onnx", out / "model.int8.onnx", inputs)
-    assert 0.5 < agreement <= 1.0
-    assert (out / "model.int8.onnx").stat().st_size < 0.5 * (out / "model.onnx").stat().st_size  # int8 weights
+    for int8, kernels in ((out / "model.int8.onnx", {"QLinearConv", "QLinearMatMul"}),
+                          (tmp_path / "dynamic.onnx", {"DynamicQuantizeLinear", "ConvInteger"})):
+        assert 0.5 < export.mask_agreement(out / "model.onnx", int8, inputs) <= 1.0
+        assert int8.stat().st_size < 0.5 * (out / "model.onnx").stat().st_size  # int8 weights
+        optimised = tmp_path / f"{int8.stem}.optimised.onnx"
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(optimised)  # the graph ONNX Runtime runs, after its fusions
+        ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+        assert kernels <= {node.op_type for node in onnx.load(optimised).graph.node}
 
 
 def test_infer_py_runs_the_exported_graph_like_the_checkpoint(exported, tmp_path):
@@ -83,13 +96,15 @@ def test_infer_py_runs_the_exported_graph_like_the_checkpoint(exported, tmp_path
 
 
 def test_a_label_map_graph_needs_no_numpy(tmp_path):
-    """uint8 image in, label map at the image's own size out: the predictor's resize mode, in one graph."""
+    """uint8 image in, label map at the image's own size out: the predictor's resize mode, in one graph;
+    --portable, so in standard ONNX operators only."""
     torch.manual_seed(1)
     model = randomize_(SegFormer.from_variant("b0", num_labels=4, depths=(1, 1, 1, 1)), seed=5).eval()
     model.save_pretrained(tmp_path / "checkpoint")
     write_preprocessor_config(tmp_path / "checkpoint", size=64, reduce_labels=True)
     assert export.main(["--checkpoint", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "out"),
-                        "--label-map"]) == 0  # the command line, this time
+                        "--label-map", "--portable"]) == 0  # the command line, this time
+    assert {node.domain for node in onnx.load(tmp_path / "out" / "model.onnx").graph.node} == {""}  # any runtime
     session = onnx_session(tmp_path / "out" / "model.onnx")
     predictor = Predictor(model, size=64, device="cpu")
     for seed, (h, w) in enumerate([(70, 90), (41, 133)]):
@@ -106,6 +121,9 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--label-map",
                         "--int8"]) == 2
     assert "--int8 goes with the logits graph" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+                        "--calibration-images", str(tmp_path)]) == 2
+    assert "--calibration-images goes with --int8 static" in capsys.readouterr().err
     from segformer.onnx import OnnxModel
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match=r"model\.onnx: ONNX Runtime cannot load it"):
