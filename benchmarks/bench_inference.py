@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="threads of torch and ONNX Runtime (default 2)")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds, one call of each path per round")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 path")
+    parser.add_argument("--no-int8", action="store_true", help="skip the two int8 paths (static and dynamic)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
