@@ -190,11 +190,14 @@ def check_logits(model: SegFormer, path: Path, shapes) -> float:
 
 
 def check_images(folder: str | None, size: int, count: int = 8, split: str = "test") -> list[torch.Tensor]:
-    """Normalised (3, size, size) inputs: the images of a folder, or generated scenes of `split`."""
+    """Normalised (3, size, size) inputs: the first `count` images of a folder, or generated scenes of `split`.
+    A folder without images is a ValueError naming it."""
     from segformer.inference import load_image, to_uint8_tensor
     from segformer.preprocess import normalize, resize_image
     if folder:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
+        if not files:
+            raise ValueError(f"{folder}: no .jpg, .jpeg or .png images in it")
         images = [to_uint8_tensor(load_image(p)) for p in files]
     else:
         from data.synthetic import SyntheticScenes
@@ -259,6 +262,11 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
         raise ValueError("--int8 goes with the logits graph (export without --label-map)")
     if calibration_folder and int8 != "static":
         raise ValueError("--calibration-images goes with --int8 static")
+    calibration = inputs = None
+    if int8:  # read before the export, so that a folder without images stops it at once
+        if int8 == "static":
+            calibration = check_images(calibration_folder, size, count=CALIBRATION_COUNT, split="train")
+        inputs = check_images(check_folder, size)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     print(f"exporting {checkpoint} ({model.config.variant or 'custom'}, {model.config.num_labels} classes) "
@@ -271,13 +279,8 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
             raise ValueError(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
     write_sidecars(checkpoint, model, out, size)
     if int8:
-        calibration = None
-        if int8 == "static":
-            calibration = check_images(calibration_folder, size, count=CALIBRATION_COUNT, split="train")
-            if not calibration:
-                raise ValueError(f"--calibration-images {calibration_folder}: no .jpg or .png images in it")
         quantize_int8(path, out / "model.int8.onnx", calibration)
-        agreement = mask_agreement(path, out / "model.int8.onnx", check_images(check_folder, size))
+        agreement = mask_agreement(path, out / "model.int8.onnx", inputs)
         calibrated = "" if calibration is None else f", calibrated on {len(calibration)} " + \
             (f"images of {calibration_folder}" if calibration_folder else "generated training scenes")
         checked = f"images of {check_folder}" if check_folder else "generated test scenes"

@@ -124,6 +124,12 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
                         "--calibration-images", str(tmp_path)]) == 2
     assert "--calibration-images goes with --int8 static" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # refused before the export, not with a traceback after it
+    for flags in (["--int8", "static", "--calibration-images"], ["--int8", "--check-images"]):
+        assert export.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *flags,
+                            str(tmp_path / "empty")]) == 2
+        assert f"{tmp_path / 'empty'}: no .jpg, .jpeg or .png images in it" in capsys.readouterr().err
+        assert not (tmp_path / "out" / "model.onnx").exists()
     from segformer.onnx import OnnxModel
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match=r"model\.onnx: ONNX Runtime cannot load it"):
