@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import read_input_size, read_palette
-from segformer.inference import load_image, to_uint8_tensor
-from segformer.labels import palette
-from segformer.metrics import logits_to_predictions, predicted_classes
-from segformer.preprocess import normalize, resize_image
+from segformer.checkpoint import describe
+from segformer.errors import UserError
+from segformer.images import load_image, to_tensor
+from segformer.metrics import logits_to_predictions
+from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from segformer.visual import overlay, pyplot, save_figure
 
 
 def principal_colours(features: torch.Tensor, basis: torch.Tensor | None = None):
@@ -54,7 +56,7 @@ def principal_colours(features: torch.Tensor, basis: torch.Tensor | None = None)
 @torch.no_grad()
 def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, int]) -> dict:
     """Every intermediate the panels draw, computed from the model's own modules."""
-    x = normalize(resize_image(to_uint8_tensor(image), (size, size)))[None]  # (1, 3, size, size)
+    x = normalize(resize_image(to_tensor(image), (size, size)))[None]  # (1, 3, size, size)
     row, col = (min(max(p, 0), size - 1) for p in (round(pixel[0] * size / image.height),
                                                      round(pixel[1] * size / image.width)))
     captured = []  # the inputs of each stage's last attention: (normalised tokens, H, W)
@@ -86,7 +88,7 @@ def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, i
 def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, size: int) -> dict:
     """name -> (title, (H, W, 3) float image or (H, W) map, and what to draw on it)."""
     shown = {}
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     picture = (result["input"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     grey = picture.mean(2)
     shown["input"] = (f"input {size}x{size}\n(after the processor's resize)", picture, result["query"], size, None)
@@ -111,14 +113,8 @@ def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, si
     return shown
 
 
-def overlay_prediction(image: Image.Image, prediction: torch.Tensor, colours: list, names: dict) -> Image.Image:
-    from infer import overlay
-    return overlay(image, prediction.numpy(), colours, names, alpha=0.5)
-
-
 def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
-    from training.report import matplotlib_pyplot, save_figure
-    plt = matplotlib_pyplot()  # main has checked that matplotlib is there
+    plt = pyplot()  # main has checked that matplotlib is there
 
     def one(axis, title, picture, query, size, background=None):
         if background is not None:  # the image in grey under the attention weights
@@ -178,27 +174,26 @@ def main(argv=None) -> int:
         print("error: explain.py draws with matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
     try:
-        model = SegFormer.from_pretrained(args.checkpoint).eval()
+        facts = describe(args.checkpoint)
+        spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
+        model = SegFormer.from_pretrained(facts).eval()
         image = load_image(args.image)
-    except (FileNotFoundError, PermissionError, ValueError, OSError) as e:  # the message names the file
+    except UserError as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    size = args.size or read_input_size(args.checkpoint) or 512
+        return e.exit_code
+    size = spec.size
     pixel = tuple(args.pixel) if args.pixel else (image.height // 2, image.width // 2)
     if not (0 <= pixel[0] < image.height and 0 <= pixel[1] < image.width):
         print(f"error: --pixel {pixel[0]} {pixel[1]}: outside the {image.width}x{image.height} image", file=sys.stderr)
         return 2
     result = tour(model, image, size=size, pixel=pixel)
-    names = dict(enumerate(predicted_classes(model.config.label_names())))
-    colours = read_palette(args.checkpoint) if Path(args.checkpoint).exists() else None
-    if colours is None or len(colours) != len(names):
-        colours = palette(len(names), names)
+    names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shown = panels(model, image, result, colours, size)
     last = result["attention"][-1][0]
     draw(shown, (last, len(result["attention"]), size, result["query"]),
-         overlay_prediction(image, result["prediction"], colours, names), out)
+         overlay(image, result["prediction"].numpy(), colours, names), out)
     print(f"wrote {out / 'tour.png'} and its {len(shown) + 2} panels in {out}/")
     return 0
 

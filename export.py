@@ -42,11 +42,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import (read_input_size, read_palette, read_preprocessor_config, write_json,
-                                  write_preprocessor_config)
+from segformer.checkpoint import describe, write_json, write_preprocessor_config
+from segformer.errors import ConfigError, DataError, UserError
+from segformer.images import is_image_file, read_image, to_tensor
 from segformer.onnx import onnx_session
-from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
 
 MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
 # The traced graph serves every size; tracing assumes every stage's reduced key/value map is at least 2 x 2
@@ -54,6 +56,12 @@ MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at lea
 # once instead of failing and retrying (half the export time); ONNX Runtime still runs 32 x 32 exactly.
 TRACE_MIN_SIDE = 61
 CALIBRATION_COUNT = 16  # images whose activation ranges fix the static int8 scales
+
+
+class ExportMismatch(UserError):
+    """The written graph does not reproduce the model: the file is there, but not to be trusted."""
+
+    exit_code = 1
 
 
 class LabelMapGraph(nn.Module):
@@ -191,18 +199,16 @@ def check_logits(model: SegFormer, path: Path, shapes) -> float:
 
 def check_images(folder: str | None, size: int, count: int = 8, split: str = "test") -> list[torch.Tensor]:
     """Normalised (3, size, size) inputs: the first `count` images of a folder, or generated scenes of `split`.
-    A folder without images is a ValueError naming it."""
-    from segformer.inference import load_image, to_uint8_tensor
-    from segformer.preprocess import normalize, resize_image
+    A folder without images is a DataError naming it."""
     if folder:
-        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:count]
+        files = sorted(p for p in Path(folder).rglob("*") if is_image_file(p))[:count]
         if not files:
-            raise ValueError(f"{folder}: no .jpg, .jpeg or .png images in it")
-        images = [to_uint8_tensor(load_image(p)) for p in files]
+            raise DataError(f"{folder}: no images in it")
+        images = [read_image(p) for p in files]
     else:
         from data.synthetic import SyntheticScenes
         scenes = SyntheticScenes(split, length=count)
-        images = [to_uint8_tensor(scenes[i][0]) for i in range(count)]
+        images = [to_tensor(scenes[i][0]) for i in range(count)]
     return [normalize(resize_image(image, (size, size))) for image in images]
 
 
@@ -217,14 +223,11 @@ def mask_agreement(reference: Path, candidate: Path, inputs: list[torch.Tensor])
     return same / total
 
 
-def write_sidecars(checkpoint: str, model: SegFormer, out: Path, size: int) -> None:
+def write_sidecars(spec, out: Path) -> None:
     """What a service needs beside the graph: the preprocessing, the class names, the colours."""
-    reduce = read_preprocessor_config(checkpoint).get("do_reduce_labels", True) if Path(checkpoint).exists() else True
-    write_preprocessor_config(out, size=size, reduce_labels=reduce)
-    write_json({str(i): name for i, name in enumerate(model.config.label_names())}, out / "id2label.json")
-    colours = read_palette(checkpoint) if Path(checkpoint).exists() else None
-    if colours:
-        write_json([list(c) for c in colours], out / "palette.json")
+    write_preprocessor_config(out, size=spec.size, reduce_labels=spec.reduce_labels)
+    write_json({str(i): name for i, name in spec.id2label.items()}, out / "id2label.json")
+    write_json([list(c) for c in spec.palette], out / "palette.json")
 
 
 def get_args(argv=None):
@@ -253,15 +256,17 @@ def get_args(argv=None):
 def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, size: int | None = None,
                       portable: bool = False, int8: str | None = None, calibration_folder: str | None = None,
                       check_folder: str | None = None):
-    """Everything main does; returns the ONNXProgram. Raises ValueError / FileNotFoundError naming the problem."""
-    model = SegFormer.from_pretrained(checkpoint).eval()
-    size = size or read_input_size(checkpoint) or 512
+    """Everything main does; returns the ONNXProgram. A problem is a UserError naming it."""
+    facts = describe(checkpoint)
+    spec, _ = decide_labels(checkpoint=facts, size=size)  # input size, label reduction, names, colours
+    model = SegFormer.from_pretrained(facts).eval()
+    size = spec.size
     if size < MIN_SIDE:
-        raise ValueError(f"--size {size}: at least {MIN_SIDE}")
+        raise ConfigError(f"--size {size}: at least {MIN_SIDE}")
     if int8 and label_map:
-        raise ValueError("--int8 goes with the logits graph (export without --label-map)")
+        raise ConfigError("--int8 goes with the logits graph (export without --label-map)")
     if calibration_folder and int8 != "static":
-        raise ValueError("--calibration-images goes with --int8 static")
+        raise ConfigError("--calibration-images goes with --int8 static")
     calibration = inputs = None
     if int8:  # read before the export, so that a folder without images stops it at once
         if int8 == "static":
@@ -276,8 +281,8 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
         worst = check_logits(model, path, [(1, 3, size, size), (2, 3, 320, 480)])
         print(f"ONNX Runtime vs eager, 1x3x{size}x{size} and 2x3x320x480: max |logits difference| {worst:.2e}")
         if worst > 1e-4:
-            raise ValueError(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
-    write_sidecars(checkpoint, model, out, size)
+            raise ExportMismatch(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
+    write_sidecars(spec, out)
     if int8:
         quantize_int8(path, out / "model.int8.onnx", calibration)
         agreement = mask_agreement(path, out / "model.int8.onnx", inputs)
@@ -296,9 +301,9 @@ def main(argv=None) -> int:
         export_checkpoint(args.checkpoint, Path(args.out), label_map=args.label_map, size=args.size,
                           portable=args.portable, int8=args.int8, calibration_folder=args.calibration_images,
                           check_folder=args.check_images)
-    except (FileNotFoundError, PermissionError, ValueError) as e:  # the message names the file, key or flag
+    except UserError as e:  # the message names the file, key or flag
         print(f"error: {e}", file=sys.stderr)
-        return 2 if not str(e).startswith(str(Path(args.out) / "model.onnx")) else 1
+        return e.exit_code
     return 0
 
 

@@ -22,16 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
+from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import atomic_write, read_input_size, read_palette
-from segformer.inference import IMAGE_SUFFIXES as SOURCE_SUFFIXES
-from segformer.inference import Predictor, load_image
-from segformer.labels import palette
+from segformer.checkpoint import atomic_write, describe
+from segformer.errors import UserError
+from segformer.images import is_image_file, load_image
+from segformer.inference import Predictor
+from segformer.visual import overlay
 
-IMAGE_SUFFIXES = SOURCE_SUFFIXES | {".gif"}  # what data folders hold, and animations (their first frame)
 DEMO_CHECKPOINT = Path("runs/synthetic/best")
 DEMO_OUT = Path("runs/synthetic/predictions")
 
@@ -93,8 +94,7 @@ def find_images(inputs: list[str]) -> list[tuple[Path, Path]]:
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for path in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                               and not p.name.startswith(".") and not p.is_dir()):
+            for path in sorted(p for p in item.rglob("*") if is_image_file(p)):
                 found.append((path, path.parent.relative_to(item)))
         else:
             found.append((item, Path()))  # missing or unreadable files are reported when read
@@ -116,33 +116,6 @@ def demo_inputs(folder: Path, count: int = 4) -> list[str]:
     return paths
 
 
-def overlay(image: Image.Image, label_map: np.ndarray, colours: list, names: dict, alpha: float) -> Image.Image:
-    """The image blended with each pixel's class colour, and a legend of the classes present."""
-    colour_table = np.array(colours, dtype=np.uint8)
-    blended = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colour_table[label_map]
-    picture = Image.fromarray(blended.round().astype(np.uint8))
-    present, counts = np.unique(label_map, return_counts=True)
-    order = present[np.argsort(-counts, kind="stable")]  # largest first
-    font = ImageFont.load_default(size=max(10, min(image.height // 24, 24)))
-    row = font.size + 6
-    fit = max(1, (image.height - 8) // row)  # the legend stays within the picture's height
-    shown = order if len(order) <= fit else order[:fit - 1]
-    lines = [names[int(c)].strip() for c in shown]
-    if len(shown) < len(order):
-        lines.append(f"+{len(order) - len(shown)} more")
-    width = max(int(font.getlength(text)) for text in lines) + row + 16
-    canvas = Image.new("RGB", (image.width + width, max(image.height, row * len(lines) + 8)), "white")
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, text in enumerate(lines):
-        y = 4 + i * row
-        if i < len(shown):
-            draw.rectangle([image.width + 6, y, image.width + 6 + font.size, y + font.size],
-                           fill=tuple(colours[shown[i]]))
-        draw.text((image.width + 12 + font.size, y - 1), text, fill="black", font=font)
-    return canvas
-
-
 def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, alpha) -> None:
     """The mask, overlay and segments of one image, each written atomically (complete or absent)."""
     label_map = prediction.label_map.cpu().numpy()
@@ -162,15 +135,15 @@ def output_path(stem: Path, suffix: str) -> Path:
 
 
 def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha) -> str | None:
-    """Segment one image and write its outputs; what went wrong, in one line, or None."""
+    """Segment one image and write its outputs; what went wrong, in one line naming the file, or None."""
     try:
         image = load_image(path)
-    except Exception as e:  # unreadable, not an image, missing
-        return f"cannot read as an image ({type(e).__name__}: {one_line(e)})"
+    except UserError as e:  # unreadable, not an image, missing: the message names the file
+        return one_line(e)
     try:
         save_outputs(path, image, predictor(image), stem, colours=colours, names=names, alpha=alpha)
     except Exception as e:  # out of memory (a RuntimeError), an unwritable output, ...
-        return f"{type(e).__name__}: {one_line(e)}"
+        return f"{path}: {type(e).__name__}: {one_line(e)}"
     return None
 
 
@@ -183,7 +156,7 @@ def main(args) -> int:
     demo = not args.checkpoint and not args.inputs
     if demo:
         if not (DEMO_CHECKPOINT / "model.safetensors").is_file():
-            print(f"no --checkpoint given and no {DEMO_CHECKPOINT}: run `python train.py` first, or pass "
+            print(f"error: no --checkpoint given and no {DEMO_CHECKPOINT}: run `python train.py` first, or pass "
                   f"--checkpoint <dir|file|hub id> and images", file=sys.stderr)
             return 2
         args.checkpoint = str(DEMO_CHECKPOINT)
@@ -191,7 +164,7 @@ def main(args) -> int:
         args.inputs = demo_inputs(Path(args.out) / "inputs")
     source = args.checkpoint or args.onnx
     if not source or not args.inputs:
-        print("give --checkpoint (or --onnx) and at least one image or folder (or neither, for the demo)",
+        print("error: give --checkpoint (or --onnx) and at least one image or folder (or neither, for the demo)",
               file=sys.stderr)
         return 2
     if args.threads:
@@ -200,20 +173,19 @@ def main(args) -> int:
         if args.onnx:
             from segformer.onnx import OnnxModel
             model = OnnxModel(args.onnx, threads=args.threads)
+            facts = model.facts
         else:
-            model = SegFormer.from_pretrained(args.checkpoint)
-    except (FileNotFoundError, PermissionError, ValueError, ImportError) as e:  # the message names the file
+            facts = describe(args.checkpoint)
+            model = SegFormer.from_pretrained(facts)
+        spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
+    except UserError as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    size = args.size or read_input_size(source) or 512
-    predictor = Predictor(model, size=size, mode=args.mode, window=args.window, stride=args.stride,
+        return e.exit_code
+    predictor = Predictor(model, size=spec.size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device="cpu" if args.onnx else args.device,
                           amp=args.amp, channels_last=args.channels_last and not args.onnx,
                           compile=args.compile and not args.onnx, memory_mb=args.memory_mb)
-    names = predictor.id2label
-    colours = read_palette(source) if Path(source).exists() else None
-    if colours is None or len(colours) != len(names):  # the data's own colours where the checkpoint has them
-        colours = palette(len(names), names)
+    names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
     out = Path(args.out or "predictions")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -231,16 +203,16 @@ def main(args) -> int:
             continue
         problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha)
         if problem:  # reported, and the other images go on
-            failed.append((path, problem))
-            tqdm.write(f"error: {path}: {problem}", file=sys.stderr)
+            failed.append(problem)
+            tqdm.write(f"error: {problem}", file=sys.stderr)
         else:
             written += 1
 
     print(f"{written} image(s) segmented into {out}/", end="")
     print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")
     print(f"; {len(failed)} failed:" if failed else "")
-    for path, reason in failed:
-        print(f"  {path}: {reason}")
+    for problem in failed:
+        print(f"  {problem}")
     if demo and written:
         print(f"look at {out}/*_overlay.png")
     return 1 if failed else 0

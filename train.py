@@ -12,165 +12,73 @@ ignoring 255) -> backward (x grad_accum) -> clip -> AdamW step -> poly schedule.
 steps: mean IoU on the validation split; every --save-every steps: a checkpoint directory that
 `SegFormer.from_pretrained` and transformers both load, plus the state to resume exactly.
 
-Reading order: `build_run` (labels, data, model, optimizer, schedule, restored state), then `train`,
-which repeats `train_step` and `after_step` (log, evaluate, keep the best, checkpoint, agree on a stop).
+Reading order: `build_run` (labels, data, model, optimizer, schedule, restored state), then `train`, whose
+loop body is the cycle: a step, then log, evaluate (and keep the best), checkpoint, stop if asked.
 """
 
 import json
 import math
-import os
-import random
 import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import IGNORE_INDEX, DataError, build_dataset, build_loader, normalize_batch, open_source
-from data.dataset import annotation_to_tensor
-from data.stats import collect, median_frequency_weights, read_class_weights
+from data import batch_to_device, build_dataset, build_loader, decide_labels, open_source
+from data.stats import collect, median_frequency_weights, read_class_weights, zero_share
 from segformer import SegFormer, segmentation_loss
-from segformer.checkpoint import (atomic_write, read_input_size, read_preprocessor_config,
-                                  segmentation_labels)
-from segformer.labels import palette, read_id2label
-from segformer.layouts import LayoutError
-from segformer.metrics import ConfusionMatrix, logits_to_predictions, predicted_classes
-from training.checkpoints import (CheckpointError, RunLock, RunLocked, check_output_dir, clean_up_after_a_kill,
-                                  last_checkpoint_note, load_training_state, prune_checkpoints, rng_from_plain,
-                                  rng_to_plain, save_checkpoint)
+from segformer.checkpoint import CheckpointFacts, atomic_write, describe
+from segformer.errors import UserError
+from segformer.labels import read_id2label
+from segformer.precision import autocast
+from training.checkpoints import (RunLock, check_output_dir, clean_up_after_a_kill, last_checkpoint_note,
+                                  load_training_state, prune_checkpoints, save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
-from training.hub import HubError, HubPusher, model_card
-from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log,
-                             write_evaluation)
-
-AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---- processes, devices, seeds ---------------------------------------------------------------------
-
-def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
-    """Under torchrun: one process per device, NCCL on GPUs, gloo on CPUs. Returns (rank, world, device)."""
-    device_name = device_name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = device_name.startswith("cuda")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+from training.distributed import (any_process, broadcast, cleanup, gather_rng_states, seed_everything,
+                                  set_rng_states, setup_distributed)
+from training.evaluation import Evaluation, evaluate
+from training.hub import HubPusher, model_card
+from training.loop import Meter, StopRequest, due, groups_of
+from training.report import TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log, write_evaluation
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class Diverged(UserError):
+    """The loss or the weights stopped being finite: nothing is saved from them (lower the learning rate)."""
+
+    exit_code = 1
 
 
-def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+# ---- data and labels -------------------------------------------------------------------------------------
+
+def open_split(config: TrainConfig, split: str, *, train: bool):
+    return open_source(config.data, split, train=train, test_size=config.test_size,
+                       image_column=config.image_column, annotation_column=config.annotation_column,
+                       dataset_config=config.dataset_config)
 
 
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def decide_run_labels(config: TrainConfig, samples, *, resumed: CheckpointFacts | None):
+    """The run's label spec (data.spec.decide_labels) from the data, the resumed checkpoint, --pretrained
+    and the flags; the lines to say come with it."""
+    pretrained = describe(config.pretrained) if config.pretrained and resumed is None else None
+    return decide_labels(data=samples.labels, checkpoint=resumed, pretrained=pretrained,
+                         id2label=read_id2label(config.id2label) if config.id2label else None,
+                         id2label_origin=f"--id2label {config.id2label}", num_labels=config.num_labels,
+                         reduce_labels=config.reduce_labels, size=config.size)
 
 
-def gather_rng_states(world_size: int) -> list:
-    """Every process's RNG states (dropout and drop path draw from them), so a resume is exact."""
-    states = rng_to_plain(rng_states())
-    if world_size == 1:
-        return [states]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, states)
-    return gathered
-
-
-def any_process(flag: bool, world_size: int, device) -> bool:
-    """True on every process when the flag is true on any of them, so that all act at the same step."""
-    if world_size == 1:
-        return flag
-    total = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(total)
-    return total.item() > 0
-
-
-# ---- labels, data, model, optimizer, schedule ---------------------------------------------------------
-
-def _is_default_names(names: list[str]) -> bool:
-    return all(name == f"LABEL_{i}" for i, name in enumerate(names))
-
-
-def check_same_classes(names: list[str], origin: str, other: list[str] | None, other_origin: str) -> None:
-    """Two label lists must agree in number, and in names unless one of them has only LABEL_<i> names."""
-    if other is None:
-        return
-    same_names = [n.strip() for n in names] == [n.strip() for n in other]
-    if len(names) != len(other) or not (same_names or _is_default_names(names) or _is_default_names(other)):
-        def show(ns):
-            return ", ".join(n.strip() for n in ns[:4]) + (", ..." if len(ns) > 4 else "")
-        raise ConfigError(f"{origin} has {len(names)} classes ({show(names)}) but {other_origin} has "
-                          f"{len(other)} ({show(other)})")
-
-
-def source_class_names(samples, reduce_labels: bool | None) -> list[str] | None:
-    """The data source's own class list, which holds under its own label convention only: with the
-    reduction switched the other way, the same names would describe other pixels."""
-    return samples.class_names if reduce_labels in (None, samples.reduce_labels) else None
-
-
-def decide_labels(config: TrainConfig, samples, *, resumed: Path | None = None) -> list[str]:
-    """The run's class names, decided once here and handed to both datasets and the model.
-
-    The first of: the resumed checkpoint's, --id2label, the data source's own list (ADE20K folders,
-    SceneParse150, the synthetic set), a --pretrained segmentation checkpoint's, LABEL_<i> for
-    --num-labels. Whatever else names the classes must agree with it."""
-    source_names = source_class_names(samples, config.reduce_labels)
-    if resumed is not None:
-        names, origin = segmentation_labels(resumed), f"the checkpoint {resumed}"
-    elif config.id2label:
-        names, origin = list(read_id2label(config.id2label).values()), f"--id2label {config.id2label}"
-    elif source_names:
-        names, origin = source_names, f"the data {config.data}"
-    elif config.pretrained and (head := segmentation_labels(config.pretrained)) and config.num_labels in (None,
-                                                                                                         len(head)):
-        names, origin = head, f"--pretrained {config.pretrained}"
-    elif config.num_labels:
-        names, origin = [f"LABEL_{i}" for i in range(config.num_labels)], f"--num-labels {config.num_labels}"
-    else:
-        raise ConfigError(f"{config.data}: the data does not name its classes; give --num-labels N or "
-                          f"--id2label FILE")
-    if config.num_labels is not None and config.num_labels != len(names):
-        raise ConfigError(f"--num-labels {config.num_labels}, but {origin} has {len(names)} classes")
-    check_same_classes(names, origin, source_names, f"the data {config.data} ({samples.layout})")
-    return names
-
-
-def resolve_for_run(config: TrainConfig, *, labels: list[str], samples, world_size: int,
-                    device: torch.device) -> TrainConfig:
+def resolve_for_run(config: TrainConfig, *, spec, world_size: int, device: torch.device) -> TrainConfig:
     """Settings whose value depends on the data, the machine or the number of processes, made concrete
     once, so that `training_args.json` records what the run actually does."""
-    reduce = config.reduce_labels
-    if reduce is None:
-        reduce = True if samples.reduce_labels is None else samples.reduce_labels
     batch_size = config.batch_size
     if config.total_batch_size:  # the recipe fixes the images per step over all processes
         batch_size = max(1, config.total_batch_size // (world_size * config.grad_accum))
-    return replace(config, amp=resolve_amp(config.amp, device), reduce_labels=reduce, num_labels=len(labels),
-                   batch_size=batch_size)
+    return replace(config, amp=resolve_amp(config.amp, device), reduce_labels=spec.reduce_labels,
+                   num_labels=spec.num_labels, batch_size=batch_size)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -181,13 +89,34 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-def build_loaders(config: TrainConfig, labels: list[str], train_samples, eval_samples):
-    common = dict(class_names=labels, reduce_labels=config.reduce_labels, size=config.size, seed=config.seed,
-                  skip_bad=config.skip_bad, uint8=True)  # bytes from the workers, normalised on the device
-    train_set = build_dataset(train_samples, train=True, recipe=config.augment, **common)
-    eval_set = build_dataset(eval_samples, train=False, eval_mode=config.eval_mode, **common)
+def open_data(config: TrainConfig, *, resumed: CheckpointFacts | None, rank: int, world_size: int,
+              device: torch.device):
+    """Both splits and the label spec decided once. Returns (config made concrete, spec, train and
+    evaluation loaders)."""
+    train_samples = open_split(config, config.train_split, train=True)
+    eval_samples = open_split(config, config.eval_split, train=False)
+    overlap = set(train_samples.names()) & set(eval_samples.names())
+    if overlap:
+        raise ConfigError(f"{len(overlap)} of the {len(eval_samples)} validation samples of {config.data} are also "
+                          f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
+                          f"--eval-split {config.eval_split} must not share images")
+    spec, notes = decide_run_labels(config, train_samples, resumed=resumed)
+    config = resolve_for_run(config, spec=spec, world_size=world_size, device=device)
+    if rank == 0:
+        print(f"data: {train_samples.layout} {config.data}: {len(train_samples)} training / {len(eval_samples)} "
+              f"validation samples; {spec.describe()}")
+        for note in notes:
+            print(note)
+        if not spec.convention_stated:
+            warn_about_class_zero(train_samples, spec)
+    if config.class_weights and config.class_weight_values is None:  # decided once, then recorded
+        weights = broadcast(class_weights(config, spec, train_samples) if rank == 0 else None, world_size)
+        config = replace(config, class_weight_values=tuple(weights))
+    train_set = build_dataset(train_samples, spec=spec, train=True, recipe=config.augment, seed=config.seed,
+                              skip_bad=config.skip_bad)
+    eval_set = build_dataset(eval_samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
     train_loader = build_loader(train_set, batch_size=config.batch_size, num_workers=config.workers, seed=config.seed)
-    return train_loader, build_eval_loader(config, eval_set)
+    return config, spec, train_loader, build_eval_loader(config, eval_set)
 
 
 def build_eval_loader(config: TrainConfig, eval_set):
@@ -196,23 +125,47 @@ def build_eval_loader(config: TrainConfig, eval_set):
                         num_workers=config.workers, seed=config.seed)
 
 
-def build_model(config: TrainConfig, labels: list[str], resume: Path | None) -> SegFormer:
-    if resume:
-        return SegFormer.from_pretrained(resume)
-    id2label = dict(enumerate(labels))
+def warn_about_class_zero(samples, spec, *, share: float = 0.25) -> None:
+    """ADE's reduction on data that does not say it follows ADE's convention: say so when 0, which it
+    ignores, covers much of the first annotations (a background class, say)."""
+    zeros, looked_at = zero_share(samples, spec.mapping)
+    if spec.reduce_labels and zeros > share:
+        print(f"warning: {100 * zeros:.0f}% of the pixels of the first {looked_at} annotations are 0, which the ADE "
+              f"convention ignores as 'unlabelled'. If 0 is one of your classes (a background, say), pass "
+              f"--no-reduce-labels (or \"reduce_labels\": false in a dataset.json).")
+
+
+def class_weights(config: TrainConfig, spec, samples) -> list[float]:
+    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split."""
+    if config.class_weights != "auto":
+        return read_class_weights(config.class_weights, list(spec.class_names))
+    weights = median_frequency_weights(collect(samples, spec.mapping, spec.num_labels, description="class weights"))
+    print("class weights (median frequency balancing): "
+          + ", ".join(f"{name.strip()} {w:.3g}" for name, w in list(zip(spec.class_names, weights))[:10])
+          + (" ..." if len(weights) > 10 else ""))
+    return weights
+
+
+# ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
+
+def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None) -> SegFormer:
+    if resumed is not None:
+        return SegFormer.from_pretrained(resumed)
     if config.pretrained:
-        return SegFormer.from_pretrained(config.pretrained, num_labels=len(labels), id2label=id2label)
-    return SegFormer.from_variant(config.model, num_labels=len(labels), id2label=id2label)
+        return SegFormer.from_pretrained(config.pretrained, num_labels=spec.num_labels, id2label=spec.id2label)
+    return SegFormer.from_variant(config.model, num_labels=spec.num_labels, id2label=spec.id2label)
 
 
-def get_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.AdamW:
+def get_optimizer(config: TrainConfig, model: SegFormer) -> torch.optim.AdamW:
     """AdamW with up to four groups: encoder / decode head (lr x head_lr_mult), with / without weight
-    decay (the weights and biases of norm layers, when decay_norm_bias is off)."""
-    norms = (nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
+    decay (the weights and biases of norm layers, when decay_norm_bias is off). The parts are found by
+    structure, not by name: whatever `model.decoder` holds is the head, any norm layer's tensors are norms."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    head_params = {id(p) for p in model.decoder.parameters()}
     groups = {}
-    for name, param in model.named_parameters():
-        head = name.startswith("decoder.")
+    for param in model.parameters():
+        head = id(param) in head_params
         no_decay = not config.decay_norm_bias and id(param) in norm_params
         key = ("head" if head else "encoder") + (", no decay" if no_decay else "")
         if key not in groups:
@@ -234,56 +187,14 @@ def poly_schedule(warmup_steps: int, total_steps: int, power: float):
     return factor
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------
-
-def to_device(batch: dict, device: torch.device, *, channels_last: bool = False):
-    """A loader's batch -> (pixel values, labels) on the device: bytes become the normalised float input
-    there (4x less to move than floats), labels int64."""
-    pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-    if pixel_values.dtype == torch.uint8:
-        valid = batch.get("valid")
-        pixel_values = normalize_batch(pixel_values, valid)
-    if channels_last:
-        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-    return pixel_values, batch["labels"].to(device, non_blocking=True).long()
+def loss_options(config: TrainConfig, device: torch.device) -> dict:
+    weights = config.class_weight_values
+    return dict(kind=config.loss, label_smoothing=config.label_smoothing, ohem_threshold=config.ohem,
+                ohem_min_kept=config.ohem_min_kept, memory_efficient=True,  # the fused cross-entropy
+                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
 
 
-@dataclass
-class Evaluation:
-    metrics: dict  # mean_iou, ..., per_category_iou (float64 arrays, NaN where undefined)
-    confusion: np.ndarray  # (K, K) pixel counts, rows: labels, columns: predictions
-    shown: tuple = ()  # (uint8 images, predictions) of the first few samples, to look at
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0) -> Evaluation:
-    """Mean IoU over the loader, summed over all processes. Predictions are the logits upsampled to
-    the label size, then argmax, as in the guide's compute_metrics. A validation set with no labelled
-    pixel (every sample skipped as bad, or all ignored) is an error, not a NaN."""
-    model.eval()
-    confusion = ConfusionMatrix(num_labels, ignore_index=IGNORE_INDEX, device=device)
-    reasons, shown = [], ()
-    for batch in loader:
-        reasons += batch["skip_reasons"]
-        if "pixel_values" not in batch:  # every sample of the batch was skipped
-            continue
-        pixel_values, labels = to_device(batch, device)
-        with autocast():
-            logits = model(pixel_values)
-        predictions = logits_to_predictions(logits.float(), labels.shape[-2:])
-        confusion.update(predictions, labels)
-        if show and not shown and batch["pixel_values"].dtype == torch.uint8 and predictions.shape[-2:] == \
-                batch["pixel_values"].shape[-2:]:
-            shown = (batch["pixel_values"][:show], predictions[:show].cpu())
-    confusion.all_reduce()
-    model.train()
-    if confusion.counts.sum() == 0:
-        raise DataError(f"nothing to evaluate: no labelled pixel in the validation split ({len(reasons)} sample(s) "
-                        f"skipped as bad{': ' + '; '.join(reasons[:3]) if reasons else ''})")
-    return Evaluation(confusion.compute(), confusion.matrix.cpu().numpy(), shown)
-
-
-# ---- the run -------------------------------------------------------------------------------------------
+# ---- the run ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -293,7 +204,7 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
-    labels: list[str]
+    spec: object  # data.spec.LabelSpec: classes, label mapping, colours, input size
     raw_model: SegFormer  # what we save: unwrapped, uncompiled
     model: nn.Module  # what we run: maybe DistributedDataParallel, maybe compiled
     optimizer: torch.optim.Optimizer
@@ -303,7 +214,6 @@ class Run:
     eval_loader: torch.utils.data.DataLoader
     total_steps: int
     loss_options: dict  # segmentation_loss's keyword arguments
-    palette: tuple | None = None  # the data's class colours, saved with each checkpoint for overlays
     log: object = None  # metrics.jsonl, open on rank 0
     tensorboard: object = None  # training.report.TensorBoard, on rank 0 with --report-to tensorboard
     pusher: object = None  # training.hub.HubPusher, on rank 0 with --push-to-hub
@@ -311,136 +221,30 @@ class Run:
     epoch: int = 0
     batches_done: int = 0  # batches of the current epoch already trained on (per process)
     best_miou: float = -1.0
-    skipped: int = 0  # bad samples skipped (--skip-bad), with the first reasons
-    skip_reasons: list = field(default_factory=list)
-    trained_batches: int = 0  # micro-batches that reached the model
-    unlabelled_batches: int = 0  # micro-batches whose every pixel is ignored: no loss, no gradient
-    metrics: dict = field(default_factory=dict)
-    window: dict = field(default_factory=lambda: dict(loss=0.0, steps=0, images=0, start=time.perf_counter()))
+    metrics: dict = field(default_factory=dict)  # of the last evaluation
+    meter: Meter = field(default_factory=Meter)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.config.amp], enabled=self.config.amp != "off")
-
-    @property
-    def metric_classes(self) -> list[str]:
-        return predicted_classes(self.labels)
-
-    def training_state(self) -> dict:
-        """What --resume needs besides the weights (every process takes part: the RNG gather)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "batches_done": self.batches_done, "best_miou": self.best_miou, "world_size": self.world_size,
-                "rng": gather_rng_states(self.world_size)}
-
-    def checkpoint(self, name: str) -> Path:
-        """Save as `name` (every process takes part); never weights that are not all finite."""
-        bad = non_finite_tensor(self.raw_model)
-        if any_process(bad is not None, self.world_size, self.device):
-            where = bad or "on another process"
-            raise FloatingPointError(f"the model's weights are not finite after step {self.step} ({where}); "
-                                     f"stopping without saving: {last_checkpoint_note(self.out)}")
-        state = self.training_state()
-        path = self.out / name
-        if self.is_main:
-            card = model_card(self.config, self.metric_classes, self.metrics, step=self.step,
-                              variant=self.raw_model.config.variant)
-            save_checkpoint(path, model=self.raw_model, state=state, config=self.config, palette=self.palette,
-                            card=card)
-        return path
-
-
-def non_finite_tensor(model: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding a NaN or an infinity, or None (one sync)."""
-    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
-    finite = torch.stack([t.isfinite().all() for _, t in tensors])
-    if bool(finite.all()):
-        return None
-    return tensors[int((~finite).nonzero()[0])][0]
-
-
-def open_data(config: TrainConfig, *, resume: Path | None, rank: int, world_size: int, device: torch.device):
-    """Both splits, the label set decided once, and the settings they make concrete. Returns
-    (config, labels, train_loader, eval_loader)."""
-    split_options = dict(test_size=config.test_size, image_column=config.image_column,
-                         annotation_column=config.annotation_column, dataset_config=config.dataset_config)
-    train_samples = open_source(config.data, config.train_split, train=True, **split_options)
-    eval_samples = open_source(config.data, config.eval_split, train=False, **split_options)
-    overlap = set(train_samples.names()) & set(eval_samples.names())
-    if overlap:
-        raise ConfigError(f"{len(overlap)} of the {len(eval_samples)} validation samples of {config.data} are also "
-                          f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
-                          f"--eval-split {config.eval_split} must not share images")
-    labels = decide_labels(config, train_samples, resumed=resume)
-    config = resolve_for_run(config, labels=labels, samples=train_samples, world_size=world_size, device=device)
-    mapping = train_samples.mapping.with_reduce(config.reduce_labels)
-    if rank == 0:
-        print(f"data: {train_samples.layout} {config.data}: {len(train_samples)} training / {len(eval_samples)} "
-              f"validation samples; labels: {mapping.describe()}")
-        warn_about_class_zero(train_samples, mapping)
-    if config.class_weights and config.class_weight_values is None:  # decided once, then recorded
-        weights = class_weights(config, labels, train_samples, mapping) if rank == 0 else None
-        if world_size > 1:
-            shared = [weights]
-            dist.broadcast_object_list(shared, src=0)
-            weights = shared[0]
-        config = replace(config, class_weight_values=tuple(weights))
-    return (config, labels, *build_loaders(config, labels, train_samples, eval_samples))
-
-
-def warn_about_class_zero(samples, mapping, *, look_at: int = 16, share: float = 0.25) -> None:
-    """ADE's reduction on data that does not say it follows ADE's convention: say so when 0, which it
-    ignores, covers much of the first annotations (a background class, say)."""
-    if samples.known or not mapping.reduce or len(samples) == 0:
-        return
-    zeros = total = 0
-    for i in range(min(look_at, len(samples))):
-        try:
-            annotation, _, _ = samples.peek(i)
-            raw = annotation_to_tensor(annotation, samples.name(i), mapping)
-        except DataError:
-            continue  # reported when the sample is loaded
-        zeros, total = zeros + int((raw == 0).sum()), total + raw.numel()
-    if total and zeros / total > share:
-        print(f"warning: {100 * zeros / total:.0f}% of the pixels of the first {min(look_at, len(samples))} "
-              f"annotations are 0, which the ADE convention ignores as 'unlabelled'. If 0 is one of your classes "
-              f"(a background, say), pass --no-reduce-labels (or \"reduce_labels\": false in a dataset.json).")
-
-
-def class_weights(config: TrainConfig, labels: list[str], samples, mapping) -> list[float]:
-    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split."""
-    if config.class_weights != "auto":
-        return read_class_weights(config.class_weights, labels)
-    weights = median_frequency_weights(collect(samples, mapping, len(labels), description="class weights"))
-    print("class weights (median frequency balancing): "
-          + ", ".join(f"{name.strip()} {w:.3g}" for name, w in list(zip(labels, weights))[:10])
-          + (" ..." if len(weights) > 10 else ""))
-    return weights
-
-
-def loss_options(config: TrainConfig, device: torch.device) -> dict:
-    weights = config.class_weight_values
-    return dict(kind=config.loss, label_smoothing=config.label_smoothing, ohem_threshold=config.ohem,
-                ohem_min_kept=config.ohem_min_kept, memory_efficient=True,  # the fused cross-entropy
-                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None)
+        return autocast(self.device.type, self.config.amp)
 
 
 def build_run(command: Command, *, rank: int, world_size: int, device: torch.device) -> Run:
-    """Data, model, optimizer, schedule and, on --resume, the saved state: everything but the loop."""
+    """Labels, data, model, optimizer, schedule and, on --resume, the saved state: everything but the loop."""
     seed_everything(command.config.seed)  # the same initial weights on every process
-    out = Path(command.config.out)
-    config, labels, train_loader, eval_loader = open_data(command.config, resume=command.resume, rank=rank,
-                                                          world_size=world_size, device=device)
+    resumed = describe(command.resume) if command.resume else None
+    config, spec, train_loader, eval_loader = open_data(command.config, resumed=resumed, rank=rank,
+                                                        world_size=world_size, device=device)
     steps_per_epoch = len(train_loader) // config.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"the training split has {len(train_loader.dataset)} images: too few for one step of "
                           f"{config.batch_size} x {config.grad_accum} x {world_size} processes")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    raw_model = build_model(config, labels, command.resume).to(device)
+    raw_model = build_model(config, spec, resumed=resumed).to(device)
     if config.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
@@ -452,22 +256,22 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
         model = torch.compile(model)
     optimizer = get_optimizer(config, raw_model)
     schedule = poly_schedule(config.warmup_steps, total_steps, config.poly_power)
-    run = Run(config=config, out=out, rank=rank, world_size=world_size, device=device, labels=labels,
+    run = Run(config=config, out=Path(config.out), rank=rank, world_size=world_size, device=device, spec=spec,
               raw_model=raw_model, model=model, optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
               train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
-              loss_options=loss_options(config, device), palette=train_loader.dataset.samples.palette)
+              loss_options=loss_options(config, device))
     if command.resume:
         restore(run, command.resume, schedule)
     if run.is_main:
-        run.log = open_log(out, resumed_at=run.step if command.resume else None)
+        run.log = open_log(run.out, resumed_at=run.step if command.resume else None)
         if config.report_to == "tensorboard":
-            run.tensorboard = TensorBoard(out, palette(len(run.metric_classes), dict(enumerate(run.metric_classes))))
+            run.tensorboard = TensorBoard(run.out, spec.palette)
         if config.push_to_hub:
             run.pusher = HubPusher(config.push_to_hub, private=config.hub_private)
         print(f"training {raw_model.config.variant or 'custom'} on {config.data} ({len(train_loader.dataset)} train / "
-              f"{len(eval_loader.dataset)} eval images, {len(labels)} classes) for {total_steps} steps of "
+              f"{len(eval_loader.dataset)} eval images, {spec.num_labels} classes) for {total_steps} steps of "
               f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
               f"amp={config.amp}")
     return run
@@ -477,6 +281,7 @@ def open_log(out: Path, *, resumed_at: int | None):
     """metrics.jsonl for appending. Resuming from an earlier checkpoint drops the records of the steps
     after it, which the run is about to train again: no step is ever reported twice."""
     path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
     if resumed_at is not None and path.is_file():
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_at]
@@ -499,7 +304,7 @@ def restore(run: Run, directory: Path, schedule) -> None:
     # The rates of the next step come from the schedule of this run, which --max-steps/--epochs may extend.
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
         group["lr"] = base_lr * schedule(run.step)
-    set_rng_states(rng_from_plain(state["rng"][run.rank]))
+    set_rng_states(state["rng"][run.rank])
     if run.is_main:
         print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
 
@@ -508,12 +313,10 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches. Returns (loss, learning rate of the step)."""
     config, step_loss = run.config, 0.0
     for i, batch in enumerate(micro_batches):
-        run.skipped += batch["skipped"]
-        run.skip_reasons += batch["skip_reasons"][:3 - len(run.skip_reasons)]
-        if "pixel_values" not in batch:
+        labelled = run.meter.add_batch(batch)
+        if "pixel_values" not in batch:  # every sample of it was skipped as bad
             continue
-        labelled = bool((batch["labels"] != IGNORE_INDEX).any())  # on the CPU: no device sync
-        pixel_values, labels = to_device(batch, run.device, channels_last=config.channels_last)
+        pixel_values, labels = batch_to_device(batch, run.device, channels_last=config.channels_last)
         sync = i == len(micro_batches) - 1 or run.world_size == 1  # DDP: all-reduce on the last one only
         with (nullcontext() if sync else run.model.no_sync()), run.autocast():
             logits = run.model(pixel_values)
@@ -523,12 +326,9 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
             loss = loss / config.grad_accum
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
-        run.trained_batches += labelled
-        run.unlabelled_batches += not labelled
-        run.window["images"] += pixel_values.shape[0]
     if any_process(not math.isfinite(step_loss), run.world_size, run.device):  # all stop at the same step
-        raise FloatingPointError(f"the loss is {step_loss} at step {run.step + 1}; stopping without saving: "
-                                 f"{last_checkpoint_note(run.out)}")
+        raise Diverged(f"the loss is {step_loss} at step {run.step + 1}; stopping without saving: "
+                       f"{last_checkpoint_note(run.out)}")
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_grad)
@@ -542,7 +342,36 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     return step_loss, lr
 
 
-def write_log(run: Run, record: dict) -> None:
+def save(run: Run, name: str) -> Path:
+    """Save the run as `out/name` (every process takes part: the RNG gather); never weights that are not
+    all finite."""
+    bad = non_finite_tensor(run.raw_model)
+    if any_process(bad is not None, run.world_size, run.device):
+        raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
+                       f"stopping without saving: {last_checkpoint_note(run.out)}")
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
+             "batches_done": run.batches_done, "best_miou": run.best_miou, "world_size": run.world_size,
+             "rng": gather_rng_states(run.world_size)}
+    path = run.out / name
+    if run.is_main:
+        card = model_card(run.config, run.spec.predicted_classes, run.metrics, step=run.step,
+                          variant=run.raw_model.config.variant)
+        save_checkpoint(path, model=run.raw_model, state=state, config=run.config, spec=run.spec, card=card)
+    return path
+
+
+def non_finite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or an infinity, or None (one sync)."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in tensors])
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0])][0]
+
+
+def log(run: Run, record: dict) -> None:
+    """A line of metrics.jsonl (rank 0) and TensorBoard's scalars."""
     if run.log:
         run.log.write(json.dumps(record) + "\n")
         run.log.flush()
@@ -550,182 +379,135 @@ def write_log(run: Run, record: dict) -> None:
         run.tensorboard.scalars(record["step"], record, "validation" if "mean_iou" in record else "train")
 
 
-def report_evaluation(run: Run, evaluation: Evaluation) -> None:
-    """What an evaluation leaves to look at: its confusion matrix and per-class table, the refreshed
-    curves, and in TensorBoard a few images with their predictions (training/report.py)."""
-    write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.metric_classes,
-                     evaluation.metrics, draw=run.config.plots)
-    if run.config.plots:  # from metrics.jsonl, which write_log has just flushed
+def report_evaluation(run: Run, evaluation: Evaluation, progress: tqdm) -> None:
+    """What an evaluation leaves to look at (rank 0): a line, its confusion matrix and per-class table, the
+    refreshed curves, and in TensorBoard a few images with their predictions (training/report.py)."""
+    metrics = evaluation.metrics
+    progress.write(f"step {run.step}: mean IoU {metrics['mean_iou']:.4f}, mean accuracy "
+                   f"{metrics['mean_accuracy']:.4f}, overall accuracy {metrics['overall_accuracy']:.4f}")
+    write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.spec.predicted_classes,
+                     metrics, draw=run.config.plots)
+    if run.config.plots:  # from metrics.jsonl, which `log` has just flushed
         draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
     if run.tensorboard and evaluation.shown:
         run.tensorboard.predictions(run.step, *evaluation.shown)
 
 
-def check_something_trained(run: Run) -> None:
-    """--skip-bad must not turn a data set of bad samples into a run that trained on nothing."""
-    if run.trained_batches == 0:
-        reasons = "; ".join(run.skip_reasons) or "every batch had only ignored pixels"
-        raise DataError(f"no training sample reached the model ({run.skipped} skipped as bad, "
-                        f"{run.unlabelled_batches} batches without a labelled pixel); first reasons: {reasons}")
-
-
-def after_step(run: Run, loss: float, lr: float, stop: "StopRequest", progress: tqdm) -> None:
-    """Log, evaluate and keep the best, checkpoint, and stop here if any process was asked to."""
-    config, step, window = run.config, run.step, run.window
-    last = step == run.total_steps
-    window["loss"] += loss
-    window["steps"] += 1
-    images_per_s = window["images"] * run.world_size / (time.perf_counter() - window["start"])
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-    if step % config.log_every == 0 or last:
-        write_log(run, {"step": step, "epoch": run.epoch, "loss": window["loss"] / window["steps"], "lr": lr,
-                        "images_per_s": images_per_s})
-        run.window = dict(loss=0.0, steps=0, images=0, start=time.perf_counter())
-    if last:
-        check_something_trained(run)
-    if step % config.eval_every == 0 or last:
-        # the plain module: no DDP collectives, so shards of unequal length are fine
-        evaluation = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.metric_classes), device=run.device,
-                              autocast=run.autocast, show=4 if run.tensorboard else 0)
-        run.metrics = evaluation.metrics
-        if run.is_main:
-            progress.write(f"step {step}: mean IoU {run.metrics['mean_iou']:.4f}, mean accuracy "
-                           f"{run.metrics['mean_accuracy']:.4f}, overall accuracy "
-                           f"{run.metrics['overall_accuracy']:.4f}")
-        write_log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
-        if run.is_main:
-            report_evaluation(run, evaluation)
-        if run.metrics["mean_iou"] > run.best_miou:
-            run.best_miou = run.metrics["mean_iou"]
-            run.checkpoint("best")
-        run.window.update(images=0, start=time.perf_counter())
-    if step % config.save_every == 0 or last:
-        path = run.checkpoint(f"checkpoint-{step}")
-        if run.is_main:
-            prune_checkpoints(run.out, config.save_total_limit)
-            if run.pusher and config.hub_strategy == "every_save":
-                run.pusher.push(path, f"checkpoint at step {step}")
-    if any_process(stop.signal is not None, run.world_size, run.device):
-        progress.close()
-        path = run.checkpoint(f"checkpoint-{step}")
-        if run.is_main:
-            print(f"interrupted: saved {path}; continue with --resume {path}")
-        sys.exit(128 + (stop.signal or signal.SIGTERM))  # 130 for Ctrl-C, 143 for SIGTERM
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) asks the loop to stop at the
-    end of the current step, so that the checkpoint it writes is exactly the state after a whole step (a
-    step cut short has already moved BatchNorm's running statistics). A second one stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal = None
-        self.previous = {number: signal.signal(number, self.handler) for number in self.SIGNALS}
-
-    def handler(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", file=sys.stderr)
-
-    def restore(self):
-        for number, previous in self.previous.items():
-            signal.signal(number, previous)
-
-
-def groups_of(loader, n: int):
-    """Consecutive lists of n batches; a shorter last group is dropped."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == n:
-            yield group
-            group = []
-
-
 def train(run: Run) -> dict:
+    """The training cycle: a step, then log, evaluate and keep the best, checkpoint, and stop if any process
+    was asked to. Returns the run's summary (with `interrupted`: the signal that stopped it, or None)."""
+    config, meter = run.config, run.meter
     progress = tqdm(total=run.total_steps, initial=run.step, disable=not run.is_main, dynamic_ncols=True)
     run.model.train()
     stop = StopRequest()
     try:
         while run.step < run.total_steps:
-            run.train_loader.sampler.set_position(run.epoch, run.batches_done * run.config.batch_size)
-            for micro_batches in groups_of(run.train_loader, run.config.grad_accum):
+            run.train_loader.sampler.set_position(run.epoch, run.batches_done * config.batch_size)
+            for micro_batches in groups_of(run.train_loader, config.grad_accum):
                 loss, lr = train_step(run, micro_batches)
-                after_step(run, loss, lr, stop, progress)
-                if run.step == run.total_steps:
+                meter.add_step(loss)
+                step, last = run.step, run.step == run.total_steps
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                     img_s=f"{meter.images_per_s(run.world_size):.1f}")
+
+                if due(step, config.log_every, last):
+                    log(run, {"step": step, "epoch": run.epoch, "loss": meter.loss / meter.steps, "lr": lr,
+                              "images_per_s": meter.images_per_s(run.world_size)})
+                    meter.restart()
+                if last:
+                    meter.check_something_trained()
+                if due(step, config.eval_every, last):
+                    # the plain module: no DDP collectives, so shards of unequal length are fine
+                    evaluation = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.spec.predicted_classes),
+                                          device=run.device, autocast=run.autocast, show=4 if run.tensorboard else 0)
+                    run.metrics = evaluation.metrics
+                    log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
+                    if run.is_main:
+                        report_evaluation(run, evaluation, progress)
+                    if run.metrics["mean_iou"] > run.best_miou:
+                        run.best_miou = run.metrics["mean_iou"]
+                        save(run, "best")
+                    meter.restart_clock()
+                if due(step, config.save_every, last):
+                    path = save(run, f"checkpoint-{step}")
+                    if run.is_main:
+                        prune_checkpoints(run.out, config.save_total_limit)
+                        if run.pusher and config.hub_strategy == "every_save":
+                            run.pusher.push(path, f"checkpoint at step {step}")
+                if any_process(stop.signal is not None, run.world_size, run.device):
+                    path = save(run, f"checkpoint-{step}")
+                    if run.is_main:
+                        progress.write(f"interrupted: saved {path}; continue with --resume {path}")
+                    return summary(run, interrupted=stop.signal or signal.SIGTERM)
+                if last:
                     break
             else:  # the epoch ran out (an incomplete last group of micro-batches is dropped)
                 run.epoch, run.batches_done = run.epoch + 1, 0
-                check_something_trained(run)
+                meter.check_something_trained()
     finally:
         stop.restore()
         progress.close()
     if run.is_main:
         report_end(run)
-    return {"step": run.step, "best_miou": run.best_miou, "skipped": run.skipped,
-            "unlabelled_batches": run.unlabelled_batches, **run.metrics}
+    return summary(run)
+
+
+def summary(run: Run, *, interrupted: int | None = None) -> dict:
+    return {"step": run.step, "best_miou": run.best_miou, "skipped": run.meter.skipped,
+            "unlabelled_batches": run.meter.unlabelled_batches, "interrupted": interrupted, **run.metrics}
 
 
 def report_end(run: Run) -> None:
+    meter, classes = run.meter, run.spec.predicted_classes
     if run.metrics and run.config.plots:
-        draw_per_class(run.metrics, run.metric_classes, run.out / "per_class_iou.png")
+        draw_per_class(run.metrics, classes, run.out / "per_class_iou.png")
     if run.pusher and (run.out / "best").is_dir():
         if run.pusher.push(run.out / "best", f"best at step {run.step}: mean IoU {run.best_miou:.4f}"):
             print(f"pushed {run.out / 'best'} to {run.pusher.url}")
     if run.tensorboard:
         run.tensorboard.close()
-    if run.skipped:
-        print(f"skipped {run.skipped} bad training samples, e.g. {run.skip_reasons[0]}")
-    if run.unlabelled_batches:
-        print(f"{run.unlabelled_batches} training batches had no labelled pixel and contributed nothing")
+    if meter.skipped:
+        print(f"skipped {meter.skipped} bad training samples, e.g. {meter.skip_reasons[0]}")
+    if meter.unlabelled_batches:
+        print(f"{meter.unlabelled_batches} training batches had no labelled pixel and contributed nothing")
     if run.metrics:
-        print(class_table(run.metrics, run.metric_classes))
+        print(class_table(run.metrics, classes))
     best = run.out / "best"
     print(f"\nbest mean IoU {run.best_miou:.4f}: {best}\nlast checkpoint: {run.out / f'checkpoint-{run.step}'}")
     print(f"try it:  python infer.py --checkpoint {best} <image or folder> --out {run.out / 'predictions'}")
 
 
-def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) -> dict:
-    """--eval-only: the checkpoint's labels, input size and label reduction, on --eval-split."""
-    config = command.config
-    model = SegFormer.from_pretrained(command.checkpoint).to(device)
-    labels = model.config.label_names()
-    preprocessor = read_preprocessor_config(command.checkpoint)
-    size = config.size if "size" in command.given else read_input_size(command.checkpoint) or config.size
-    reduce = config.reduce_labels
-    if "reduce_labels" not in command.given and "do_reduce_labels" in preprocessor:
-        reduce = preprocessor["do_reduce_labels"]
-    samples = open_source(config.data, config.eval_split, train=False, test_size=config.test_size,
-                          image_column=config.image_column, annotation_column=config.annotation_column,
-                          dataset_config=config.dataset_config)
-    check_same_classes(labels, f"the checkpoint {command.checkpoint}", source_class_names(samples, reduce),
-                       f"the data {config.data}")
-    config = replace(config, size=size, reduce_labels=reduce, amp=resolve_amp(config.amp, device))
-    eval_set = build_dataset(samples, train=False, eval_mode=config.eval_mode, class_names=labels,
-                             reduce_labels=reduce, size=size, skip_bad=config.skip_bad)
+# ---- --eval-only ------------------------------------------------------------------------------------------
 
-    def autocast():
-        return torch.autocast(device.type, dtype=AMP_DTYPES[config.amp], enabled=config.amp != "off")
-    classes = predicted_classes(labels)
-    metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
-                       autocast=autocast).metrics
+def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) -> dict:
+    """--eval-only: the data through the label spec the checkpoint implies (its classes, input size and
+    label reduction, unless a flag says otherwise), then the same `evaluate` as training."""
+    config, given = command.config, command.given
+    facts = describe(command.checkpoint)
+    samples = open_split(config, config.eval_split, train=False)
+    spec, notes = decide_labels(data=samples.labels, checkpoint=facts,
+                                reduce_labels=config.reduce_labels if "reduce_labels" in given else None,
+                                size=config.size if "size" in given else None, default_size=config.size)
+    config = replace(config, size=spec.size, reduce_labels=spec.reduce_labels, amp=resolve_amp(config.amp, device))
+    model = SegFormer.from_pretrained(facts).to(device)
+    eval_set = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
+    metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(spec.predicted_classes),
+                       device=device, autocast=lambda: autocast(device.type, config.amp)).metrics
     if rank == 0:
+        for note in notes:
+            print(note)
         print(f"{command.checkpoint} on {config.data} {config.eval_split} ({len(eval_set)} images, {config.eval_mode}, "
-              f"size {size}, {'reduced' if reduce else 'raw'} labels):")
-        print(class_table(metrics, classes))
+              f"size {spec.size}, {'reduced' if spec.reduce_labels else 'raw'} labels):")
+        print(class_table(metrics, spec.predicted_classes))
     return metrics
 
 
-def cleanup(world_size: int) -> None:
-    if world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+# ---- entry points -------------------------------------------------------------------------------------------
 
-
-def main(argv=None) -> dict:
+def execute(argv=None) -> dict:
+    """Everything `main` does, for Python callers: the run's summary (or --eval-only's metrics); a problem
+    the user can fix is raised as a UserError."""
     command = parse_command_line(argv, description=__doc__)
     rank, world_size, device = setup_distributed(command.config.device)
     lock = None
@@ -750,9 +532,19 @@ def main(argv=None) -> dict:
         cleanup(world_size)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The command line: 0 when done, 128 + the signal when stopped by Ctrl-C or SIGTERM (after saving),
+    and a problem the user can fix as one line, with its type's exit code."""
     try:
-        main()
-    except (ConfigError, CheckpointError, RunLocked, FloatingPointError, DataError, LayoutError, HubError,
-            FileNotFoundError, ImportError) as e:  # the message says it all
-        sys.exit(f"error: {e}")
+        result = execute(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
+        print("\ninterrupted again: stopped without saving this step", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 128 + result["interrupted"] if result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,8 @@
 Both sides start from the same decoded PIL images and end with pixel_values + labels tensors:
   reference eval  = SegformerImageProcessor(do_reduce_labels=True)(image, annotation)
   reference train = the guide's ColorJitter(0.25, 0.25, 0.25, 0.1) on the PIL image, then the processor
-  ours            = SegmentationDataset.__getitem__ (checks, label reduction, transform)
+  ours            = SegmentationDataset.__getitem__ (checks, label reduction, transform), then
+                    normalize_batch (which train.py runs on the device)
 Prints images/s and the ratio (ours / reference; > 1 means we are faster). Then, for GPU training, what
 one worker core delivers for each recipe as train.py loads it (bytes, normalised on the device), the
 bytes a sample crosses to the main process, and the workers it takes to feed a GPU training at
@@ -25,9 +26,19 @@ from PIL import Image
 
 sys.path.insert(0, ".")
 from data.dataset import SegmentationDataset  # noqa: E402
+from data.mapping import ADE  # noqa: E402
 from data.sources import open_source  # noqa: E402
-from data.transforms import build_transform  # noqa: E402
-from segformer.labels import ADE20K_CLASSES  # noqa: E402
+from data.spec import LabelSpec  # noqa: E402
+from data.transforms import build_transform, normalize_batch  # noqa: E402
+from segformer.images import decode  # noqa: E402
+from segformer.labels import ADE20K_CLASSES, ADE20K_PALETTE  # noqa: E402
+
+ADE_SPEC = LabelSpec(class_names=ADE20K_CLASSES, reduce_labels=True, palette=ADE20K_PALETTE, size=512, mapping=ADE)
+
+
+def model_input(sample: dict) -> dict:
+    """A sample's bytes as the model's float input (on the CPU here), and its labels as int64."""
+    return {"pixel_values": normalize_batch(sample["pixel_values"][None])[0], "labels": sample["labels"].long()}
 
 
 def generated(n, height=480, width=640):
@@ -75,16 +86,14 @@ def main():
         items = generated(args.n)
     print(f"{len(items)} images, e.g. {items[0][0].size[0]}x{items[0][0].size[1]}; torch threads = 1")
 
-    ours_eval = SegmentationDataset(items, build_transform(train=False), train=False,
-                                     class_names=ADE20K_CLASSES)
-    ours_train = SegmentationDataset(items, build_transform(train=True), train=True,
-                                      class_names=ADE20K_CLASSES)
+    ours_eval = SegmentationDataset(items, ADE_SPEC, build_transform(train=False), train=False)
+    ours_train = SegmentationDataset(items, ADE_SPEC, build_transform(train=True), train=True)
     index = {id(item): i for i, item in enumerate(items)}
     rows = [
         ("evaluation", lambda it: processor(images=it[0], segmentation_maps=it[1], return_tensors="pt"),
-         lambda it: ours_eval[index[id(it)]]),
+         lambda it: model_input(ours_eval[index[id(it)]])),
         ("training (guide)", lambda it: processor(images=jitter(it[0]), segmentation_maps=it[1], return_tensors="pt"),
-         lambda it: ours_train[index[id(it)]]),
+         lambda it: model_input(ours_train[index[id(it)]])),
     ]
     print(f"{'':18}{'reference':>14}{'ours':>14}{'ratio':>8}")
     for name, reference, ours in rows:
@@ -98,8 +107,7 @@ class EncodedItems:
     """What a folder source does: decode a JPEG photo and a PNG annotation, and name the sample."""
 
     def __init__(self, items, annotations=None):
-        from data.sources import _open
-        self.open = _open
+        self.open = decode
         self.photos = [as_jpeg(image) for image, _, _ in items]
         self.annotations = annotations or [as_png(annotation) for _, annotation, _ in items]
 
@@ -120,8 +128,7 @@ def workers_for_gpu(items, repeats, gpu_rate):
     print(f"{'':18}{'per core':>12}{'bytes/sample':>16}{'as float':>12}{'workers':>9}")
     for name, train, recipe in (("evaluation", False, "guide"), ("training (guide)", True, "guide"),
                                 ("training (paper)", True, "paper")):
-        dataset = SegmentationDataset(files, build_transform(train=train, recipe=recipe), train=train,
-                                      class_names=ADE20K_CLASSES, uint8=True)
+        dataset = SegmentationDataset(files, ADE_SPEC, build_transform(train=train, recipe=recipe), train=train)
         sample_rate = rate(lambda i: dataset[i], list(range(len(files))), repeats)
         sample = dataset[0]
         size = sum(t.numel() * t.element_size() for t in sample.values())
@@ -139,26 +146,25 @@ def as_png(image) -> bytes:
 def colour_masks(items, repeats):
     """From files to tensors (JPEG photo + PNG annotation -> evaluation sample), with index masks and with
     the same masks as colour PNGs; and the colour lookup on its own."""
-    from data.mapping import ADE, LabelMapping
-    from data.sources import _open
-    from segformer.labels import ADE20K_PALETTE
+    from dataclasses import replace
+
+    from data.mapping import LabelMapping
     palette = ((0, 0, 0),) + tuple(ADE20K_PALETTE)  # raw 0 (unlabelled) is black, raw k the colour of class k-1
     unique = [palette[i] if palette.index(palette[i]) == i else (i, 1, 2) for i in range(len(palette))]  # 6 == 48
     colours = np.asarray(unique, np.uint8)
     index_png = [as_png(annotation) for _, annotation, _ in items]
     colour_png = [as_png(Image.fromarray(colours[np.asarray(annotation)])) for _, annotation, _ in items]
-    rgb = LabelMapping(reduce=True, palette=tuple(map(tuple, unique)))
+    rgb = LabelMapping(reduce_labels=True, palette=tuple(map(tuple, unique)))
     transform = build_transform(train=False)
-    by_index = SegmentationDataset(EncodedItems(items, index_png), transform, train=False,
-                                   class_names=ADE20K_CLASSES, mapping=ADE)
-    by_colour = SegmentationDataset(EncodedItems(items, colour_png), transform, train=False,
-                                    class_names=ADE20K_CLASSES, mapping=rgb)
+    by_index = SegmentationDataset(EncodedItems(items, index_png), ADE_SPEC, transform, train=False)
+    by_colour = SegmentationDataset(EncodedItems(items, colour_png), replace(ADE_SPEC, mapping=rgb), transform,
+                                    train=False)
     assert all(torch.equal(by_index[i]["labels"], by_colour[i]["labels"]) for i in range(len(items)))
-    decoded_colours = [_open(c, "x") for c in colour_png]
+    decoded_colours = [decode(c, "x") for c in colour_png]
     times = {}
     for name, fn in [("sample, index masks", lambda i: by_index[i]), ("sample, colour masks", lambda i: by_colour[i]),
-                     ("decode index PNG", lambda i: _open(index_png[i], "x")),
-                     ("decode colour PNG", lambda i: _open(colour_png[i], "x")),
+                     ("decode index PNG", lambda i: decode(index_png[i], "x")),
+                     ("decode colour PNG", lambda i: decode(colour_png[i], "x")),
                      ("colour lookup", lambda i: rgb.decode_colours(decoded_colours[i], "x"))]:
         start = time.perf_counter()
         for _ in range(repeats):

@@ -14,13 +14,13 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, ".")
 from segformer import SegFormer, segmentation_loss  # noqa: E402
+from segformer.precision import AMP_DTYPES, autocast as amp_context  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--size", type=int, default=512, help="input height and width (default 512)")
     parser.add_argument("--num-labels", type=int, default=150, help="classes (default 150, ADE20K)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast dtype (default off)")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast dtype (default off)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--batch", type=int, default=2, help="training-step batch (the forward uses 1)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls of each model, alternating")
@@ -103,8 +103,8 @@ def main():
         reference = SegformerForSemanticSegmentation.from_pretrained(tmp)
     ours.to(args.device)
     reference.to(args.device)
-    dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = (torch.autocast(args.device, dtype=dtype) if args.amp != "off" else nullcontext)
+    def autocast():
+        return amp_context(torch.device(args.device).type, args.amp)
 
     x = torch.randn(1, 3, args.size, args.size, device=args.device)
     with torch.no_grad():

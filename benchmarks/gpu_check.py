@@ -83,9 +83,9 @@ def parity(device, variants, size):
 @check("amp")
 def amp_steps(device, size, dtypes):
     from segformer import SegFormer, segmentation_loss
+    from segformer.precision import autocast
     summary = []
     for name in dtypes:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
         torch.manual_seed(0)
         model = SegFormer.from_variant("b0", num_labels=7).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as train.py builds it
@@ -94,7 +94,7 @@ def amp_steps(device, size, dtypes):
         labels = (torch.arange(size, device=device)[None, :, None] * 7 // size).expand(2, size, size).contiguous()
         losses = []
         for _ in range(8):
-            with torch.autocast(device.split(":")[0], dtype=dtype):
+            with autocast(device.split(":")[0], name):
                 loss = segmentation_loss(model(x), labels, memory_efficient=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -123,9 +123,9 @@ def train_py(device, size, work, dry_run):
     try:
         flags = ["--amp", "bf16", "--channels-last", "--compile"]
         with contextlib.redirect_stdout(io.StringIO()):
-            train.main(train_args(work / "straight", size, device, 4) + flags)
-            train.main(train_args(work / "split", size, device, 2) + flags)
-            train.main(["--resume", str(work / "split" / "checkpoint-2"), "--max-steps", "4"])
+            train.execute(train_args(work / "straight", size, device, 4) + flags)
+            train.execute(train_args(work / "split", size, device, 2) + flags)
+            train.execute(["--resume", str(work / "split" / "checkpoint-2"), "--max-steps", "4"])
     finally:
         if dry_run:
             torch.compile = compile_

@@ -15,9 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from segformer.errors import UserError
+from segformer.labels import read_id2label
+
 from . import layouts
-from .errors import DataError
 from .sources import open_source
+from .spec import decide_labels
 from .stats import collect, median_frequency_weights
 
 
@@ -28,6 +31,7 @@ def get_args(argv=None):
     p.add_argument("--split", action="append", help="split(s) to read (default: every split of a folder, else train)")
     p.add_argument("--dataset-config", help="a dataset.json to read instead of the folder's own")
     p.add_argument("--num-labels", type=int, help="number of classes, where the data does not name them")
+    p.add_argument("--id2label", help="JSON file naming the classes ({\"0\": \"wall\", ...})")
     p.add_argument("--reduce-labels", action=argparse.BooleanOptionalAction,
                    help="the ADE convention (0 ignored, k -> k-1); default: the data's own")
     p.add_argument("--image-column", default="image")
@@ -48,15 +52,13 @@ def folder_splits(source: str, dataset_config: str | None) -> dict[str, int] | N
 def report(args, split: str) -> dict:
     samples = open_source(args.source, split, train=True, test_size=0, strict=False, dataset_config=args.dataset_config,
                           image_column=args.image_column, annotation_column=args.annotation_column)
-    mapping = samples.mapping if args.reduce_labels is None else samples.mapping.with_reduce(args.reduce_labels)
-    names = samples.class_names if args.reduce_labels in (None, samples.reduce_labels) else None
-    if names is None and not args.num_labels:
-        raise DataError(f"{args.source}: the data does not name its classes; give --num-labels")
-    names = names or [f"LABEL_{i}" for i in range(args.num_labels)]
-    print(f"\n== split {split}: {len(samples)} samples; labels: {mapping.describe()}")
-    if not samples.known and mapping.reduce:
-        print("   (the data does not say its label convention: the ADE one is assumed; --no-reduce-labels if "
-              "0 is a class)")
+    spec, notes = decide_labels(data=samples.labels, num_labels=args.num_labels, reduce_labels=args.reduce_labels,
+                                id2label=read_id2label(args.id2label) if args.id2label else None,
+                                id2label_origin=f"--id2label {args.id2label}")
+    mapping, names = spec.mapping, spec.class_names
+    print(f"\n== split {split}: {len(samples)} samples; {spec.describe()}")
+    for note in notes:
+        print(f"   ({note})")
     for name in samples.unpaired[:10]:
         print(f"   unpaired: {name}")
     if len(samples.unpaired) > 10:
@@ -100,9 +102,9 @@ def main(argv=None) -> int:
             print("splits: " + ", ".join(f"{name} {count}" for name, count in splits.items()))
         chosen = args.split or (list(splits) if splits else ["train"])
         reports = {split: report(args, split) for split in chosen}
-    except DataError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     train = next((r for s, r in reports.items() if s in ("train", "training", "all")), next(iter(reports.values())))
     if train["stats"].pixels.any():
         weights = median_frequency_weights(train["stats"])

@@ -1,10 +1,16 @@
-"""The PyTorch `Dataset` and `DataLoader`: decoding checks, label reduction, transforms, seeding.
+"""The PyTorch `Dataset` and `DataLoader`: decoding checks, label mapping, transforms, seeding, and the
+one batch format.
 
 Every sample is checked before it reaches a model: the image decodes, the annotation is a single
-channel label map of the image's size, and after reduction every label is a class id or 255 (with a
-single class, the reference's binary head: 0 or 1). A bad sample raises a `DataError` naming it; with
-`skip_bad=True` it is skipped with a warning instead and counted (`SegmentationDataset.skipped` in the
-main process; `batch["skipped"]` and the reasons in `batch["skip_reasons"]`, from workers too).
+channel label map of the image's size, and after the label mapping every label is a class id or 255
+(with a single class, the reference's binary head: 0 or 1). A bad sample raises a `DataError` naming it;
+with `skip_bad=True` it is skipped with a warning instead and counted (`SegmentationDataset.skipped` in
+the main process; `batch["skipped"]` and the reasons in `batch["skip_reasons"]`, from workers too).
+
+The batch format: workers hand on bytes, `pixel_values` uint8 (B, 3, H, W) and `labels` as stored (uint8,
+or int64 past 255), plus `valid` (B, 2), each sample's own (h, w) where a crop smaller than the batch was
+padded. The consumer makes the model's input where the model runs: `batch_to_device` normalises there
+(4x less to move than floats) and zeroes the padding (the mean colour).
 
 Augmentation is repeatable: sample `i` of epoch `e` is transformed under a torch generator seeded
 from (seed, e, i), whatever the number of workers or processes. The sampler hands the epoch to the
@@ -20,26 +26,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from segformer.preprocess import normalize
+from segformer.errors import DataError
+from segformer.images import to_tensor
 
-from .errors import DataError
-from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
+from .mapping import IDENTITY, IGNORE_INDEX, LabelMapping
+from .transforms import normalize_batch
 
 ANNOTATION_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
-
-
-def image_to_tensor(image: Image.Image, name: str) -> torch.Tensor:
-    """Any PIL mode -> RGB uint8 (3, H, W). 16- and 32-bit greys are scaled to 8 bits; alpha is dropped."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        grey = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
-        array = np.repeat(grey.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    elif image.mode == "F":
-        array = np.repeat(np.asarray(image).clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    else:
-        array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise DataError(f"{name}: cannot convert image of mode {image.mode} to RGB")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
 def annotation_to_tensor(annotation: Image.Image, name: str, mapping: LabelMapping = IDENTITY) -> torch.Tensor:
@@ -64,11 +57,13 @@ def annotation_to_tensor(annotation: Image.Image, name: str, mapping: LabelMappi
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    def __init__(self, samples, transform, *, train: bool, class_names, mapping: LabelMapping = ADE,
-                 seed: int = 0, skip_bad: bool = False, uint8: bool = False):
-        self.samples, self.transform, self.train = samples, transform, train
-        self.class_names, self.num_labels = list(class_names), len(class_names)
-        self.mapping, self.seed, self.skip_bad, self.uint8 = mapping, seed, skip_bad, uint8
+    """The samples of one split under a label spec (`data.spec.LabelSpec`: the classes and the mapping of
+    stored values to them), transformed, as bytes (see the module's docstring)."""
+
+    def __init__(self, samples, spec, transform, *, train: bool, seed: int = 0, skip_bad: bool = False):
+        self.samples, self.spec, self.transform, self.train = samples, spec, transform, train
+        self.class_names, self.num_labels, self.mapping = list(spec.class_names), spec.num_labels, spec.mapping
+        self.seed, self.skip_bad = seed, skip_bad
         self.skipped = 0
 
     def __len__(self):
@@ -88,23 +83,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
             image, labels = self.transform(image, labels)  # uint8 image, labels as stored
-        pad_to = getattr(self.transform, "pad_to", None)  # a crop smaller than that is padded after normalising
+        pad_to = getattr(self.transform, "pad_to", None)  # a smaller crop is padded, to the mean colour later
+        if pad_to is None:
+            return {"pixel_values": image, "labels": labels}
         valid = tuple(image.shape[-2:])
-        pad = (0, pad_to - valid[1], 0, pad_to - valid[0]) if pad_to and valid != (pad_to, pad_to) else None
-        if self.uint8:  # bytes to the device, which normalises (data.transforms.normalize_batch)
-            sample = {"pixel_values": F.pad(image, pad) if pad else image, "labels": labels}
-            return {**sample, "valid": torch.tensor(valid)} if pad_to else sample
-        pixel_values = normalize(image)
-        return {"pixel_values": F.pad(pixel_values, pad) if pad else pixel_values, "labels": labels.long()}
+        image = F.pad(image, (0, pad_to - valid[1], 0, pad_to - valid[0]))
+        return {"pixel_values": image, "labels": labels, "valid": torch.tensor(valid)}
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded, checked and mapped sample: uint8 (3, H, W) image, (H, W) class ids (255 ignored)."""
         image, annotation, name = self.samples[index]
-        image = image_to_tensor(image, name)
+        image = to_tensor(image)
         labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
         if image.shape[-2:] != labels.shape:
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
-                            f"{image.shape[2]}x{image.shape[1]}")
+                            f"{image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
+                            f"annotation must be drawn on the image as a viewer shows it)")
         highest = max(self.num_labels, 2) - 1  # one class: the binary head's 0/1 masks
         bad = labels[(labels > highest) & (labels != IGNORE_INDEX)].unique()
         if len(bad):
@@ -112,6 +106,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
                             f"not class ids 0..{highest} nor {IGNORE_INDEX} (ignored); check num_labels "
                             f"and the label convention (--reduce-labels / --no-reduce-labels, dataset.json)")
         return image, labels
+
+
+def batch_to_device(batch: dict, device, *, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch -> (pixel values, labels) on the device: the bytes become the model's normalised
+    float input there, zero (the mean colour) beyond each sample's `valid` size; labels int64."""
+    pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+    valid = batch.get("valid")
+    pixel_values = normalize_batch(pixel_values, valid)
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    return pixel_values, batch["labels"].to(device, non_blocking=True).long()
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

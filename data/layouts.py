@@ -8,7 +8,8 @@
 * Pascal VOC 2012: `JPEGImages/` + `SegmentationClass/` (palette PNGs: the index is the class, 255 the
   void border) + `ImageSets/Segmentation/{train,val,trainval}.txt`; 21 classes, background = 0.
   Found at the root, or below it in `VOC2012/` or `VOCdevkit/VOC2012/`.
-* mmsegmentation's custom layout: `img_dir/{train,val}/` + `ann_dir/{train,val}/`.
+* mmsegmentation's custom layout: `img_dir/{train,val}/` + `ann_dir/{train,val}/`; the stored values are
+  class ids unless told otherwise, as mmseg's custom datasets default to (reduce_zero_label=False).
 * anything else, with a manifest: `dataset.json` in the folder (see `read_manifest`), which also
   refines a recognised layout (class names, palette, suffixes, label conventions).
 
@@ -23,11 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from segformer.checkpoint import read_json_object
-from segformer.inference import IMAGE_SUFFIXES
+from segformer.errors import DataError
+from segformer.images import IMAGE_SUFFIXES, is_image_file
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
 
-from .errors import DataError
 from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
 
 # What a split is called in each layout: the name asked for -> the names a folder may use.
@@ -43,7 +44,8 @@ class Layout:
     class_names: tuple | None = None
     palette: tuple | None = None  # the class colours, for overlays
     mapping: LabelMapping = field(default_factory=lambda: IDENTITY)
-    known: bool = True  # the layout fixes its label convention (else ADE's is assumed, with a warning)
+    known: bool = True  # the layout fixes its label convention (else `mapping` is a guess, said)
+    assumed: bool = True  # class_names are the layout's defaults, which an explicit --num-labels/--id2label wins over
 
     def split(self, name: str, root: Path):
         """(pairs, unpaired, single) of the split asked for; a layout with one split serves every name."""
@@ -54,10 +56,6 @@ class Layout:
             if candidate in self.splits:
                 return (*self.splits[candidate](), False)
         raise DataError(f"{root}: no split {name!r}; the {self.name} has {sorted(self.splits)}")
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
 
 
 def subfolders(folder: Path) -> list[str]:
@@ -86,8 +84,8 @@ def pair_by_stem(images_dir: Path, annotations_dir: Path, *, image_suffix: str |
     for folder, key in ((images_dir, "images"), (annotations_dir, "annotations")):
         if not folder.is_dir():
             raise DataError(f"{folder}: the {key} folder does not exist")
-    images = sorted(p for p in images_dir.iterdir() if is_image(p))
-    annotations = sorted(p for p in annotations_dir.iterdir() if is_image(p))
+    images = sorted(p for p in images_dir.iterdir() if is_image_file(p))
+    annotations = sorted(p for p in annotations_dir.iterdir() if is_image_file(p))
 
     def match(image_suffix, annotation_suffix):
         by_image = {_strip(p.stem, image_suffix): p for p in images}
@@ -164,15 +162,19 @@ def voc_layout(root: Path, suffixes: dict) -> Layout:
                   mapping=replace(IDENTITY, name="palette index = class (0 = background); 255 (void border) ignored"))
 
 
+MMSEG_DEFAULT = replace(IDENTITY, name="values are class ids (mmsegmentation's default for custom data, "
+                                        "reduce_zero_label=False)")
+
+
 def mmseg_layout(root: Path, suffixes: dict) -> Layout:
     images, annotations = root / "img_dir", root / "ann_dir"
     splits = subfolders(images)
     if not splits:
         return Layout("img_dir/ + ann_dir/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
-                      mapping=ADE, known=False)
+                      mapping=MMSEG_DEFAULT, known=False)
     return Layout("mmsegmentation img_dir/ + ann_dir/ folder",
                   {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
-                  mapping=ADE, known=False)
+                  mapping=MMSEG_DEFAULT, known=False)
 
 
 def find_voc_root(root: Path) -> Path | None:
@@ -224,10 +226,7 @@ MANIFEST_KEYS = {
 
 def read_manifest(path: Path) -> dict:
     """A `dataset.json`, checked key by key; anything it gets wrong is an error naming the file and key."""
-    try:
-        manifest = read_json_object(path)
-    except ValueError as e:  # unreadable, not JSON, not an object: the message names the file
-        raise DataError(f"{e} (a dataset manifest)") from None
+    manifest = read_json_object(path, error=DataError)  # unreadable, not JSON, not an object: named
 
     def fail(key, message):
         raise DataError(f"{path}: key {key!r} {message}")
@@ -325,12 +324,12 @@ def refine(layout: Layout, manifest: dict, path: Path) -> Layout:
     mapping = layout.mapping
     if any(k in manifest for k in ("reduce_labels", "ignore_index", "label_map", "annotation_format")) or palette:
         mapping = LabelMapping(
-            reduce=manifest.get("reduce_labels", mapping.reduce),
+            reduce_labels=manifest.get("reduce_labels", mapping.reduce_labels),
             label_map=manifest["label_map"] or dict(mapping.label_map), ignore=tuple(manifest["ignore_index"]),
             unmapped=mapping.unmapped if not manifest["label_map"] else "keep",
             palette=palette if manifest.get("annotation_format") == "rgb" else None,
             unknown_colours=manifest.get("unknown_colors", "error"))
     name = f"{layout.name} described by {path.name}" if "splits" not in manifest else f"{path}"
     return replace(layout, name=name, class_names=tuple(classes) if classes else layout.class_names,
-                   palette=palette or layout.palette, mapping=mapping,
+                   palette=palette or layout.palette, mapping=mapping, assumed=layout.assumed and not classes,
                    known=layout.known or "reduce_labels" in manifest or "splits" in manifest)

@@ -2,7 +2,7 @@
 
     stored value --(colour masks: position in `palette`)--> raw value --(table)--> class id or 255
 
-The table is built once from, in this order: the ADE convention when `reduce` is on (0 -> 255, k -> k-1,
+The table is built once from, in this order: the ADE convention when `reduce_labels` is on (0 -> 255, k -> k-1,
 else identity), `label_map` entries ({raw: class id or 255}, e.g. Cityscapes' labelIds -> trainIds),
 `unmapped="ignore"` (every raw value not in label_map -> 255), then `ignore` values -> 255. 255 is always
 ignored. One lookup per pixel applies it all.
@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from segformer.errors import DataError
 
 IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
 class LabelMapping:
-    reduce: bool = False  # the ADE convention: 0 is 'unlabelled' (ignored), k is class k - 1
+    reduce_labels: bool = False  # the ADE convention: 0 is 'unlabelled' (ignored), k is class k - 1
     label_map: dict = field(default_factory=dict)  # raw value -> class id (or 255), before `ignore`
     unmapped: str = "keep"  # "keep": raw values not in label_map pass through (reduced); "ignore": -> 255
     ignore: tuple = ()  # raw values ignored (255 always is)
@@ -30,13 +30,13 @@ class LabelMapping:
     unknown_colours: str = "error"  # a colour not in the palette: "error" naming it, or "ignore"
     name: str = ""  # the convention's name, for the run's summary ("ADE convention", "Cityscapes labelIds", ...)
 
-    def with_reduce(self, reduce: bool) -> "LabelMapping":
-        return self if reduce == self.reduce else replace(self, reduce=reduce, name="")
+    def with_reduce_labels(self, reduce_labels: bool) -> "LabelMapping":
+        return self if reduce_labels == self.reduce_labels else replace(self, reduce_labels=reduce_labels, name="")
 
     def table(self, size: int) -> np.ndarray:
         """raw value -> class id (255: ignored), for raw values 0..size-1."""
         raw = np.arange(size, dtype=np.int64)
-        table = np.where(raw == 0, IGNORE_INDEX, raw - 1) if self.reduce else raw.copy()
+        table = np.where(raw == 0, IGNORE_INDEX, raw - 1) if self.reduce_labels else raw.copy()
         if self.unmapped == "ignore":
             table[:] = IGNORE_INDEX
         for value, class_id in self.label_map.items():
@@ -60,7 +60,7 @@ class LabelMapping:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.reduce or self.label_map or self.unmapped == "ignore" or self.ignore)
+        return not (self.reduce_labels or self.label_map or self.unmapped == "ignore" or self.ignore)
 
     def decode_colours(self, annotation: Image.Image, name: str) -> torch.Tensor:
         """A colour mask -> (H, W) uint8 raw values: each colour's position in the palette, looked up in a
@@ -87,7 +87,7 @@ class LabelMapping:
         if self.name:
             parts.append(self.name)
         else:
-            if self.reduce:
+            if self.reduce_labels:
                 parts.append("0 -> ignored, k -> k-1 (ADE convention)")
             if self.label_map:
                 shown = ", ".join(f"raw {k} -> {'ignored' if v == IGNORE_INDEX else v}"
@@ -115,5 +115,5 @@ def colour_table(palette: tuple) -> np.ndarray:
     return table
 
 
-ADE = LabelMapping(reduce=True, name="0 -> ignored, k -> k-1 (ADE convention)")
+ADE = LabelMapping(reduce_labels=True, name="0 -> ignored, k -> k-1 (ADE convention)")
 IDENTITY = LabelMapping()

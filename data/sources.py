@@ -7,8 +7,9 @@ a file path, `file row N`, or `dataset[index]`.
   `dataset.json` manifest (`layouts.py`);
 * Hugging Face datasets: a hub id, a `save_to_disk` directory, or parquet files.
 
-`open_source` returns the `Samples` of one split, which also carry what the source knows of its labels:
-the class names and colours, and the `LabelMapping` from stored values to class ids.
+`open_source` returns the `Samples` of one split, which also carry what the source says of its labels
+(`Samples.labels`, a `data.spec.SourceLabels`: the class names and colours, and the `LabelMapping` from
+stored values to class ids), for `data.spec.decide_labels` to decide the run's labels from.
 
 Split expressions take the `datasets` form: `train`, `train[:50]`, `train[10:20]`, `train[:10%]`.
 A source with a single split (a folder of parquet files, one saved Dataset, a flat folder) is divided
@@ -28,10 +29,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from segformer.errors import DataError
+from segformer.images import decode, displayed_size
+
 from . import layouts
-from .errors import DataError
-from .mapping import ADE, IDENTITY, LabelMapping
+from .mapping import ADE, IDENTITY
+from .spec import SourceLabels
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import SIZE as SYNTHETIC_SIZE
 from .synthetic import SyntheticScenes
 
 # The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
@@ -44,7 +49,7 @@ def parse_split(split: str) -> tuple[str, slice | None, bool]:
     """'train[10:20%]' -> ('train', slice, is_percent)."""
     m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d*)\s*(%?)\s*:\s*(-?\d*)\s*(%?)\s*\])?\s*", split)
     if not m:
-        raise ValueError(f"cannot parse split {split!r}; expected e.g. 'train', 'train[:50]', 'validation[:10%]'")
+        raise DataError(f"cannot parse split {split!r}; expected e.g. 'train', 'train[:50]', 'validation[:10%]'")
     name, start, start_percent, stop, stop_percent = m.groups()
     if start is None and stop is None and not start_percent and not stop_percent and "[" not in split:
         return name, None, False
@@ -67,26 +72,21 @@ def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> 
     same parts that call gives on the real dataset, whatever the source."""
     from datasets import Dataset
     if not 0 < test_size < 1:
-        raise ValueError(f"test_size must be between 0 and 1, got {test_size}")
+        raise DataError(f"test_size must be between 0 and 1, got {test_size}")
     parts = Dataset.from_dict({"index": indices}).train_test_split(test_size=test_size, seed=seed)
     return list(parts["train" if train else "test"]["index"])
 
 
 class Samples:
-    """The samples of one split: `indices` into a source, and what the source knows of its labels:
-    `class_names` and `palette` (None where it does not name them), the `mapping` from stored values to
-    class ids, and whether that convention is `known` (else the ADE convention is assumed, and said)."""
+    """The samples of one split: `indices` into a source, what the source says of its labels (`labels`),
+    and the files of a folder that found no partner (`unpaired`, listed where `open_source(strict=False)`)."""
 
-    def __init__(self, source, indices, *, layout: str, class_names=None, palette=None,
-                 mapping: LabelMapping = ADE, known: bool = False, unpaired=()):
-        self.source, self.indices, self.layout = source, list(indices), layout
-        self.class_names = list(class_names) if class_names else None
-        self.palette, self.mapping, self.known, self.unpaired = palette, mapping, known, list(unpaired)
+    def __init__(self, source, indices, *, labels: SourceLabels, unpaired=()):
+        self.source, self.indices, self.labels, self.unpaired = source, list(indices), labels, list(unpaired)
 
     @property
-    def reduce_labels(self) -> bool | None:
-        """The source's convention: True for ADE's, False for class ids as stored, None where it does not say."""
-        return self.mapping.reduce if self.known else None
+    def layout(self) -> str:
+        return self.labels.layout
 
     def __len__(self):
         return len(self.indices)
@@ -106,13 +106,6 @@ class Samples:
         return self.source.peek(self.indices[i])
 
 
-def read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-
-
 class FilePairs:
     """(image file, annotation file) pairs."""
 
@@ -127,13 +120,11 @@ class FilePairs:
 
     def __getitem__(self, i):
         image_path, annotation_path = self.pairs[i]
-        image = _open(read_file(image_path), str(image_path))
-        return image, _open(read_file(annotation_path), str(annotation_path)), str(image_path)
+        return decode(image_path), decode(annotation_path), str(image_path)
 
     def peek(self, i):
         image_path, annotation_path = self.pairs[i]
-        return _open(read_file(annotation_path), str(annotation_path)), _size(read_file(image_path), image_path), \
-            str(image_path)
+        return decode(annotation_path), displayed_size(_read(image_path), str(image_path)), str(image_path)
 
 
 class HFSource:
@@ -163,7 +154,7 @@ class HFSource:
     def __getitem__(self, i):
         row = self.dataset[i]
         name = self.name(i)
-        image, annotation = (_open(self._bytes(row[c], f"{name} column {c!r}"), f"{name} column {c!r}")
+        image, annotation = (decode(self._bytes(row[c], f"{name} column {c!r}"), f"{name} column {c!r}")
                              for c in self.columns)
         return image, annotation, name
 
@@ -171,9 +162,9 @@ class HFSource:
         row = self.dataset[i]
         name = self.name(i)
         image_column, annotation_column = self.columns
-        annotation = _open(self._bytes(row[annotation_column], f"{name} column {annotation_column!r}"),
-                           f"{name} column {annotation_column!r}")
-        return annotation, _size(self._bytes(row[image_column], name), name), name
+        annotation = decode(self._bytes(row[annotation_column], f"{name} column {annotation_column!r}"),
+                            f"{name} column {annotation_column!r}")
+        return annotation, displayed_size(self._bytes(row[image_column], name), name), name
 
     @staticmethod
     def _bytes(value, name) -> bytes:
@@ -184,32 +175,17 @@ class HFSource:
         if isinstance(value, dict) and value.get("bytes"):
             return value["bytes"]
         if isinstance(value, dict) and value.get("path"):
-            try:
-                return Path(value["path"]).read_bytes()
-            except OSError as e:
-                raise DataError(f"{name}: cannot read {value['path']} ({e.strerror or type(e).__name__})") from None
+            return _read(Path(value["path"]), name)
         raise DataError(f"{name}: expected an image, got {type(value).__name__}")
 
 
-def _size(data: bytes, name) -> tuple[int, int]:
-    """An image's (width, height) from its header, without decoding it."""
+def _read(path: Path, name: str | None = None) -> bytes:
+    """A file's bytes; an error names the file (and the sample `name` that points to it)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except Exception as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-
-
-def _open(data: bytes, name: str) -> Image.Image:
-    """Decode fully now, so that a corrupt or truncated file fails here with its name, which the image
-    keeps as PIL's `filename` (for errors found later, such as a colour outside the palette)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-    image.filename = name
-    return image
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{name + ': cannot read ' + str(path) if name else str(path) + ': cannot read'} "
+                        f"({e.strerror or type(e).__name__})") from None
 
 
 def open_source(source: str, split: str, *, train: bool, test_size: float | None = None, split_seed: int = 0,
@@ -223,21 +199,23 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     if source == "synthetic":
         data = SyntheticScenes("validation" if name in ("validation", "val", "test") else "train")
         if test_size:
-            raise ValueError("the synthetic set has its own validation split; test_size does not apply")
-        return Samples(data, apply_slice(list(range(len(data))), bounds, percent), layout="synthetic scenes",
-                       class_names=SYNTHETIC_CLASSES, mapping=ADE, known=True)
+            raise DataError("the synthetic set has its own validation split; test_size does not apply")
+        return Samples(data, apply_slice(list(range(len(data))), bounds, percent), labels=SourceLabels(
+            source, "synthetic scenes", class_names=SYNTHETIC_CLASSES, mapping=ADE, known=True,
+            native_size=SYNTHETIC_SIZE))
 
     path = Path(source)
-    labels, unpaired = {}, []  # what the source says of its labels
+    labels, unpaired = None, []  # what the source says of its labels
     manifest = Path(dataset_config) if dataset_config else None
     if path.is_dir() and (layout := layouts.detect(path, manifest)):
         pairs, unpaired, single = layout.split(name, path)
         if unpaired and strict:
             raise DataError(f"{len(unpaired)} unpaired files (an image without annotation or the reverse): "
                             + ", ".join(unpaired[:10]) + (" ..." if len(unpaired) > 10 else ""))
-        data, description = FilePairs(pairs), layout.name
-        labels = dict(class_names=layout.class_names, palette=layout.palette, mapping=layout.mapping,
-                      known=layout.known)
+        data = FilePairs(pairs)
+        labels = SourceLabels(source, layout.name, class_names=layout.class_names, palette=layout.palette,
+                              mapping=layout.mapping, known=layout.known,
+                              assumed=layout.assumed and layout.class_names is not None)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
         description = "save_to_disk dataset"
@@ -254,11 +232,13 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         data, single = _hub_dataset(source, split, name, image_column, annotation_column)
         if not single:
             bounds = None  # load_dataset has read the whole split expression, slice included
-        if source in PARQUET_EXPORTS:  # SceneParse150 is ADE20K's 150 classes
-            labels = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE, known=True)
         description = "hub dataset"
-    if manifest and not labels:  # a manifest may describe the labels of any source
-        labels = _manifest_labels(manifest)
+        if source in PARQUET_EXPORTS:  # SceneParse150 is ADE20K's 150 classes
+            labels = SourceLabels(source, description, class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE,
+                                  mapping=ADE, known=True)
+    if labels is None:  # a manifest may describe the labels of any source; else ADE's convention is the guess
+        labels = _manifest_labels(manifest, source, description) if manifest else \
+            SourceLabels(source, description, mapping=ADE, known=False)
 
     indices = list(range(len(data)))
     if single and test_size is None:
@@ -266,16 +246,16 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     indices = apply_slice(indices, bounds, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
-    return Samples(data, indices, layout=description, unpaired=unpaired, **labels)
+    return Samples(data, indices, labels=labels, unpaired=unpaired)
 
 
-def _manifest_labels(path: Path) -> dict:
+def _manifest_labels(path: Path, source: str, description: str) -> SourceLabels:
     manifest = layouts.read_manifest(path)
     if manifest.get("splits"):
         raise DataError(f"{path}: key 'splits' describes folders; this source is not one")
-    refined = layouts.refine(layouts.Layout("data", {}, mapping=IDENTITY, known=False), manifest, path)
-    return dict(class_names=refined.class_names, palette=refined.palette, mapping=refined.mapping,
-                known=refined.known)
+    refined = layouts.refine(layouts.Layout(description, {}, mapping=IDENTITY, known=False), manifest, path)
+    return SourceLabels(source, refined.name, class_names=refined.class_names, palette=refined.palette,
+                        mapping=refined.mapping, known=refined.known)
 
 
 def _parquet_files(source: str) -> list[str]:

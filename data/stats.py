@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from segformer.errors import DataError
+
 from .dataset import annotation_to_tensor
-from .errors import DataError
 from .mapping import IGNORE_INDEX, LabelMapping
 
 
@@ -107,3 +108,17 @@ def read_class_weights(path: str | Path, class_names: list[str]) -> list[float]:
             raise DataError(f"{path}: the weight of class {i} ({class_names[i].strip()}) must be a number >= 0, "
                             f"got {w!r}")
     return [float(w) for w in weights]
+
+
+def zero_share(samples, mapping: LabelMapping, *, look_at: int = 16) -> tuple[float, int]:
+    """(the share of raw value 0 among the pixels of the first `look_at` annotations, how many were read);
+    unreadable ones are left for the loader to report."""
+    zeros = total = read = 0
+    for i in range(min(look_at, len(samples))):
+        try:
+            annotation, _, _ = samples.peek(i)
+            raw = annotation_to_tensor(annotation, samples.name(i), mapping)
+        except DataError:
+            continue
+        zeros, total, read = zeros + int((raw == 0).sum()), total + raw.numel(), read + 1
+    return (zeros / total if total else 0.0), read

@@ -13,13 +13,14 @@ from PIL import Image
 
 CLASSES = ("sky", "grass", "water", "wall", "ball", "box", "roof")  # annotation values 1..7
 SPLIT_SIZES = {"train": 2000, "validation": 100}
+SIZE = 128  # scenes are rendered at 128x128, their natural training and evaluation size
 _SPLIT_STREAMS = {"train": 0, "validation": 1, "test": 2}
 
 
 class SyntheticScenes:
     """A sequence of (image, annotation, name): RGB and mode-L PIL images of `size` x `size`."""
 
-    def __init__(self, split: str = "train", *, size: int = 128, length: int | None = None, seed: int = 0):
+    def __init__(self, split: str = "train", *, size: int = SIZE, length: int | None = None, seed: int = 0):
         if split not in _SPLIT_STREAMS:
             raise ValueError(f"synthetic split must be one of {', '.join(_SPLIT_STREAMS)}, got {split!r}")
         self.split, self.size, self.seed = split, size, seed

@@ -14,10 +14,10 @@ Masks are only ever moved, never blended: they resize with nearest neighbour and
   distortion, padding to the crop size (mask with 255).
 
 Every transform returns the image still as uint8 and the mask in its stored dtype (uint8 for L/P
-annotations): `SegmentationDataset` normalises (and makes labels int64), or, for training on a GPU,
-hands both on as bytes to be normalised on the device (`normalize_batch`). The paper recipe's crop may
-be smaller than `size`: the image is then padded with zeros *after* normalisation (the mean colour),
-which the dataset does, knowing the crop's own size; the mask is padded here, with 255.
+annotations): `SegmentationDataset` hands both on as bytes, to be normalised where the model runs
+(`normalize_batch`). The paper recipe's crop may be smaller than `size`: the image is then padded with
+zeros *after* normalisation (the mean colour), which `normalize_batch` does, knowing the crop's own size
+(`valid`); the mask is padded here, with 255.
 
 Random transforms draw only from torch's global generator; `SegmentationDataset` seeds it per sample
 inside `torch.random.fork_rng`, which makes every augmentation repeatable. The guide's ColorJitter stays
@@ -31,12 +31,6 @@ import torchvision.transforms.v2.functional as TF
 from segformer.preprocess import aspect_size, normalize, resize_image
 
 from .mapping import IGNORE_INDEX
-
-
-def reduce_labels(mask: torch.Tensor) -> torch.Tensor:
-    """ADE convention -> training ids, as the reference processor does it: 0 (unlabelled) -> 255,
-    k -> k - 1, and 255 stays 255. Any integer dtype; uint8 stays uint8."""
-    return torch.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1).to(mask.dtype)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -165,8 +159,8 @@ def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_batch(pixel_values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) batches of `SegmentationDataset(uint8=True)` -> float, as the dataset itself
-    would have made them: normalised, and zero (the mean colour) beyond each sample's `valid` (h, w)."""
+    """uint8 (B, 3, H, W) batches of `SegmentationDataset` -> the model's float input: normalised as the
+    image processor does, and zero (the mean colour) beyond each sample's `valid` (h, w)."""
     x = normalize(pixel_values)
     if valid is not None:
         for i, (h, w) in enumerate(valid.tolist()):

@@ -1,18 +1,25 @@
-"""Files: finding a checkpoint (file, directory or hub repo id), reading its tensors, and writing
-files atomically so that an interrupted save never leaves a half-written file behind."""
+"""Files: finding a checkpoint (file, directory or hub repo id), what it says of itself (`describe`, the
+one reader every script asks), reading its tensors, and writing files atomically so that an interrupted
+save never leaves a half-written file behind."""
 
 import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+
+from . import layouts
+from .config import SegFormerConfig
+from .errors import CheckpointError, UserError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SIDE_FILES = ("preprocessor_config.json", "palette.json")  # beside the weights, where a checkpoint has them
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -63,22 +70,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     weights_only=True; an mmseg `{"state_dict": ...}` wrapper is unwrapped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
         for wrapper in ("state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
+            raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
         return obj
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file, or truncated ({e})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file, or truncated ({e})") from None
+
+
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a weights file; a safetensors file is read from its header only."""
+    path = Path(path)
+    if path.suffix in TORCH_SUFFIXES or not path.is_file():
+        return {name: tuple(t.shape) for name, t in read_state_dict(path).items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file, or truncated ({e})") from None
 
 
 def resolve(source: str | Path) -> tuple[Path, Path | None]:
@@ -94,9 +113,9 @@ def resolve(source: str | Path) -> tuple[Path, Path | None]:
             if (path / name).is_file():
                 config = path / "config.json"
                 return path / name, config if config.is_file() else None
-        raise FileNotFoundError(f"{path}: directory holds none of {', '.join(WEIGHT_FILES)}")
+        raise CheckpointError(f"{path}: directory holds none of {', '.join(WEIGHT_FILES)}")
     if _looks_like_path(str(source)):
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise CheckpointError(f"{source}: no such file or directory")
     return _download(str(source))
 
 
@@ -123,16 +142,21 @@ def _download(repo_id: str) -> tuple[Path, Path | None]:
         for name in WEIGHT_FILES:
             weights = fetch(name)
             if weights is not None:
+                for side_file in SIDE_FILES:  # into the same snapshot folder, beside the weights, where it has them
+                    try:
+                        fetch(side_file)
+                    except LocalEntryNotFoundError:  # offline, and never fetched: the checkpoint works without
+                        pass
                 return weights, config
     except GatedRepoError:
-        raise PermissionError(f"{repo_id}: a gated repository; accept its terms on the hub and log in "
+        raise CheckpointError(f"{repo_id}: a gated repository; accept its terms on the hub and log in "
                               f"(`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{repo_id}: neither a local path nor a repository on the hub") from None
+        raise CheckpointError(f"{repo_id}: neither a local path nor a repository on the hub") from None
     except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
-                                f"(offline mode or no network): {e}") from None
-    raise FileNotFoundError(f"{repo_id}: the repository holds none of {', '.join(WEIGHT_FILES)}")
+        raise CheckpointError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
+                              f"(offline mode or no network): {e}") from None
+    raise CheckpointError(f"{repo_id}: the repository holds none of {', '.join(WEIGHT_FILES)}")
 
 
 def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels: bool) -> None:
@@ -148,54 +172,88 @@ def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels
     }, Path(directory) / "preprocessor_config.json")
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; anything else is an error naming the file."""
+def read_json_object(path: Path, *, error: type[UserError] = CheckpointError) -> dict:
+    """A JSON file that must hold an object; anything else is an `error` naming the file."""
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
-def read_preprocessor_config(source: str | Path) -> dict:
-    """The `preprocessor_config.json` beside a checkpoint (a directory, or a file in one); {} if none."""
-    path = Path(source)
-    config = (path if path.is_dir() else path.parent) / "preprocessor_config.json"
-    return read_json_object(config) if config.is_file() else {}
+# ---- what a checkpoint says of itself ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint says of itself, read once by `describe`: every script and `from_pretrained` ask
+    this instead of reading the files their own way."""
+    source: str
+    weights: Path
+    config: SegFormerConfig  # the model it holds: from config.json, else read off the weights' shapes
+    config_file: Path | None
+    head_labels: int | None  # rows of the segmentation classifier in the weights; None: an encoder only
+    size: int | None  # the input size in preprocessor_config.json
+    reduce_labels: bool | None  # its do_reduce_labels (older files: reduce_labels)
+    palette: tuple | None  # palette.json: the class colours of the data it was trained on
+    training_args: Path | None  # training_args.json: a checkpoint of this project's train.py
+
+    @property
+    def conflict(self) -> str | None:
+        """config.json and the weights disagreeing on the number of classes, said in one line."""
+        if self.head_labels is None or self.head_labels == self.config.num_labels:
+            return None
+        return (f"{self.config_file} says {self.config.num_labels} labels, but the classifier in {self.weights} has "
+                f"{self.head_labels}")
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The classes of its segmentation head (LABEL_<i> where unnamed); None for an encoder only, or
+        where config.json names another number of classes than the head has."""
+        if self.head_labels is None or self.conflict:
+            return None
+        return tuple(self.config.label_names())
 
 
-def read_palette(source: str | Path) -> list[tuple[int, int, int]] | None:
-    """The class colours in a checkpoint directory's `palette.json` (written where the training data
-    defined them), or None."""
-    path = Path(source)
-    file = (path if path.is_dir() else path.parent) / "palette.json"
+def describe(source: str | Path) -> CheckpointFacts:
+    """The facts of a checkpoint (a directory, a weights file or a hub id) from its config.json, the
+    shapes of its weights (a safetensors header, not the tensors) and its side files."""
+    weights, config_file = resolve(source)
+    shapes = read_shapes(weights)
+    if config_file is not None:
+        hf = read_json_object(config_file)
+        config = SegFormerConfig.from_hf_dict(hf, source=str(config_file))
+    else:  # the settings are in the shapes: converted on the meta device, no memory taken
+        meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+        config = layouts.infer_config(layouts.to_native(meta, source=str(weights))[0])
+    return CheckpointFacts(source=str(source), weights=weights, config=config, config_file=config_file,
+                           head_labels=layouts.classifier_rows(shapes), **read_side_files(weights.parent))
+
+
+def read_side_files(folder: Path) -> dict:
+    """What the files beside a model say: the input size and label reduction (preprocessor_config.json),
+    the class colours (palette.json) and the run's settings (training_args.json, where train.py wrote it)."""
+    preprocessor = folder / "preprocessor_config.json"
+    preprocessor = read_json_object(preprocessor) if preprocessor.is_file() else {}
+    size = preprocessor.get("size", {})
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    reduce_labels = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))  # older: reduce_labels
+    return dict(size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
+                reduce_labels=reduce_labels if isinstance(reduce_labels, bool) else None,
+                palette=_read_palette(folder / "palette.json"),
+                training_args=folder / "training_args.json" if (folder / "training_args.json").is_file() else None)
+
+
+def _read_palette(file: Path) -> tuple | None:
     if not file.is_file():
         return None
     try:
         colours = json.loads(file.read_text())
-        return [tuple(int(v) for v in colour) for colour in colours if len(colour) == 3]
+        palette = tuple(tuple(int(v) for v in colour) for colour in colours)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{file}: expected a list of [r, g, b] colours ({e})") from None
-
-
-def read_input_size(source: str | Path) -> int | None:
-    """The square input size in a checkpoint directory's `preprocessor_config.json`, if any."""
-    size = read_preprocessor_config(source).get("size", {})
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge")
-    return int(size) if size else None
-
-
-def segmentation_labels(source: str | Path) -> list[str] | None:
-    """The class names of a checkpoint's segmentation head, from its `config.json`; None where there is
-    no config or it describes another model (the ImageNet classifiers of `nvidia/mit-b*`)."""
-    from .config import SegFormerConfig
-    _, config_path = resolve(source)
-    if config_path is None:
-        return None
-    hf = read_json_object(config_path)
-    if "SegformerForSemanticSegmentation" not in hf.get("architectures", ["SegformerForSemanticSegmentation"]):
-        return None
-    return SegFormerConfig.from_hf_dict(hf, source=str(config_path)).label_names()
+        raise CheckpointError(f"{file}: expected a list of [r, g, b] colours ({e})") from None
+    if not all(len(colour) == 3 and all(0 <= v <= 255 for v in colour) for colour in palette):
+        raise CheckpointError(f"{file}: expected a list of [r, g, b] colours of integers 0..255")
+    return palette

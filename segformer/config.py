@@ -9,6 +9,9 @@ depths and the decoder width.
 
 from dataclasses import dataclass, field, replace
 
+from .errors import CheckpointError
+from .labels import default_name, is_default_names
+
 VARIANTS = {
     #       hidden_sizes            depths          decoder_hidden_size
     "b0": ((32, 64, 160, 256), (2, 2, 2, 2), 256),
@@ -73,7 +76,7 @@ class SegFormerConfig:
         return next((name for name, row in VARIANTS.items() if row == settings), None)
 
     def label_names(self) -> list[str]:
-        return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+        return [self.id2label.get(i, default_name(i)) for i in range(self.num_labels)]
 
     # ---- transformers' config.json -------------------------------------------------------------
 
@@ -114,26 +117,26 @@ class SegFormerConfig:
         """Read a transformers `SegformerConfig` dict; fields it lacks keep transformers' defaults. A key
         of the wrong type or range is an error naming `source` and the key."""
         if not isinstance(hf, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         if hf.get("model_type", "segformer") != "segformer":
-            raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'segformer'")
+            raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, expected 'segformer'")
         if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
+            raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
         if hf.get("reshape_last_stage", True) is not True:
-            raise ValueError(f"{source}: reshape_last_stage=False is not supported")
+            raise CheckpointError(f"{source}: reshape_last_stage=False is not supported")
         kwargs = {ours: _read_key(hf, theirs, kind, source)
                   for ours, (theirs, kind) in _HF_KEYS.items() if theirs in hf}
         id2label = hf.get("id2label", {})
         if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
-            raise ValueError(f"{source}: key 'id2label' must map class ids to names, got {str(id2label)[:60]}")
+            raise CheckpointError(f"{source}: key 'id2label' must map class ids to names, got {str(id2label)[:60]}")
         id2label = {int(k): str(v) for k, v in id2label.items()}
         kwargs["num_labels"] = (_read_key(hf, "num_labels", "count", source) if "num_labels" in hf
                                 else len(id2label) or 2)
-        kwargs["id2label"] = {} if _is_default_names(id2label) else id2label
+        kwargs["id2label"] = {} if is_default_names(id2label) else id2label
         try:
             return cls(**kwargs)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise CheckpointError(f"{source}: {e}") from None
 
 
 # our field <- (transformers' key, what it must hold)
@@ -162,8 +165,4 @@ def _read_key(hf: dict, key: str, kind: str, source: str):
         return float(value)
     expected = {"count": "a whole number >= 1", "counts": "a list of whole numbers >= 1",
                 "probability": "a number in [0, 1)"}[kind]
-    raise ValueError(f"{source}: key {key!r} must be {expected}, got {value!r}")
-
-
-def _is_default_names(id2label: dict[int, str]) -> bool:
-    return all(name == f"LABEL_{i}" for i, name in id2label.items())
+    raise CheckpointError(f"{source}: key {key!r} must be {expected}, got {value!r}")

@@ -2,7 +2,7 @@
 paper's sliding window and test-time augmentation, in bounded memory on photos of any size.
 
     predictor = Predictor(SegFormer.from_pretrained("nvidia/segformer-b0-finetuned-ade-512-512"))
-    result = predictor(load_image("room.jpg"))
+    result = predictor(load_image("room.jpg"))  # segformer.images.load_image: as the data pipeline reads it
     result.label_map   # (H, W) int64 class ids at the image's own size
     result.segments    # [{"label": "wall", "score": None, "mask": PIL L image (0/255)}, ...]
 
@@ -33,20 +33,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .images import to_tensor
+from .labels import default_name
 from .metrics import predicted_classes
+from .precision import AMP_DTYPES, autocast
 from .preprocess import aspect_size, normalize, resize_image
 
 ROWS = 512  # rows of a label map updated at a time: small temporaries
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def load_image(path) -> Image.Image:
-    """Open an image as the reference pipeline does: EXIF orientation applied, RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 @dataclass
@@ -60,9 +55,9 @@ class Prediction:
         """One {"label", "score", "mask"} per class present, in ascending class id (the pipeline's)."""
         labels = self.label_map.cpu().numpy()
         out = []
-        for class_id in np.unique(labels):
+        for class_id in map(int, np.unique(labels)):
             mask = Image.fromarray(((labels == class_id) * 255).astype(np.uint8))
-            out.append({"label": self.id2label.get(int(class_id), f"LABEL_{class_id}"), "score": None, "mask": mask})
+            out.append({"label": self.id2label.get(class_id, default_name(class_id)), "score": None, "mask": mask})
         return out
 
 
@@ -225,8 +220,8 @@ class Predictor:
                  batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512):
         if mode not in ("resize", "aspect", "slide"):
             raise ValueError(f"mode must be 'resize', 'aspect' or 'slide', got {mode!r}")
-        if amp not in ("off", "bf16", "fp16"):
-            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if mode == "slide" and not 0 < stride <= window:
             raise ValueError(f"the stride ({stride}) must be in 1..window ({window})")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -249,7 +244,7 @@ class Predictor:
         In "resize" mode a list runs through the model `batch_size` images at a time. probabilities=True
         also returns the (K, H, W) class probabilities, which take K x H x W floats."""
         single = not isinstance(images, (list, tuple))
-        images = [to_uint8_tensor(image).to(self.device) for image in ([images] if single else images)]
+        images = [to_tensor(image).to(self.device) for image in ([images] if single else images)]
         results = []
         batch_size = self.batch_size if self.mode == "resize" else 1  # other modes: an image at a time
         for start in range(0, len(images), batch_size):
@@ -293,10 +288,9 @@ class Predictor:
         return max(1, round(H * scale)), max(1, round(W * scale))  # slide: the image's own resolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != "off"):
+        with autocast(self.device.type, self.amp):
             return self.model(x).float()
 
     def slide(self, image: torch.Tensor, size: tuple[int, int], flipped: bool) -> SlideView:
@@ -315,12 +309,3 @@ class Predictor:
                 crop = F.pad(crop, (0, x2 - x1 - crop.shape[-1], 0, y2 - y1 - crop.shape[-2]))
                 windows.append((y1, y2, x1, x2), self.forward(crop[None])[0])
         return SlideView(windows, (Hp, Wp), (Hs, Ws), size, flipped, image.device)
-
-
-def to_uint8_tensor(image) -> torch.Tensor:
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
-        return image
-    raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got {type(image).__name__}"
-                    + (f" {image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else ""))

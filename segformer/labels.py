@@ -1,10 +1,11 @@
 """Class names and colours: the ADE20K / SceneParse150, Cityscapes and Pascal VOC tables built in (the
-guide downloads `ade20k-id2label.json` from the hub; we work offline), a reader for any `id2label.json`,
-and a palette generator for other label sets."""
+guide downloads `ade20k-id2label.json` from the hub; we work offline), and a reader for any
+`id2label.json`. Colours for other label sets: `segformer.visual.palette`."""
 
-import colorsys
 import json
 from pathlib import Path
+
+from .errors import DataError
 
 # The 150 classes by reduced id (0 = wall), exactly as the hub's `ade20k-id2label.json` lists them,
 # including the trailing space of "bed ". Pixel value k of an ADE annotation is class k - 1; 0 is unlabelled.
@@ -90,37 +91,31 @@ VOC_PALETTE = tuple(voc_colour(i) for i in range(len(VOC_CLASSES)))
 KNOWN_PALETTES = {ADE20K_CLASSES: ADE20K_PALETTE, CITYSCAPES_CLASSES: CITYSCAPES_PALETTE, VOC_CLASSES: VOC_PALETTE}
 
 
+def default_name(class_id: int) -> str:
+    """transformers' name for a class that has none."""
+    return f"LABEL_{class_id}"
+
+
+def is_default_names(names) -> bool:
+    """Only LABEL_<i> names (a list, or an id -> name dict): the classes are unnamed."""
+    items = names.items() if isinstance(names, dict) else enumerate(names)
+    return all(name == default_name(i) for i, name in items)
+
+
 def read_id2label(path: str | Path) -> dict[int, str]:
     """Read an `id2label.json` ({"0": "wall", ...}); ids must be 0..N-1."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read an id2label JSON object ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping ids to names, got {type(raw).__name__}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read an id2label JSON object ({e})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a JSON object mapping ids to names ({{\"0\": \"wall\", ...}}), got "
+                        f"{type(raw).__name__ if raw else 'nothing'}")
     try:
         id2label = {int(k): str(v) for k, v in raw.items()}
     except ValueError:
-        raise ValueError(f"{path}: keys must be integer ids, got {list(raw)[:5]}") from None
+        raise DataError(f"{path}: keys must be integer ids, got {list(raw)[:5]}") from None
     if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"{path}: ids must be 0..{len(id2label) - 1} without gaps")
+        raise DataError(f"{path}: ids must be 0..{len(id2label) - 1} without gaps")
     return id2label
-
-
-def palette(num_labels: int, id2label: dict[int, str] | None = None) -> list[tuple[int, int, int]]:
-    """The data set's own colours for the ADE20K, Cityscapes and VOC label sets (unnamed 150 labels are
-    taken for ADE20K's); otherwise distinct colours spread over the hue circle (golden-ratio steps), the
-    same for the same number of labels."""
-    names = tuple(id2label.get(i) for i in range(num_labels)) if id2label else None
-    if names in KNOWN_PALETTES:
-        return list(KNOWN_PALETTES[names])
-    if names is None and num_labels == len(ADE20K_CLASSES):
-        return list(ADE20K_PALETTE)
-    colours = []
-    for i in range(num_labels):
-        hue = (i * 0.618033988749895) % 1.0
-        saturation, value = (0.65, 0.95) if i % 2 == 0 else (0.9, 0.75)
-        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
-        colours.append((round(r * 255), round(g * 255), round(b * 255)))
-    return colours

@@ -18,12 +18,21 @@ Every converter raises `LayoutError` naming any key it cannot place; keys that a
 
 import re
 
-
 from .config import VARIANTS, SegFormerConfig
+from .errors import CheckpointError
+
+# The segmentation classifier's weight in each layout: (num_labels, decoder width, 1, 1).
+CLASSIFIER_KEYS = ("decoder.classifier.weight", "decode_head.classifier.weight", "decode_head.linear_pred.weight")
 
 
-class LayoutError(ValueError):
-    pass
+class LayoutError(CheckpointError):
+    """Weights that fit no known layout, or do not fit the model: every key at fault is named."""
+
+
+def classifier_rows(shapes: dict) -> int | None:
+    """The number of classes of the segmentation head in weights of any layout (name -> shape), or None
+    where there is no head (an ImageNet encoder)."""
+    return next((shapes[key][0] for key in CLASSIFIER_KEYS if key in shapes), None)
 
 
 # (hf prefix, native prefix); {s} is the stage and {b} the block index, both counted from 0.

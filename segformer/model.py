@@ -4,6 +4,7 @@
     logits = model(pixel_values)  # (B, 3, H, W) -> (B, num_labels, ceil(H/4), ceil(W/4))
 """
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,9 @@ from . import checkpoint, layouts
 from .config import SegFormerConfig
 from .decoder import AllMLPDecoder
 from .encoder import MixTransformer
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 
 class SegFormer(nn.Module):
@@ -41,50 +45,51 @@ class SegFormer(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, num_labels: int | None = None,
+    def from_pretrained(cls, source: "str | Path | checkpoint.CheckpointFacts", num_labels: int | None = None,
                         id2label: dict[int, str] | None = None, **overrides) -> "SegFormer":
         """Load a checkpoint in any layout (see `layouts.py`) from a `.safetensors` or `.pth` file, a
-        directory holding `model.safetensors` (+ `config.json`), or a hub repo id.
+        directory holding `model.safetensors` (+ `config.json`), or a hub repo id (or what `describe`
+        said of one, not to read it twice).
 
-        The settings come from `config.json` when there is one, else from the weights' shapes. Asking
-        for another `num_labels` than the checkpoint's re-initialises the classifier; an encoder-only
-        checkpoint (ImageNet) gets a fresh decoder, by default for ADE20K's 150 labels. Both are
-        reported in one line. Missing, unexpected or mis-shaped weights raise an error naming them.
-        Other keyword arguments replace config fields (e.g. `drop_path_rate=0.0`)."""
-        weights_path, config_path = checkpoint.resolve(source)
-        state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(weights_path), source=str(weights_path))
-
-        if config_path is not None:
-            config = SegFormerConfig.from_hf_dict(checkpoint.read_json_object(config_path), source=str(config_path))
-        else:
-            config = layouts.infer_config(state_dict)
-        has_head = "decoder.classifier.weight" in state_dict
-        changes, notes, missing_ok = dict(overrides), [], None
+        The settings come from `config.json` when there is one, else from the weights' shapes
+        (`checkpoint.describe`). Asking for another `num_labels` than the checkpoint's classifier has
+        re-initialises it; an encoder-only checkpoint (ImageNet) gets a fresh decoder, by default for
+        ADE20K's 150 labels. Both are logged in one line. Missing, unexpected or mis-shaped weights raise
+        an error naming them, and so does a config.json that disagrees with the weights on the number of
+        classes (unless `num_labels` asks for the weights' own). Other keyword arguments replace config
+        fields (e.g. `drop_path_rate=0.0`)."""
+        facts = source if isinstance(source, checkpoint.CheckpointFacts) else checkpoint.describe(source)
+        source = facts.source
+        state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(facts.weights), source=str(facts.weights))
+        head, changes, notes = facts.head_labels, dict(overrides), []
         if id2label is not None:
             changes["id2label"] = {int(k): str(v) for k, v in id2label.items()}
             num_labels = len(id2label) if num_labels is None else num_labels
-        if num_labels is None and not has_head:
-            num_labels = 150  # no head to read it from: ADE20K-sized, the common fine-tuning target
-        if num_labels is not None and num_labels != config.num_labels:
+        encoder_only = not any(k.startswith("decoder.") for k in state_dict)
+        if encoder_only:
+            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): the decode head is freshly "
+                         "initialised")
+            num_labels = num_labels or 150  # no head to read it from: ADE20K-sized, the common fine-tuning target
+        elif facts.conflict and num_labels is None:
+            raise CheckpointError(f"{facts.conflict}; correct config.json, or load with num_labels={head} to keep "
+                                  f"that classifier")
+        elif facts.conflict and num_labels == head:
+            notes.append(f"{facts.conflict}: the classifier fits the {head} labels asked for, and is kept")
+        num_labels = head if num_labels is None else num_labels
+        missing_ok = "decoder." if encoder_only else None
+        if num_labels is not None and num_labels != facts.config.num_labels:
             changes["num_labels"] = num_labels
             changes.setdefault("id2label", {})
-            if has_head:
-                notes.append(f"the classifier is re-initialised for {num_labels} labels "
-                             f"(the checkpoint's has {state_dict['decoder.classifier.weight'].shape[0]})")
-                state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.classifier.")}
-                missing_ok = "decoder.classifier."
-        config = replace(config, **changes)
-
-        model = cls(config)
-        if not any(k.startswith("decoder.") for k in state_dict):
-            missing_ok = "decoder."
-            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): "
-                         "the decode head is freshly initialised")
-        model.load_native_state_dict(state_dict, source=str(weights_path), missing_ok=missing_ok)
+        if head is not None and num_labels != head:
+            notes.append(f"the classifier is re-initialised for {num_labels} labels (the checkpoint's has {head})")
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.classifier.")}
+            missing_ok = "decoder.classifier."
+        model = cls(replace(facts.config, **changes))
+        model.load_native_state_dict(state_dict, source=str(facts.weights), missing_ok=missing_ok)
         if dropped:
             notes.append(f"unused weights ignored: {layouts.shorten(dropped, 3)}")
         if notes:
-            print(f"SegFormer.from_pretrained({source}): " + "; ".join(notes))
+            logger.warning(f"SegFormer.from_pretrained({source}): " + "; ".join(notes))
         return model
 
     def load_native_state_dict(self, state_dict: dict, *, source: str, missing_ok: str | None = None) -> None:

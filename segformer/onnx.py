@@ -3,14 +3,31 @@
     from segformer.onnx import OnnxModel
     predictor = Predictor(OnnxModel("exported/model.onnx"), size=512)   # every mode and TTA, as with the model
 
-It reads the class names (`id2label.json`) written beside the graph. onnxruntime is an optional
+It reads the class names (`id2label.json`), the input size and the class colours written beside the
+graph (`OnnxModel.facts`, what a label spec reads, as of a checkpoint). onnxruntime is an optional
 dependency (`pip install onnxruntime`), imported here only.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .checkpoint import read_side_files
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    """What an export folder says of its graph, as `checkpoint.CheckpointFacts` says it of a checkpoint."""
+    source: str
+    class_names: tuple[str, ...]
+    size: int | None
+    reduce_labels: bool | None
+    palette: tuple | None
+    training_args: Path | None = None
+    conflict = None  # the graph's outputs are its classes
 
 
 def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool = True):
@@ -20,9 +37,9 @@ def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ImportError("running an ONNX graph needs onnxruntime: pip install onnxruntime") from None
+        raise CheckpointError(f"{path}: running an ONNX graph needs onnxruntime: pip install onnxruntime") from None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
+        raise CheckpointError(f"{path}: no such ONNX file")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -32,7 +49,7 @@ def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # not ONNX, truncated, an unknown operator
-        raise ValueError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
 
 
 class OnnxModel:
@@ -43,16 +60,18 @@ class OnnxModel:
         self.session = onnx_session(path, threads)
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != ["pixel_values"]:
-            raise ValueError(f"{path}: a graph with inputs {inputs}; this needs export.py's logits graph "
-                             f"(pixel_values -> logits), not --label-map")
+            raise CheckpointError(f"{path}: a graph with inputs {inputs}; this needs export.py's logits graph "
+                                  f"(pixel_values -> logits), not --label-map")
         names = path.parent / "id2label.json"
         if not names.is_file():
-            raise FileNotFoundError(f"{names}: the class names export.py writes beside the graph are missing")
+            raise CheckpointError(f"{names}: the class names export.py writes beside the graph are missing")
         try:
             id2label = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
         except (ValueError, AttributeError) as e:
-            raise ValueError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
+            raise CheckpointError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
         self.id2label, self.path = dict(sorted(id2label.items())), path
+        self.facts = ExportFacts(source=str(path), class_names=tuple(self.id2label.values()),
+                                 **read_side_files(path.parent))
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         logits = self.session.run(None, {"pixel_values": pixel_values.detach().float().cpu().numpy()})[0]
@@ -63,5 +82,5 @@ class OnnxModel:
 
     def to(self, device=None, memory_format=None) -> "OnnxModel":
         if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("OnnxModel runs on the CPU (ONNX Runtime's CPU provider)")
+            raise ValueError("OnnxModel runs on the CPU (ONNX Runtime's CPU provider)")  # a caller's mistake
         return self

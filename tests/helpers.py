@@ -78,7 +78,7 @@ TINY = ["--train-split", "train[:20]", "--eval-split", "validation[:8]", "--size
 
 def run_training(out, *extra, base=TINY):
     import train
-    return train.main(list(base) + ["--out", str(out)] + list(extra))
+    return train.execute(list(base) + ["--out", str(out)] + list(extra))
 
 
 def read_log(out):

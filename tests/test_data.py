@@ -7,11 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, build_dataset, build_loader, reduce_labels
+from data import DataError, LabelSpec, build_dataset, build_loader, normalize_batch
+from data.mapping import ADE
 from data.sources import parse_split
 from data.synthetic import SyntheticScenes
 from data.transforms import PaperTrainTransform, aspect_size
-from segformer.labels import ADE20K_CLASSES
+from segformer.errors import ConfigError
+from segformer.labels import ADE20K_CLASSES, ADE20K_PALETTE
 
 SIZES = [(67, 91), (120, 80), (64, 64), (75, 130), (90, 101)]  # (H, W), none a multiple of 32
 
@@ -59,9 +61,22 @@ def assert_same_batches(a, b):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
 
 
-def test_label_reduction_is_exact():
-    labels = torch.tensor([0, 1, 2, 150, 254, 255])
-    assert reduce_labels(labels).tolist() == [255, 0, 1, 149, 253, 255]
+def model_input(sample: dict) -> torch.Tensor:
+    """A dataset's sample (bytes) as the model's float input, the way the loader's consumer makes it."""
+    valid = sample["valid"][None] if "valid" in sample else None
+    return normalize_batch(sample["pixel_values"][None], valid)[0]
+
+
+def test_the_ade_reduction_that_runs_equals_the_reference_processor():
+    """The reduction the data pipeline applies (the ADE mapping's table) against transformers' reduce_label."""
+    from transformers import SegformerImageProcessor
+    raw = torch.tensor([[0, 1, 2, 150, 254, 255]], dtype=torch.uint8)
+    expected = SegformerImageProcessor(do_reduce_labels=True).reduce_label([raw])[0]
+    assert ADE.apply(raw).tolist() == expected.tolist() == [[255, 0, 1, 149, 253, 255]]
+    annotation = np.zeros((8, 8), np.uint8)  # and as the dataset runs it, on a file's values (150 classes)
+    annotation[0, :5] = [0, 1, 2, 150, 255]
+    pairs = [(Image.fromarray(np.full((8, 8), 3, np.uint8)), Image.fromarray(annotation))]
+    assert build_dataset_from_pairs(pairs, size=8)[0]["labels"][0, :5].tolist() == [255, 0, 1, 149, 255]
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -97,16 +112,16 @@ def test_evaluation_transform_equals_the_reference_processor():
         expected = processor(images=image, segmentation_maps=label, return_tensors="pt")
         got = build_dataset_from_pairs([(image, label)])[0]
         assert got["pixel_values"].shape == expected["pixel_values"][0].shape == (3, 512, 512)
-        assert torch.equal(got["labels"], expected["labels"][0]), i
-        assert (got["pixel_values"] - expected["pixel_values"][0]).abs().max().item() <= 3e-7, i  # README's claim
+        assert torch.equal(got["labels"].long(), expected["labels"][0]), i
+        assert (model_input(got) - expected["pixel_values"][0]).abs().max().item() <= 3e-7, i  # README's claim
 
 
-def build_dataset_from_pairs(pairs, *, train=False, uint8=False, **kwargs):
+def build_dataset_from_pairs(pairs, *, train=False, size=512, **kwargs):
     from data.dataset import SegmentationDataset
     from data.transforms import build_transform
     samples = [(image, label, f"pair{i}") for i, (image, label) in enumerate(pairs)]
-    return SegmentationDataset(samples, build_transform(train=train, **kwargs), train=train,
-                               class_names=ADE20K_CLASSES, uint8=uint8)
+    spec = LabelSpec(class_names=ADE20K_CLASSES, reduce_labels=True, palette=ADE20K_PALETTE, size=size, mapping=ADE)
+    return SegmentationDataset(samples, spec, build_transform(train=train, size=size, **kwargs), train=train)
 
 
 def _jpeg_bytes(image):
@@ -123,10 +138,10 @@ def test_images_of_any_mode_become_rgb(mode):
     else:
         converted = image.convert(mode)
     sample = build_dataset_from_pairs([(converted, label)])[0]
-    assert sample["pixel_values"].shape == (3, 512, 512) and torch.isfinite(sample["pixel_values"]).all()
+    assert sample["pixel_values"].shape == (3, 512, 512) and sample["pixel_values"].dtype == torch.uint8
     if mode == "I;16":  # a 16-bit grey reads as its 8-bit grey
         grey = build_dataset_from_pairs([(image.convert("L"), label)])[0]["pixel_values"]
-        assert (sample["pixel_values"] - grey).abs().max() < 0.02
+        assert (sample["pixel_values"].int() - grey.int()).abs().max() <= 1
 
 
 def test_aspect_mode_keeps_the_annotation_size():
@@ -141,34 +156,40 @@ def test_paper_recipe_crops_pads_and_keeps_labels_discrete():
     torch.manual_seed(0)
     image, label = make_pairs(1)[0]  # 67 x 91: smaller than the crop after most rescales
     transform = PaperTrainTransform(size=96)
-    from data.dataset import annotation_to_tensor, image_to_tensor
-    mask = reduce_labels(annotation_to_tensor(label, "x"))
+    from data.dataset import annotation_to_tensor
+    from segformer.images import to_tensor
+    mask = ADE.apply(annotation_to_tensor(label, "x"))
     for _ in range(5):
-        pixels, labels = transform(image_to_tensor(image, "x"), mask)
+        pixels, labels = transform(to_tensor(image), mask)
         assert pixels.dtype == torch.uint8 and max(pixels.shape[-2:]) <= 96 and labels.shape == (96, 96)
         assert set(labels.unique().tolist()) <= set(mask.unique().tolist())  # nearest only, + pad 255
     sample = build_dataset_from_pairs([(image, label)], train=True, recipe="paper", size=96)[0]
-    assert sample["pixel_values"].shape == (3, 96, 96) and (sample["pixel_values"][:, -1] == 0).all()  # mean colour
+    assert sample["pixel_values"].shape == (3, 96, 96) and (model_input(sample)[:, -1] == 0).all()  # mean colour
 
 
 @pytest.mark.parametrize("train, recipe", [(False, "guide"), (True, "guide"), (True, "paper")])
-def test_bytes_normalised_on_the_device_equal_the_float_batches(train, recipe):
-    """uint8 samples (4x smaller pixels, 8x smaller labels) + normalize_batch == the float samples, bit for bit."""
-    from data.transforms import normalize_batch
-    pairs = make_pairs()
-    as_float = build_dataset_from_pairs(pairs, train=train, recipe=recipe, size=96)
-    as_bytes = build_dataset_from_pairs(pairs, train=train, recipe=recipe, size=96, uint8=True)
-    a = next(iter(build_loader(as_float, batch_size=5, shuffle=False)))
-    b = next(iter(build_loader(as_bytes, batch_size=5, shuffle=False)))
-    assert b["pixel_values"].dtype == torch.uint8 and b["labels"].dtype == torch.uint8
-    assert torch.equal(normalize_batch(b["pixel_values"], b.get("valid")), a["pixel_values"])
-    assert torch.equal(b["labels"].long(), a["labels"])
+def test_batches_are_bytes_normalised_where_the_model_runs(train, recipe):
+    """One batch format: uint8 pixels (4x smaller than floats) and labels as stored (8x smaller than int64),
+    made the model's input by batch_to_device, bit for bit each sample normalised and padded alone."""
+    from data import batch_to_device
+    from segformer.preprocess import normalize
+    dataset = build_dataset_from_pairs(make_pairs(), train=train, recipe=recipe, size=96)
+    batch = next(iter(build_loader(dataset, batch_size=5, shuffle=False)))
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["labels"].dtype == torch.uint8
+    pixel_values, labels = batch_to_device(batch, "cpu")
+    for i in range(5):
+        sample = dataset[(0, i)]
+        expected = normalize(sample["pixel_values"])
+        if "valid" in sample:  # the paper's crops: zero (the mean colour) beyond the crop
+            h, w = sample["valid"].tolist()
+            expected[:, h:], expected[:, :, w:] = 0, 0
+        assert torch.equal(pixel_values[i], expected) and torch.equal(labels[i], sample["labels"].long())
 
 
 def test_split_expressions_and_the_guide_holdout(tmp_path):
     assert parse_split("train[:50]") == ("train", slice(None, 50), False)
     assert parse_split("validation[10:20%]") == ("validation", slice(10, 20), True)
-    with pytest.raises(ValueError, match="cannot parse split 'train\\[:x\\]'"):
+    with pytest.raises(DataError, match="cannot parse split 'train\\[:x\\]'"):
         parse_split("train[:x]")
     pairs = make_pairs(10)
     hf_dataset(pairs).save_to_disk(str(tmp_path / "one"))
@@ -246,7 +267,7 @@ def test_empty_split_and_missing_column(tmp_path):
         build_dataset(str(tmp_path / "saved"), split="train[:0]", num_labels=150)
     with pytest.raises(DataError, match=r"missing column\(s\) \['mask'\].*\['image', 'annotation'\]"):
         build_dataset(str(tmp_path / "saved"), split="train", annotation_column="mask", num_labels=150)
-    with pytest.raises(DataError, match=r"the data does not name its classes; give num_labels or class_names"):
+    with pytest.raises(ConfigError, match=r"saved: the data does not name its classes; give --num-labels N"):
         build_dataset(str(tmp_path / "saved"), split="train")  # no guess: 150 classes is not a reason to say ADE
     assert build_dataset(str(tmp_path / "saved"), split="train", num_labels=150).class_names[0] == "LABEL_0"
     with pytest.raises(DataError, match=r"not a dataset"):

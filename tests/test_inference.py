@@ -11,7 +11,8 @@ from PIL import Image
 
 import infer
 from segformer import SegFormer, SegFormerConfig
-from segformer.inference import Predictor, load_image
+from segformer.images import load_image
+from segformer.inference import Predictor
 
 from helpers import random_image, randomize_
 
@@ -134,7 +135,7 @@ def test_bad_files_are_reported_skipped_and_fail_the_run(small_model, tmp_path, 
             "--size", "64", "--out", str(tmp_path / "out")]
     assert infer.main(infer.get_args(args)) == 1
     out = capsys.readouterr()
-    assert "broken.jpg: cannot read as an image" in out.err
+    assert "broken.jpg: cannot decode image" in out.err
     assert "2 image(s) segmented" in out.out and "2 failed" in out.out and "missing.png" in out.out
     assert (tmp_path / "out" / "good_mask.png").is_file() and (tmp_path / "out" / "sub" / "nested_mask.png").is_file()
 
@@ -178,7 +179,7 @@ def test_an_unloadable_checkpoint_is_named_without_a_traceback(tmp_path, capsys)
 def reference_prediction(model, image, *, size=64, tta=False, scales=(0.75, 1.0, 1.25)):
     """The previous implementation's arithmetic, all classes at full size: resize, upsample every
     class, softmax, average over the views, argmax."""
-    from segformer.inference import to_uint8_tensor
+    from segformer.images import to_tensor as to_uint8_tensor
     from segformer.preprocess import normalize, resize_image
     x = to_uint8_tensor(image)
     H, W = x.shape[-2:]

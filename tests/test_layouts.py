@@ -88,7 +88,8 @@ def test_voc_palette_indices_are_classes_with_background_kept(tmp_path):
     dataset, labels = labels_of(root, "train")
     assert dataset.class_names == list(VOC_CLASSES) and len(labels) == 2
     assert labels[0][0, :3].tolist() == [15, 255, 0]  # person, void, background (no reduction)
-    assert open_source(str(root), "val", train=False).reduce_labels is False
+    labels = open_source(str(root), "val", train=False).labels
+    assert labels.known and labels.mapping.reduce_labels is False
 
 
 # ---- mmseg's img_dir/ann_dir, with suffixes -----------------------------------------------------------------
@@ -225,12 +226,12 @@ def test_the_run_says_layout_sizes_and_mapping_and_warns_about_class_zero(tmp_pa
         Image.fromarray(mask.astype(np.uint8)).save(folder / "annotations" / f"{i}.png")
     quick = ["--data", str(folder), "--size", "32", "--batch-size", "2", "--max-steps", "1", "--eval-every", "1",
              "--save-every", "100", "--num-labels", "2", "--no-plots"]
-    train.main(quick + ["--out", str(tmp_path / "run")])
+    train.execute(quick + ["--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "data: images/ + annotations/ folder" in out and "8 training / 2 validation samples" in out
     assert "labels: 0 -> ignored, k -> k-1 (ADE convention); 255 ignored" in out
     assert "warning: 75% of the pixels of the first 8 annotations are 0" in out and "--no-reduce-labels" in out
-    train.main(quick + ["--out", str(tmp_path / "run2"), "--no-reduce-labels", "--num-labels", "3"])
+    train.execute(quick + ["--out", str(tmp_path / "run2"), "--no-reduce-labels", "--num-labels", "3"])
     assert "warning" not in capsys.readouterr().out
 
 
@@ -363,5 +364,5 @@ def test_train_py_on_a_folder_with_a_manifest(tmp_path):
     assert json.loads((tmp_path / "run" / "checkpoint-2" / "palette.json").read_text()) == PALETTE
     assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path / "run"))
     stats = collect(open_source(str(tmp_path / "g"), "all", train=True), open_source(
-        str(tmp_path / "g"), "all", train=True).mapping, 4, progress=False)
+        str(tmp_path / "g"), "all", train=True).labels.mapping, 4, progress=False)
     assert stats.images == 8 and (stats.pixels == 8 * SIZE * SIZE // 4).all()

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from segformer import SegFormer, SegFormerConfig
+from segformer.errors import CheckpointError
 from segformer.layouts import LayoutError
 
 from helpers import randomize_
@@ -103,9 +104,9 @@ def test_variant_inferred_from_weights_alone(tmp_path):
     assert SegFormer.from_pretrained(tmp_path / "b2.safetensors").config.variant == "b2"
 
 
-def test_other_num_labels_reinitialises_the_classifier(hf_b0_dir, capsys):
+def test_other_num_labels_reinitialises_the_classifier(hf_b0_dir, caplog):
     model = SegFormer.from_pretrained(hf_b0_dir, num_labels=3)
-    assert "re-initialised for 3 labels (the checkpoint's has 7)" in capsys.readouterr().out
+    assert "re-initialised for 3 labels (the checkpoint's has 7)" in caplog.text
     assert model.decoder.classifier.weight.shape == (3, 256, 1, 1)
     reference = load_file(hf_b0_dir / "model.safetensors")
     assert torch.equal(model.decoder.fuse.weight, reference["decode_head.linear_fuse.weight"])
@@ -125,7 +126,7 @@ def test_hub_repo_id_from_the_offline_cache(hf_b0_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model = SegFormer.from_pretrained("acme/segformer-test")
     assert model.config.num_labels == 7
-    with pytest.raises(FileNotFoundError, match="acme/not-cached: not in the local hub cache"):
+    with pytest.raises(CheckpointError, match="acme/not-cached: not in the local hub cache"):
         SegFormer.from_pretrained("acme/not-cached")
 
 
@@ -161,18 +162,18 @@ def test_missing_unexpected_and_misshaped_keys_are_named(hf_b0_dir, tmp_path):
 def test_truncated_and_foreign_files_name_the_file(hf_b0_dir, tmp_path):
     data = (hf_b0_dir / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"cut\.safetensors: not a valid safetensors file, or truncated"):
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: not a valid safetensors file, or truncated"):
         SegFormer.from_pretrained(tmp_path / "cut.safetensors")
     (tmp_path / "notes.safetensors").write_text("hello")
-    with pytest.raises(ValueError, match=r"notes\.safetensors: not a valid safetensors file"):
+    with pytest.raises(CheckpointError, match=r"notes\.safetensors: not a valid safetensors file"):
         SegFormer.from_pretrained(tmp_path / "notes.safetensors")
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match=r"junk\.pth: cannot read as a torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk\.pth: cannot read as a torch checkpoint"):
         SegFormer.from_pretrained(tmp_path / "junk.pth")
-    with pytest.raises(FileNotFoundError, match=r"nowhere: no such file or directory"):
+    with pytest.raises(CheckpointError, match=r"nowhere: no such file or directory"):
         SegFormer.from_pretrained("./nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty: directory holds none of model\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"empty: directory holds none of model\.safetensors"):
         SegFormer.from_pretrained(tmp_path / "empty")
 
 

@@ -67,7 +67,7 @@ def test_heatmap_rows_sum_to_one_and_many_classes_show_the_most_confused_pairs(t
     big[5, 7], big[9, 1] = 60, 10
     pairs = report.most_confused(big, names, count=3)
     assert pairs[0] == ("class 5", "class 7", pytest.approx(60 / 160)) and pairs[1][:2] == ("class 9", "class 1")
-    plt = report.matplotlib_pyplot()
+    plt = report.pyplot()
     report.draw_confusion(plt, big, names, tmp_path / "pairs.png")
     assert (tmp_path / "pairs.png").stat().st_size > 1000
 

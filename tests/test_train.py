@@ -65,13 +65,11 @@ def test_interrupt_then_resume_equals_a_straight_run(tmp_path, monkeypatch, caps
     run(tmp_path / "straight", *steps)
 
     original = interrupt_at_loss_call(monkeypatch, 5)  # the 3rd step (2 micro-batches each)
-    with pytest.raises(SystemExit) as stop:
-        run(tmp_path / "split", *steps)
-    assert stop.value.code == 130
+    assert train.main(TINY + ["--out", str(tmp_path / "split"), *steps]) == 130
     assert "interrupted: saved" in capsys.readouterr().out
     monkeypatch.setattr(train, "segmentation_loss", original)
 
-    train.main(["--resume", str(tmp_path / "split" / "checkpoint-3")])  # nothing but the checkpoint
+    train.execute(["--resume", str(tmp_path / "split" / "checkpoint-3")])  # nothing but the checkpoint
     straight = load_file(tmp_path / "straight" / "checkpoint-8" / "model.safetensors")
     resumed = load_file(tmp_path / "split" / "checkpoint-8" / "model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -92,10 +90,10 @@ def test_resume_refuses_a_changed_setting_by_name_and_applies_a_free_one(tmp_pat
     run(tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "2")
     checkpoint = str(tmp_path / "checkpoint-2")
     with pytest.raises(ConfigError, match=r"--lr 0\.5: the run in .*checkpoint-2 was trained with 0\.001"):
-        train.main(["--resume", checkpoint, "--lr", "0.5"])
+        train.execute(["--resume", checkpoint, "--lr", "0.5"])
     with pytest.raises(ConfigError, match=r"--reduce-labels false: .* was trained with true"):
-        train.main(["--resume", checkpoint, "--no-reduce-labels"])
-    train.main(["--resume", checkpoint, "--lr", "0.001", "--max-steps", "3", "--log-every", "3"])  # same lr: fine
+        train.execute(["--resume", checkpoint, "--no-reduce-labels"])
+    train.execute(["--resume", checkpoint, "--lr", "0.001", "--max-steps", "3", "--log-every", "3"])  # same lr: fine
     settings = TrainConfig.load(tmp_path / "checkpoint-3" / "training_args.json")
     assert (settings.max_steps, settings.log_every, settings.lr) == (3, 3, 1e-3)
 
@@ -105,12 +103,12 @@ def test_eval_only_reproduces_the_numbers_the_run_logged(tmp_path):
     run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--no-reduce-labels",
         "--num-labels", "8")
     logged = [r for r in read_log(tmp_path) if "mean_iou" in r][-1]
-    metrics = train.main(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2")])
+    metrics = train.execute(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2")])
     assert metrics["mean_iou"] == logged["mean_iou"] and metrics["overall_accuracy"] == logged["overall_accuracy"]
     # reduced, the synthetic annotations are its 7 named classes: not the checkpoint's 8
     with pytest.raises(ConfigError, match=r"the checkpoint .*checkpoint-2 has 8 classes \(LABEL_0, .*\) but the "
                                           r"data synthetic has 7 \(sky, grass, water, wall, ...\)"):
-        train.main(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2"), "--reduce-labels"])
+        train.execute(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2"), "--reduce-labels"])
 
 
 def test_labels_that_contradict_the_data_are_an_error(tmp_path):
@@ -168,7 +166,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 5 else loss
     monkeypatch.setattr(train, "segmentation_loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3"):
+    with pytest.raises(train.Diverged, match=r"the loss is nan at step 3"):
         run(tmp_path, "--max-steps", "6", "--eval-every", "100", "--save-every", "2")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     state = torch.load(tmp_path / "checkpoint-2" / "training_state.pt", weights_only=True)
@@ -178,7 +176,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_eval_only_prints_the_class_table(tmp_path, capsys):
     run(tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "100")
     capsys.readouterr()
-    metrics = train.main(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2"),
+    metrics = train.execute(["--eval-only", "--checkpoint", str(tmp_path / "checkpoint-2"),
                           "--eval-split", "validation[:4]"])  # size 64 read off the checkpoint
     out = capsys.readouterr().out
     assert "sky" in out and "mean" in out and "overall accuracy" in out
@@ -200,9 +198,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 def test_checkpoints_carry_the_input_size_for_inference(tmp_path):
     from transformers import SegformerImageProcessor
-    from segformer.checkpoint import read_input_size
+    from segformer.checkpoint import describe
     run(tmp_path, "--max-steps", "1", "--eval-every", "100", "--save-every", "1")
-    assert read_input_size(tmp_path / "checkpoint-1") == 64
+    assert describe(tmp_path / "checkpoint-1").size == 64
     processor = SegformerImageProcessor.from_pretrained(tmp_path / "checkpoint-1")  # transformers reads it too
     assert processor.size == {"height": 64, "width": 64} and processor.do_reduce_labels
 
@@ -210,7 +208,7 @@ def test_checkpoints_carry_the_input_size_for_inference(tmp_path):
 def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     run(tmp_path, "--max-steps", "2", "--eval-every", "100", "--save-every", "1")
     before = (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match=r"already holds a run \(checkpoint-2, checkpoint-1, best\).*--resume"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint-2, checkpoint-1, best\).*--resume"):
         run(tmp_path, "--max-steps", "2", "--seed", "1")
     assert (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes() == before
     run(tmp_path, "--max-steps", "1", "--eval-every", "100", "--save-every", "1", "--seed", "1", "--overwrite")

@@ -3,7 +3,7 @@
 A checkpoint directory holds the model in the hub layout (`model.safetensors`, `config.json`), the
 `preprocessor_config.json` inference needs, the resolved settings (`training_args.json`), the state to
 continue exactly (`training_state.pt`: optimizer, scheduler, scaler, RNGs, data position), the model card
-(`README.md`, the hub's format) and, where the data defines class colours, `palette.json`.
+(`README.md`, the hub's format) and the class colours of its overlays (`palette.json`).
 
 What a kill, a power cut or a full disk can do to the folder, and why it cannot hurt:
 - one run at a time: `RunLock` holds an exclusive lock on `<out>/.lock` for the life of the run;
@@ -25,10 +25,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from segformer.checkpoint import atomic_write, write_json, write_preprocessor_config, write_torch
+from segformer.errors import CheckpointError, ConfigError, UserError
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(.+\.tmp|old)")  # what save_checkpoint leaves when killed
@@ -36,12 +36,10 @@ STATE_KEYS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "step": int,
               "batches_done": int, "best_miou": float, "world_size": int, "rng": list}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file."""
-
-
-class RunLocked(RuntimeError):
+class RunLocked(UserError):
     """Another live run holds the output folder."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): try again when the other run has ended
 
 
 class RunLock:
@@ -76,9 +74,14 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
-def last_checkpoint_note(out: Path) -> str:
+def last_checkpoint(out: Path) -> Path | None:
     checkpoints = list_checkpoints(out)
-    return f"the last checkpoint on disk is {checkpoints[-1]}" if checkpoints else f"no checkpoint was written in {out}"
+    return checkpoints[-1] if checkpoints else None
+
+
+def last_checkpoint_note(out: Path) -> str:
+    last = last_checkpoint(out)
+    return f"the last checkpoint on disk is {last}" if last else f"no checkpoint was written in {out}"
 
 
 def clean_up_after_a_kill(out: Path) -> list[str]:
@@ -148,17 +151,20 @@ def _writing(path: Path, previous: str):
         raise
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None, card: str | None = None) -> None:
-    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place."""
+def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: str | None = None) -> None:
+    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `spec`
+    (data.spec.LabelSpec) gives the input size, label reduction and class colours written beside the model."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    intact = (f"the previous {directory.name} is intact" if directory.exists()
-              else last_checkpoint_note(directory.parent).replace("the last", "the previous"))
+    previous = last_checkpoint(directory.parent)
+    intact = (f"the previous {directory.name} is intact" if directory.exists() else
+              f"the previous checkpoint {previous} is intact" if previous else
+              f"no checkpoint was written in {directory.parent}")
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         with _writing(directory / "model.safetensors", intact):
             model.save_pretrained(tmp)  # atomic, fsynced writes
         with _writing(directory / "preprocessor_config.json", intact):
-            write_preprocessor_config(tmp, size=config.size, reduce_labels=config.reduce_labels)
+            write_preprocessor_config(tmp, size=spec.size, reduce_labels=spec.reduce_labels)
         with _writing(directory / "training_state.pt", intact):
             write_torch(state, tmp / "training_state.pt")
         with _writing(directory / "training_args.json", intact):
@@ -166,9 +172,8 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, palette=None
         if card is not None:  # the model card: README.md in the hub's format
             with _writing(directory / "README.md", intact):
                 atomic_write(tmp / "README.md", lambda path: Path(path).write_text(card))
-        if palette is not None:  # the data's class colours, for overlays (infer.py)
-            with _writing(directory / "palette.json", intact):
-                write_json([list(colour) for colour in palette], tmp / "palette.json")
+        with _writing(directory / "palette.json", intact):  # the class colours of overlays (infer.py, explain.py)
+            write_json([list(colour) for colour in spec.palette], tmp / "palette.json")
         fsync_dir(tmp)
         replace_dir(tmp, directory)
     except BaseException:
@@ -199,14 +204,14 @@ def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None
     """A new run never overwrites an earlier one unless asked to; nor does a resumed run write into a
     folder that holds another run."""
     checkpoints = list_checkpoints(out)[::-1]
-    earlier = checkpoints + [out / "best"] * (out / "best").exists()
+    earlier = checkpoints + ([out / "best"] if (out / "best").exists() else [])
     if not earlier or (resume is not None and resume.resolve().parent == out.resolve()):
         return
     if not overwrite:
         what = "another run" if resume is not None else "a run"
         newest = f"continue it with --resume {checkpoints[0]}, " if checkpoints and resume is None else ""
-        raise SystemExit(f"{out} already holds {what} ({', '.join(p.name for p in earlier[:4])}): {newest}"
-                         f"choose another --out, or pass --overwrite to replace it")
+        raise ConfigError(f"--out {out} already holds {what} ({', '.join(p.name for p in earlier[:4])}): {newest}"
+                          f"choose another --out, or pass --overwrite to replace it")
     for path in earlier:
         shutil.rmtree(path)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -216,14 +221,3 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
     if keep:
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old)
-
-
-def rng_to_plain(states: dict) -> dict:
-    """NumPy's RNG state as plain lists and numbers, so that weights_only loading can read it."""
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    return {**states, "numpy": [kind, keys.tolist(), position, has_gauss, gauss]}
-
-
-def rng_from_plain(states: dict) -> dict:
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    return {**states, "numpy": (kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss)}

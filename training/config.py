@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 from segformer.config import VARIANTS
+from segformer.errors import ConfigError
 from segformer.metrics import MAX_LABELS
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be honoured; the message names the flag, file or key."""
 
 
 def setting(default, help: str, *, low=None, high=None, may_change: bool = False, flag: bool = True):
@@ -126,10 +123,6 @@ class TrainConfig:
             if isinstance(value, list):  # JSON has lists where the settings hold tuples
                 object.__setattr__(self, f.name, value := tuple(value))
             check_value(f, hints[f.name], value, where=f"setting {f.name!r}")
-
-    @property
-    def reduce_labels_flag(self) -> str:
-        return "--reduce-labels" if self.reduce_labels else "--no-reduce-labels"
 
     def save(self, path: str | Path) -> None:
         from segformer.checkpoint import write_json
@@ -342,17 +335,17 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
     eval_only = args.get("eval_only", False)
     checkpoint = args.get("checkpoint")
     if eval_only and not checkpoint:
-        parser.error("--eval-only needs --checkpoint <dir|file|hub id>")
+        raise ConfigError("--eval-only needs --checkpoint <dir|file|hub id>")
     if checkpoint and not eval_only:
-        parser.error("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
+        raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
-        parser.error("--resume and --eval-only do not go together")
+        raise ConfigError("--resume and --eval-only do not go together")
 
     if resume:
         saved = Path(resume) / "training_args.json"
         if not saved.is_file() or not (Path(resume) / "training_state.pt").is_file():
-            parser.error(f"--resume {resume}: no training_args.json and training_state.pt there "
-                         f"(is it a checkpoint-<step> directory?)")
+            raise ConfigError(f"--resume {resume}: no training_args.json and training_state.pt there "
+                              f"(is it a checkpoint-<step> directory?)")
         base = TrainConfig.load(saved)
         fixed = [name for name, value in given.items()
                  if value != getattr(base, name) and not _field(name).metadata["may_change"]]

@@ -13,6 +13,8 @@ fails later is reported and training goes on (the files are on disk, and the com
 import math
 from pathlib import Path
 
+from segformer.errors import UserError
+
 PROJECT = "segformer-pytorch-pure"
 SETTINGS = ("data", "train_split", "eval_split", "size", "augment", "model", "pretrained", "batch_size",
             "total_batch_size", "grad_accum", "lr", "weight_decay", "decay_norm_bias", "head_lr_mult", "warmup_steps",
@@ -20,7 +22,7 @@ SETTINGS = ("data", "train_split", "eval_split", "size", "augment", "model", "pr
             "ohem", "seed")
 
 
-class HubError(RuntimeError):
+class HubError(UserError):
     """The hub cannot be used as asked; the message says why and what to do."""
 
 
@@ -63,7 +65,8 @@ def model_card(config, class_names: list[str], metrics: dict, *, step: int, vari
     lines += ["", "The complete settings are in `training_args.json`.", "", "## How to use", "",
               f"With {PROJECT} (no transformers needed):", "", "```python",
               "from segformer import SegFormer",
-              "from segformer.inference import Predictor, load_image",
+              "from segformer.images import load_image",
+              "from segformer.inference import Predictor",
               'model = SegFormer.from_pretrained("REPO_OR_FOLDER")',
               f"result = Predictor(model, size={config.size})(load_image(\"photo.jpg\"))",
               "result.label_map  # (H, W) class ids", "```", "", "With transformers:", "", "```python",

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from segformer.checkpoint import atomic_write
+from segformer.visual import blend, pyplot, save_figure
+
 HEATMAP_CLASSES = 30  # beyond this, a heatmap is unreadable: the most confused pairs instead
 
 
@@ -55,28 +58,6 @@ def jsonable(metrics: dict) -> dict:
     return {k: clean(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}
 
 
-def matplotlib_pyplot():
-    """pyplot on a file-only backend, or None (said once) when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        if not getattr(matplotlib_pyplot, "said", False):
-            print("plots need matplotlib (pip install matplotlib); the numbers are written without them")
-            matplotlib_pyplot.said = True
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(plt, figure, path: Path, dpi: int = 100) -> None:
-    """Lay out, write atomically (a run killed mid-write leaves the previous PNG, never half of one), close."""
-    from segformer.checkpoint import atomic_write
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
-    plt.close(figure)
-
-
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -84,10 +65,13 @@ def read_log(path: Path) -> list[dict]:
 def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict, *,
                      draw: bool = True) -> None:
     """The confusion matrix (.npy, .csv), the per-class table (.csv) and (draw) the heatmap of one evaluation."""
-    from segformer.checkpoint import atomic_write
     directory.mkdir(parents=True, exist_ok=True)
     names = [name.strip() for name in class_names]
-    atomic_write(directory / "confusion.npy", lambda tmp: np.save(open(tmp, "wb"), matrix))
+
+    def write_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, matrix)
+    atomic_write(directory / "confusion.npy", write_npy)
 
     def write_csv(name, rows):
         def write(tmp):
@@ -100,7 +84,7 @@ def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str]
     write_csv("per_class.csv", [["class", "iou", "accuracy", "labelled_pixels", "predicted_pixels", "correct_pixels"]]
               + [[names[i], _number(metrics["per_category_iou"][i]), _number(metrics["per_category_accuracy"][i]),
                   int(labelled[i]), int(predicted[i]), int(correct[i])] for i in range(len(names))])
-    plt = matplotlib_pyplot() if draw else None
+    plt = pyplot() if draw else None
     if plt is not None:
         draw_confusion(plt, matrix, names, directory / "confusion.png")
 
@@ -155,7 +139,7 @@ def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> Non
 
 def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
     """Loss and learning rate; mean IoU and accuracies; against step: one line per run."""
-    plt = matplotlib_pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -179,7 +163,7 @@ def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
 
 def draw_per_class(metrics: dict, class_names: list[str], path: Path) -> bool:
     """Per-class IoU, sorted, named (the classes neither labelled nor predicted are left out)."""
-    plt = matplotlib_pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     pairs = sorted(((float(v), name.strip()) for v, name in zip(metrics["per_category_iou"], class_names)
@@ -206,7 +190,7 @@ class TensorBoard:
         except ImportError:
             raise ImportError("--report-to tensorboard needs the tensorboard package: "
                               "pip install tensorboard") from None
-        self.writer, self.palette = SummaryWriter(str(Path(out) / "tensorboard")), np.asarray(palette, np.uint8)
+        self.writer, self.palette = SummaryWriter(str(Path(out) / "tensorboard")), palette
 
     def scalars(self, step: int, record: dict, prefix: str) -> None:
         for key in ("loss", "lr", "images_per_s", "mean_iou", "mean_accuracy", "overall_accuracy"):
@@ -216,9 +200,8 @@ class TensorBoard:
 
     def predictions(self, step: int, images, predictions) -> None:
         """uint8 (N, 3, H, W) images and (N, H, W) class ids -> the classes' colours over the images."""
-        images, predictions = np.asarray(images), np.asarray(predictions)
-        colours = self.palette[predictions].transpose(0, 3, 1, 2)  # (N, 3, H, W)
-        blended = (0.5 * images + 0.5 * colours).round().astype(np.uint8)
+        images = np.asarray(images)
+        blended = blend(images.transpose(0, 2, 3, 1), np.asarray(predictions), self.palette).transpose(0, 3, 1, 2)
         self.writer.add_images("validation/predictions", np.concatenate([images, blended], axis=3), step,
                                dataformats="NCHW")  # each image beside its prediction
         self.writer.flush()

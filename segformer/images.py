@@ -1,0 +1,100 @@
+"""Images in, one way everywhere: training, evaluation, inference, the tour and the export checks.
+
+Two rules, decided here and nowhere else:
+
+* Orientation: a photo's EXIF orientation is applied on decoding, to images and annotations alike, so
+  pixels are what an image viewer (and transformers' `load_image`) shows. An annotation drawn on the
+  displayed photo lines up with it; one drawn on the stored pixels of a rotated photo does not, and the
+  size check that follows names both files.
+* Colours: any PIL mode becomes 8-bit RGB the same way. 16- and 32-bit greys (`I;16*`, `I`) are scaled
+  by 1/257 (65535 -> 255), float greys (`F`) are clipped to 0..255, alpha is dropped, palette, CMYK,
+  1-bit and grey images are converted by PIL.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+# What a folder of images holds; an animation's first frame is the image.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix; hidden files (macOS `._*` included) and directories are not."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
+
+
+def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
+    """An image file (its bytes or its path), decoded fully now (a corrupt or truncated file fails here,
+    naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
+    errors found later. Any mode: see `to_rgb` for images, annotations keep theirs."""
+    name = name or (str(data) if isinstance(data, (str, Path)) else "an image")
+    if isinstance(data, (str, Path)):
+        try:
+            data = Path(data).read_bytes()
+        except OSError as e:  # missing, a directory, no permission, a symlink loop
+            raise DataError(f"{name}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as e:  # not an image, truncated, a decompression bomb, a broken EXIF block
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    image.filename = name
+    return image
+
+
+def displayed_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an image file as `decode` turns it, read from its header without decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    return (height, width) if orientation in TRANSPOSED else (width, height)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8, by the rule in the module's docstring."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            grey = grey / 257.0  # 16-bit range -> 8-bit range
+        return np.repeat(grey.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DataError(f"{getattr(image, 'filename', '') or 'an image'}: cannot convert mode {image.mode} to RGB")
+    return array
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> an RGB image, by the rule above (what inference draws its overlays on)."""
+    return image if image.mode == "RGB" else Image.fromarray(to_rgb_array(image))
+
+
+def to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL image of any mode, or a uint8 (3, H, W) tensor as it is -> uint8 (3, H, W)."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(to_rgb_array(image).copy()).permute(2, 0, 1)  # a copy torch may write to
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got {type(image).__name__}"
+                    + (f" {image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else ""))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as the model sees it everywhere: decoded, turned upright, RGB."""
+    return to_rgb(decode(path))
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 (3, H, W): `load_image`, as a tensor."""
+    return to_tensor(decode(path))

@@ -1,0 +1,87 @@
+"""The training loop's machinery, so that `train.py`'s loop body reads as the cycle itself: the counters
+between log lines (`Meter`), the stop that Ctrl-C or SIGTERM asks for (`StopRequest`), micro-batches
+grouped into steps (`groups_of`), and when a periodic job is due (`due`)."""
+
+import signal
+import sys
+import time
+
+from data import IGNORE_INDEX, DataError
+
+
+class Meter:
+    """The loop's counters (the idea of torchvision's MetricLogger): the window of steps since the last
+    log line (their loss, images and time), and over the whole run what the data held back: samples
+    skipped as bad (with the first reasons) and micro-batches with no labelled pixel."""
+
+    def __init__(self):
+        self.skipped, self.skip_reasons = 0, []
+        self.trained_batches = self.unlabelled_batches = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss, self.steps, self.images, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Leave time spent outside training steps (an evaluation) out of the images per second."""
+        self.images, self.start = 0, time.perf_counter()
+
+    def add_batch(self, batch: dict) -> bool:
+        """Count a micro-batch; True when it has a pixel to learn from."""
+        self.skipped += batch["skipped"]
+        self.skip_reasons += batch["skip_reasons"][:3 - len(self.skip_reasons)]
+        labelled = "pixel_values" in batch and bool((batch["labels"] != IGNORE_INDEX).any())  # CPU: no sync
+        if "pixel_values" in batch:
+            self.trained_batches += labelled
+            self.unlabelled_batches += not labelled
+            self.images += batch["pixel_values"].shape[0]
+        return labelled
+
+    def add_step(self, loss: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+
+    def images_per_s(self, world_size: int) -> float:
+        return self.images * world_size / (time.perf_counter() - self.start)
+
+    def check_something_trained(self) -> None:
+        """--skip-bad must not turn a data set of bad samples into a run that trained on nothing."""
+        if self.trained_batches == 0:
+            reasons = "; ".join(self.skip_reasons) or "every batch had only ignored pixels"
+            raise DataError(f"no training sample reached the model ({self.skipped} skipped as bad, "
+                            f"{self.unlabelled_batches} batches without a labelled pixel); first reasons: {reasons}")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `timeout` send) asks the loop to stop at the
+    end of the current step, so that the checkpoint it writes is exactly the state after a whole step (a
+    step cut short has already moved BatchNorm's running statistics). A second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {number: signal.signal(number, self.handler) for number in self.SIGNALS}
+
+    def handler(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", file=sys.stderr)
+
+    def restore(self):
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
+
+
+def groups_of(loader, n: int):
+    """Consecutive lists of n batches; a shorter last group is dropped."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    return step % every == 0 or last
