@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import describe, write_json, write_preprocessor_config
+from segformer.checkpoint import describe, writable_folder, write_json, write_preprocessor_config
 from segformer.errors import ConfigError, DataError, UserError
 from segformer.images import is_image_file, read_image, to_tensor
 from segformer.onnx import onnx_session
@@ -272,8 +272,7 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
         if int8 == "static":
             calibration = check_images(calibration_folder, size, count=CALIBRATION_COUNT, split="train")
         inputs = check_images(check_folder, size)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.onnx"
+    path = writable_folder(out) / "model.onnx"
     print(f"exporting {checkpoint} ({model.config.variant or 'custom'}, {model.config.num_labels} classes) "
           f"to {path} ...")
     program = export_onnx(model, path, label_map_size=size if label_map else None, portable=portable)

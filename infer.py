@@ -16,7 +16,6 @@ written atomically; an image whose three outputs exist is kept unless --overwrit
 import argparse
 import json
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from tqdm import tqdm
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import atomic_write, describe
+from segformer.checkpoint import atomic_write, describe, writable_folder
+from segformer.device import check_device
 from segformer.errors import UserError
 from segformer.images import is_image_file, load_image
 from segformer.inference import Predictor
@@ -170,6 +170,8 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.device:
+            check_device(args.device)
         if args.onnx:
             from segformer.onnx import OnnxModel
             model = OnnxModel(args.onnx, threads=args.threads)
@@ -186,13 +188,11 @@ def main(args) -> int:
                           amp=args.amp, channels_last=args.channels_last and not args.onnx,
                           compile=args.compile and not args.onnx, memory_mb=args.memory_mb)
     names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
-    out = Path(args.out or "predictions")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        print(f"error: --out {out}: cannot write there ({e.strerror or type(e).__name__})", file=sys.stderr)
-        return 2
+        out = writable_folder(args.out or "predictions")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
     files = find_images(args.inputs)
     failed, kept, written = [], [], 0

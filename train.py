@@ -16,8 +16,10 @@ Reading order: `build_run` (labels, data, model, optimizer, schedule, restored s
 loop body is the cycle: a step, then log, evaluate (and keep the best), checkpoint, stop if asked.
 """
 
+import hashlib
 import json
 import math
+import os
 import signal
 import sys
 from contextlib import nullcontext
@@ -29,15 +31,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import batch_to_device, build_dataset, build_loader, decide_labels, open_source
-from data.stats import collect, median_frequency_weights, read_class_weights, zero_share
+from data import DataError, batch_to_device, build_dataset, build_loader, decide_labels, open_source
+from data.stats import collect, median_frequency_weights, problems, read_class_weights, zero_share
 from segformer import SegFormer, segmentation_loss
 from segformer.checkpoint import CheckpointFacts, atomic_write, describe
 from segformer.errors import UserError
 from segformer.labels import read_id2label
-from segformer.precision import autocast
-from training.checkpoints import (RunLock, check_output_dir, clean_up_after_a_kill, last_checkpoint_note,
-                                  load_training_state, prune_checkpoints, save_checkpoint)
+from segformer.device import autocast
+from training.checkpoints import (CHECKPOINT_NAME, RunLock, check_output_dir, clean_up_after_a_kill,
+                                  last_checkpoint_note, list_checkpoints, load_training_state, prune_checkpoints,
+                                  save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 from training.distributed import (any_process, broadcast, cleanup, gather_rng_states, seed_everything,
                                   set_rng_states, setup_distributed)
@@ -101,6 +104,7 @@ def open_data(config: TrainConfig, *, resumed: CheckpointFacts | None, rank: int
                           f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
                           f"--eval-split {config.eval_split} must not share images")
     spec, notes = decide_run_labels(config, train_samples, resumed=resumed)
+    check_loss_options(config, spec)
     config = resolve_for_run(config, spec=spec, world_size=world_size, device=device)
     if rank == 0:
         print(f"data: {train_samples.layout} {config.data}: {len(train_samples)} training / {len(eval_samples)} "
@@ -109,8 +113,9 @@ def open_data(config: TrainConfig, *, resumed: CheckpointFacts | None, rank: int
             print(note)
         if not spec.convention_stated:
             warn_about_class_zero(train_samples, spec)
+    train_stats = broadcast(check_data(config, spec, train_samples, eval_samples) if rank == 0 else None, world_size)
     if config.class_weights and config.class_weight_values is None:  # decided once, then recorded
-        weights = broadcast(class_weights(config, spec, train_samples) if rank == 0 else None, world_size)
+        weights = broadcast(class_weights(config, spec, train_stats) if rank == 0 else None, world_size)
         config = replace(config, class_weight_values=tuple(weights))
     train_set = build_dataset(train_samples, spec=spec, train=True, recipe=config.augment, seed=config.seed,
                               skip_bad=config.skip_bad)
@@ -135,11 +140,42 @@ def warn_about_class_zero(samples, spec, *, share: float = 0.25) -> None:
               f"--no-reduce-labels (or \"reduce_labels\": false in a dataset.json).")
 
 
-def class_weights(config: TrainConfig, spec, samples) -> list[float]:
-    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split."""
+def check_data(config: TrainConfig, spec, train_samples, eval_samples):
+    """Every annotation of both splits read once before training (size, mode, colours, values): a bad file
+    is found now, not at the first evaluation. Returns the training split's statistics (class weights use
+    them), or None for the built-in scenes, which are made, not read."""
+    if train_samples.generated:
+        return None
+    stats = {split: collect(samples, spec.mapping, spec.num_labels, description=f"checking the {split} split")
+             for split, samples in (("training", train_samples), ("validation", eval_samples))}
+    bad = [line for split_stats in stats.values() for line in problems(split_stats)]
+    if bad and not config.skip_bad:
+        raise DataError(f"{len(bad)} bad sample(s) in {config.data}, e.g. {bad[0]}; `python -m data {config.data}` "
+                        f"lists them all: fix them, or pass --skip-bad to train without them")
+    if bad:
+        print(f"warning: {len(bad)} bad sample(s) will be skipped (--skip-bad), e.g. {bad[0]}")
+    return stats["training"]
+
+
+def check_loss_options(config: TrainConfig, spec) -> None:
+    """One label trains the reference's binary (sigmoid) head, which takes none of the options for imbalanced
+    classes: refused now, not at the first step."""
+    asked = {"--class-weights": config.class_weights, "--label-smoothing": config.label_smoothing or None,
+             "--ohem": config.ohem, "--loss": None if config.loss == "ce" else config.loss}
+    given = [f"{flag} {value}" for flag, value in asked.items() if value is not None]
+    if spec.num_labels == 1 and given:
+        raise ConfigError(f"{given[0]}: one label trains the binary (sigmoid) head, which takes no class weights, "
+                          f"label smoothing, OHEM or Dice; drop it, or train two classes (background and the label: "
+                          f"--num-labels 2)")
+
+
+def class_weights(config: TrainConfig, spec, stats) -> list[float]:
+    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split (its
+    statistics from the data check; read here for the built-in scenes)."""
     if config.class_weights != "auto":
         return read_class_weights(config.class_weights, list(spec.class_names))
-    weights = median_frequency_weights(collect(samples, spec.mapping, spec.num_labels, description="class weights"))
+    weights = median_frequency_weights(stats or collect(open_split(config, config.train_split, train=True),
+                                                        spec.mapping, spec.num_labels, description="class weights"))
     print("class weights (median frequency balancing): "
           + ", ".join(f"{name.strip()} {w:.3g}" for name, w in list(zip(spec.class_names, weights))[:10])
           + (" ..." if len(weights) > 10 else ""))
@@ -262,10 +298,13 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
               train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
               loss_options=loss_options(config, device))
+    continued = command.resume is not None and command.resume.resolve().parent == run.out.resolve()
     if command.resume:
         restore(run, command.resume, schedule)
+        if run.is_main and continued:
+            check_rewind(run.out, command.resume, run.step)
     if run.is_main:
-        run.log = open_log(run.out, resumed_at=run.step if command.resume else None)
+        run.log = open_log(run.out, resumed_at=run.step if continued else None)
         if config.report_to == "tensorboard":
             run.tensorboard = TensorBoard(run.out, spec.palette)
         if config.push_to_hub:
@@ -278,15 +317,18 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
 
 
 def open_log(out: Path, *, resumed_at: int | None):
-    """metrics.jsonl for appending. Resuming from an earlier checkpoint drops the records of the steps
-    after it, which the run is about to train again: no step is ever reported twice."""
+    """metrics.jsonl, for appending. A new run starts a new log. A resumed run keeps the records up to the
+    step it resumes from (no step is ever reported twice) and drops a torn last record, saying so."""
     path = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    if resumed_at is not None and path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_at]
-        if len(kept) < len(lines):
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+    if resumed_at is None or not path.is_file():
+        return open(path, "w")
+    records, torn = read_log(path)
+    if torn:
+        print(f"{path}: its last record was cut short (a kill or a full disk while it was written): dropped")
+    kept = [record for record in records if record.get("step", 0) <= resumed_at]
+    if torn or len(kept) < len(records):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
     return open(path, "a")
 
 
@@ -296,6 +338,12 @@ def restore(run: Run, directory: Path, schedule) -> None:
     if state["world_size"] != run.world_size:
         raise ConfigError(f"{directory} was trained on {state['world_size']} processes; resume it on as many "
                           f"(the data order and per-process batches depend on it), not {run.world_size}")
+    saved, now = state.get("samples"), sample_list(run.train_loader.dataset.samples)
+    if saved is not None and saved != now:
+        change = "other names" if saved[0] == now[0] else f"{now[0]} samples now, {saved[0]} then"
+        raise ConfigError(f"{run.config.data}: the training split is not the one {directory} was trained on "
+                          f"({change}); its saved data position would index another order. Put the files back, or "
+                          f"start a new run from these weights: --pretrained {directory} --out <new folder>")
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -307,6 +355,28 @@ def restore(run: Run, directory: Path, schedule) -> None:
     set_rng_states(state["rng"][run.rank])
     if run.is_main:
         print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
+
+
+def sample_list(samples) -> list:
+    """[count, a hash of the names] of a split's samples, names relative to the data folder (which may move)."""
+    root = Path(samples.labels.source)
+    names = [os.path.relpath(name, root) if root.is_dir() else name for name in samples.names()]
+    return [len(names), hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]]
+
+
+def check_rewind(out: Path, resumed: Path, step: int) -> None:
+    """Resuming from a checkpoint older than the run's newest rewinds it: said for a checkpoint-<step> (its
+    later checkpoints and log records are replaced as it trains again); refused for best/, whose step no name
+    shows, so that the newer checkpoints are not lost by mistake."""
+    newer = [p.name for p in list_checkpoints(out) if int(p.name.split("-")[1]) > step]
+    if not newer:
+        return
+    if not CHECKPOINT_NAME.fullmatch(resumed.resolve().name):
+        raise ConfigError(f"--resume {resumed}: it holds step {step}, but {out} has newer checkpoints "
+                          f"({', '.join(newer)}), which resuming here would overwrite; continue the run with "
+                          f"--resume {out / newer[-1]}, or branch from {resumed.name} with --out <new folder>")
+    print(f"rewinding to step {step}: {', '.join(newer)} and the log after step {step} are replaced as the run "
+          f"trains again")
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
@@ -352,8 +422,11 @@ def save(run: Run, name: str) -> Path:
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
              "batches_done": run.batches_done, "best_miou": run.best_miou, "world_size": run.world_size,
-             "rng": gather_rng_states(run.world_size)}
+             "rng": gather_rng_states(run.world_size), "samples": sample_list(run.train_loader.dataset.samples)}
     path = run.out / name
+    if run.log:  # the log on disk reaches at least as far as any checkpoint
+        run.log.flush()
+        os.fsync(run.log.fileno())
     if run.is_main:
         card = model_card(run.config, run.spec.predicted_classes, run.metrics, step=run.step,
                           variant=run.raw_model.config.variant)
@@ -388,7 +461,7 @@ def report_evaluation(run: Run, evaluation: Evaluation, progress: tqdm) -> None:
     write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.spec.predicted_classes,
                      metrics, draw=run.config.plots)
     if run.config.plots:  # from metrics.jsonl, which `log` has just flushed
-        draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl"))], run.out / "curves.png")
+        draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl")[0])], run.out / "curves.png")
     if run.tensorboard and evaluation.shown:
         run.tensorboard.predictions(run.step, *evaluation.shown)
 
@@ -418,25 +491,29 @@ def train(run: Run) -> dict:
                 if last:
                     meter.check_something_trained()
                 if due(step, config.eval_every, last):
-                    # the plain module: no DDP collectives, so shards of unequal length are fine
+                    # the plain module: no DDP collectives, so shards of unequal length are fine; a stop asked
+                    # for during it ends it at once (and it counts for nothing), within a grace period's time
                     evaluation = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.spec.predicted_classes),
-                                          device=run.device, autocast=run.autocast, show=4 if run.tensorboard else 0)
-                    run.metrics = evaluation.metrics
-                    log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
-                    if run.is_main:
-                        report_evaluation(run, evaluation, progress)
-                    if run.metrics["mean_iou"] > run.best_miou:
-                        run.best_miou = run.metrics["mean_iou"]
-                        save(run, "best")
+                                          device=run.device, autocast=run.autocast, show=4 if run.tensorboard else 0,
+                                          stop=lambda: stop.signal is not None)
+                    if not any_process(evaluation is None, run.world_size, run.device):
+                        run.metrics = evaluation.metrics
+                        log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
+                        if run.is_main:
+                            report_evaluation(run, evaluation, progress)
+                        if run.metrics["mean_iou"] > run.best_miou:
+                            run.best_miou = run.metrics["mean_iou"]
+                            save(run, "best")
                     meter.restart_clock()
+                saved = None
                 if due(step, config.save_every, last):
-                    path = save(run, f"checkpoint-{step}")
+                    saved = save(run, f"checkpoint-{step}")
                     if run.is_main:
                         prune_checkpoints(run.out, config.save_total_limit)
                         if run.pusher and config.hub_strategy == "every_save":
-                            run.pusher.push(path, f"checkpoint at step {step}")
+                            run.pusher.push(saved, f"checkpoint at step {step}")
                 if any_process(stop.signal is not None, run.world_size, run.device):
-                    path = save(run, f"checkpoint-{step}")
+                    path = saved or save(run, f"checkpoint-{step}")
                     if run.is_main:
                         progress.write(f"interrupted: saved {path}; continue with --resume {path}")
                     return summary(run, interrupted=stop.signal or signal.SIGTERM)
@@ -445,6 +522,8 @@ def train(run: Run) -> dict:
             else:  # the epoch ran out (an incomplete last group of micro-batches is dropped)
                 run.epoch, run.batches_done = run.epoch + 1, 0
                 meter.check_something_trained()
+    except DataError as e:  # a file that went bad during the run: the steps trained are kept
+        raise DataError(f"{e}; {keep_trained_steps(run)}") from None
     finally:
         stop.restore()
         progress.close()
@@ -453,8 +532,19 @@ def train(run: Run) -> dict:
     return summary(run)
 
 
+def keep_trained_steps(run: Run) -> str:
+    """Save the steps trained before a data error (one process: every process would have to take part), and
+    say where they are."""
+    path = run.out / f"checkpoint-{run.step}"
+    if run.step == 0 or run.meter.trained_batches == 0 or run.world_size > 1:
+        return last_checkpoint_note(run.out)
+    if not path.exists():
+        save(run, path.name)
+    return f"the {run.step} steps trained are saved in {path}: fix the file, then --resume {path}"
+
+
 def summary(run: Run, *, interrupted: int | None = None) -> dict:
-    return {"step": run.step, "best_miou": run.best_miou, "skipped": run.meter.skipped,
+    return {"step": run.step, "best_miou": run.best_miou, "skipped": len(run.meter.skipped),
             "unlabelled_batches": run.meter.unlabelled_batches, "interrupted": interrupted, **run.metrics}
 
 
@@ -468,7 +558,7 @@ def report_end(run: Run) -> None:
     if run.tensorboard:
         run.tensorboard.close()
     if meter.skipped:
-        print(f"skipped {meter.skipped} bad training samples, e.g. {meter.skip_reasons[0]}")
+        print(f"skipped {len(meter.skipped)} bad training sample(s), e.g. {meter.skip_reasons[0]}")
     if meter.unlabelled_batches:
         print(f"{meter.unlabelled_batches} training batches had no labelled pixel and contributed nothing")
     if run.metrics:
@@ -524,6 +614,8 @@ def execute(argv=None) -> dict:
         try:
             return train(run)
         finally:
+            run.train_loader.close()  # the workers end now, not whenever the run is collected
+            run.eval_loader.close()
             if run.log:
                 run.log.close()
     finally:

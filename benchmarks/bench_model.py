@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, ".")
 from segformer import SegFormer, segmentation_loss  # noqa: E402
-from segformer.precision import AMP_DTYPES, autocast as amp_context  # noqa: E402
+from segformer.device import AMP_DTYPES, check_device  # noqa: E402
+from segformer.errors import ConfigError  # noqa: E402
+from segformer.device import autocast as amp_context  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -94,6 +96,10 @@ def main():
     parser.add_argument("--iters", type=int, default=10, help="timed calls of each model, alternating")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     args = parser.parse_args()
+    try:
+        check_device(args.device)
+    except ConfigError as e:
+        parser.error(str(e))
 
     from transformers import SegformerForSemanticSegmentation
     torch.manual_seed(0)

@@ -83,7 +83,7 @@ def parity(device, variants, size):
 @check("amp")
 def amp_steps(device, size, dtypes):
     from segformer import SegFormer, segmentation_loss
-    from segformer.precision import autocast
+    from segformer.device import autocast
     summary = []
     for name in dtypes:
         torch.manual_seed(0)

@@ -55,7 +55,6 @@ def report(args, split: str) -> dict:
     spec, notes = decide_labels(data=samples.labels, num_labels=args.num_labels, reduce_labels=args.reduce_labels,
                                 id2label=read_id2label(args.id2label) if args.id2label else None,
                                 id2label_origin=f"--id2label {args.id2label}")
-    mapping, names = spec.mapping, spec.class_names
     print(f"\n== split {split}: {len(samples)} samples; {spec.describe()}")
     for note in notes:
         print(f"   ({note})")
@@ -63,14 +62,14 @@ def report(args, split: str) -> dict:
         print(f"   unpaired: {name}")
     if len(samples.unpaired) > 10:
         print(f"   ... {len(samples.unpaired) - 10} more unpaired files")
-    stats = collect(samples, mapping, len(names), description=f"reading {split}")
+    stats = collect(samples, spec.mapping, spec.num_labels, description=f"reading {split}")
     sizes = stats.sizes.most_common(5)
     print("   image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes)
           + (f", ... {len(stats.sizes) - 5} more sizes" if len(stats.sizes) > 5 else ""))
     labelled = int(stats.pixels.sum())
     total = labelled + stats.ignored
     print(f"   pixels: {labelled:,} labelled, {stats.ignored:,} ignored ({100 * stats.ignored / max(total, 1):.1f}%)")
-    classes = names if len(names) > 1 else ["background", names[0]]
+    classes = spec.predicted_classes
     order = sorted(range(len(classes)), key=lambda c: -stats.pixels[c])
     print(f"   {'class':<28}{'pixels':>8}{'images':>8}")
     for c in order[:args.top]:
@@ -86,8 +85,10 @@ def report(args, split: str) -> dict:
     if len(stats.outside) > 10:
         print(f"   ... {len(stats.outside) - 10} more annotations with values outside the classes")
     for name, reason in stats.unreadable[:10]:
-        print(f"   unreadable or unknown colours: {reason}")
-    return {"samples": samples, "stats": stats, "classes": classes}
+        print(f"   unreadable, of the wrong size, or of unknown colours: {reason}")
+    if len(stats.unreadable) > 10:
+        print(f"   ... {len(stats.unreadable) - 10} more annotations that cannot be read as labels")
+    return {"samples": samples, "stats": stats, "classes": classes, "num_labels": spec.num_labels}
 
 
 def main(argv=None) -> int:
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     train = next((r for s, r in reports.items() if s in ("train", "training", "all")), next(iter(reports.values())))
-    if train["stats"].pixels.any():
+    if train["stats"].pixels.any() and train["num_labels"] > 1:  # the binary head takes no class weights
         weights = median_frequency_weights(train["stats"])
         print("\n--class-weights auto (median frequency balancing over this split): "
               + ", ".join(f"{c.strip()} {w:.3g}" for c, w in list(zip(train["classes"], weights))[:args.top])

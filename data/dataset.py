@@ -3,9 +3,11 @@ one batch format.
 
 Every sample is checked before it reaches a model: the image decodes, the annotation is a single
 channel label map of the image's size, and after the label mapping every label is a class id or 255
-(with a single class, the reference's binary head: 0 or 1). A bad sample raises a `DataError` naming it;
-with `skip_bad=True` it is skipped with a warning instead and counted (`SegmentationDataset.skipped` in
-the main process; `batch["skipped"]` and the reasons in `batch["skip_reasons"]`, from workers too).
+(with a single class, the reference's binary head: 0 or 1). A bad sample raises a `DataError` naming it,
+in the main process, as one line: a worker hands the message on in the batch (`batch["errors"]`) and
+the loader raises it, instead of PyTorch's re-raise with the worker's traceback. With `skip_bad=True` it
+is skipped with a warning instead: `batch["skipped"]` names the samples, `batch["skip_reasons"]` says why
+(from workers too), so that a bad file read again is still one bad file.
 
 The batch format: workers hand on bytes, `pixel_values` uint8 (B, 3, H, W) and `labels` as stored (uint8,
 or int64 past 255), plus `valid` (B, 2), each sample's own (h, w) where a crop smaller than the batch was
@@ -17,14 +19,17 @@ from (seed, e, i), whatever the number of workers or processes. The sampler hand
 workers along with each index, so this also holds with persistent workers.
 """
 
+import atexit
+import signal
 import warnings
+import weakref
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from segformer.errors import DataError
 from segformer.images import to_tensor
@@ -64,7 +69,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.samples, self.spec, self.transform, self.train = samples, spec, transform, train
         self.class_names, self.num_labels, self.mapping = list(spec.class_names), spec.num_labels, spec.mapping
         self.seed, self.skip_bad = seed, skip_bad
-        self.skipped = 0
+        self.skipped = set()  # names of the bad samples skipped by this process
 
     def __len__(self):
         return len(self.samples)
@@ -76,10 +81,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image, labels = self.load(index)
         except DataError as e:
             if not self.skip_bad:
-                raise
-            self.skipped += 1
-            warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
-            return {"skipped": str(e)}
+                if get_worker_info() is None:
+                    raise
+                return {"error": str(e)}  # raised by the loader in the main process, as one line
+            name = self.samples.name(index)
+            if name not in self.skipped:
+                warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
+            self.skipped.add(name)
+            return {"skipped": name, "reason": str(e)}
         with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
             image, labels = self.transform(image, labels)  # uint8 image, labels as stored
@@ -124,16 +133,18 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack into `pixel_values` (B, 3, H, W) and `labels` (B, H, W); skipped samples are dropped,
-    counted in `skipped` and explained in `skip_reasons`."""
+    """Stack into `pixel_values` (B, 3, H, W) and `labels` (B, H, W); skipped samples are dropped, named in
+    `skipped` and explained in `skip_reasons`; the messages of bad samples are in `errors`."""
     kept = [s for s in samples if "pixel_values" in s]
-    reasons = [s["skipped"] for s in samples if "skipped" in s]
-    batch = {"skipped": len(reasons), "skip_reasons": reasons}
-    if kept:
+    batch = {"skipped": [s["skipped"] for s in samples if "skipped" in s],
+             "skip_reasons": [s["reason"] for s in samples if "skipped" in s],
+             "errors": [s["error"] for s in samples if "error" in s]}
+    if kept and not batch["errors"]:
         sizes = {tuple(s["pixel_values"].shape) for s in kept} | {tuple(s["labels"].shape) for s in kept}
         if len(sizes) > 2:
-            raise DataError(f"samples of different sizes cannot be stacked ({sorted(sizes)}); use batch_size=1 "
-                            f"for the aspect-preserving evaluation")
+            batch["errors"].append(f"samples of different sizes cannot be stacked ({sorted(sizes)}); use "
+                                   f"batch_size=1 for the aspect-preserving evaluation")
+            return batch
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in kept])
         batch["labels"] = torch.stack([s["labels"] for s in kept])
         if "valid" in kept[0]:
@@ -172,6 +183,47 @@ class EpochSampler(DistributedSampler):
         return len(self._indices()) - self.start
 
 
+class Loader(DataLoader):
+    """A DataLoader that raises a bad sample's DataError in the main process, as one line (see above), and
+    whose workers can be ended at once (`close`)."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        WORKERS.update(getattr(iterator, "_workers", ()))
+        for batch in iterator:
+            if batch["errors"]:  # its workers end now, while their queues work (a traceback would keep the
+                self._iterator = None  # iterator to a garbage cycle, which closes the queues first)
+                end_workers(iterator)
+                raise DataError(batch["errors"][0])
+            yield batch
+
+    def close(self) -> None:
+        """End the workers now (persistent ones live as long as the loader)."""
+        iterator, self._iterator = self._iterator, None
+        end_workers(iterator)
+
+
+def end_workers(iterator) -> None:
+    """The DataLoader's own shutdown of an iterator's workers, through their queues (none without workers)."""
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+WORKERS = weakref.WeakSet()  # the worker processes of every Loader (multiprocessing keeps them while alive)
+
+
+def end_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (`leave_stops_to_the_main_process`), and SIGTERM is how multiprocessing ends,
+    at exit, the workers of a loader that died in a garbage cycle (its queues closed before its shutdown
+    could use them); joined next, they would hang the exit. Such leftovers are killed here, first."""
+    for worker in list(WORKERS):
+        if worker.is_alive():
+            worker.kill()
+
+
+atexit.register(end_workers_at_exit)  # registered after multiprocessing's exit handler: runs before it
+
+
 def build_loader(dataset: SegmentationDataset, batch_size: int = 2, *, shuffle: bool | None = None,
                  num_workers: int = 0, seed: int = 0, drop_last: bool | None = None,
                  pin_memory: bool | None = None) -> DataLoader:
@@ -181,10 +233,18 @@ def build_loader(dataset: SegmentationDataset, batch_size: int = 2, *, shuffle: 
     train = dataset.train
     sampler = EpochSampler(dataset, shuffle=train if shuffle is None else shuffle, seed=seed,
                            drop_last=train if drop_last is None else drop_last)
-    return DataLoader(
+    return Loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=train if drop_last is None else drop_last,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # workers' base seed: leave the global RNG alone
+        worker_init_fn=leave_stops_to_the_main_process,
     )
+
+
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach a worker too (the terminal, SLURM and Kubernetes signal the whole process
+    group): the worker ignores them, and the main process finishes its step, saves and ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -81,8 +81,9 @@ class Samples:
     """The samples of one split: `indices` into a source, what the source says of its labels (`labels`),
     and the files of a folder that found no partner (`unpaired`, listed where `open_source(strict=False)`)."""
 
-    def __init__(self, source, indices, *, labels: SourceLabels, unpaired=()):
+    def __init__(self, source, indices, *, labels: SourceLabels, unpaired=(), generated: bool = False):
         self.source, self.indices, self.labels, self.unpaired = source, list(indices), labels, list(unpaired)
+        self.generated = generated  # made on the fly (the synthetic scenes): no file to go bad
 
     @property
     def layout(self) -> str:
@@ -202,7 +203,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
             raise DataError("the synthetic set has its own validation split; test_size does not apply")
         return Samples(data, apply_slice(list(range(len(data))), bounds, percent), labels=SourceLabels(
             source, "synthetic scenes", class_names=SYNTHETIC_CLASSES, mapping=ADE, known=True,
-            native_size=SYNTHETIC_SIZE))
+            native_size=SYNTHETIC_SIZE), generated=True)
 
     path = Path(source)
     labels, unpaired = None, []  # what the source says of its labels

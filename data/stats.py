@@ -1,14 +1,18 @@
 """What a split's annotations hold, read once: pixels per class, image sizes, values outside the classes,
 colours outside the palette. The images themselves are not decoded (their sizes come from the headers).
 
-Used by the dataset doctor (`python -m data`) and by `train.py --class-weights auto`, whose weights are
+Used by the dataset doctor (`python -m data`), by `train.py`'s check of both splits before it trains (a bad
+file found at the first evaluation would cost the steps before it), and by `--class-weights auto`, whose
+weights are
 median frequency balancing (Eigen & Fergus, ICCV 2015): freq(c) = pixels of class c / labelled pixels of
 the images in which c appears, and weight(c) = median over classes of freq / freq(c), so that a class
 as common as the median weighs 1, rarer ones more. A class that never appears weighs 1.
 """
 
 import json
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,34 +44,59 @@ class SplitStats:
                 setattr(self, name, np.zeros(self.num_labels, dtype=np.int64))
 
 
+def read_annotation(samples, i: int, mapping: LabelMapping):
+    """(name, image size from its header, class ids) of sample i, or (name, None, the DataError's message)."""
+    try:
+        annotation, size, name = samples.peek(i)
+        return name, size, mapping.apply(annotation_to_tensor(annotation, name, mapping))
+    except DataError as e:
+        return samples.name(i), None, str(e)
+
+
 def collect(samples, mapping: LabelMapping, num_labels: int, *, progress: bool = True,
-            description: str = "reading annotations") -> SplitStats:
-    """Read every annotation of `samples` once."""
+            description: str = "reading annotations", threads: int = min(8, os.cpu_count() or 1)) -> SplitStats:
+    """Read every annotation of `samples` once (decoded by `threads` threads: PIL's decoders let go of the GIL)."""
     highest = max(num_labels, 2) - 1
     stats = SplitStats(max(num_labels, 2))
-    for i in tqdm(range(len(samples)), desc=description, unit="annotation", disable=not progress):
-        try:
-            annotation, size, name = samples.peek(i)
-            labels = mapping.apply(annotation_to_tensor(annotation, name, mapping)).long()
-        except DataError as e:
-            stats.unreadable.append((samples.name(i), str(e)))
-            continue
-        stats.images += 1
-        stats.sizes[size] += 1
-        if (labels.shape[1], labels.shape[0]) != tuple(size):
-            stats.unreadable.append((name, f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {size[0]}x"
-                                           f"{size[1]}"))
-        ignored = labels == IGNORE_INDEX
-        beyond = labels[(labels > highest) & ~ignored].unique()
-        if len(beyond):
-            stats.outside.append((name, beyond.tolist()))
-        counts = torch.bincount(labels[(labels <= highest) & ~ignored], minlength=stats.num_labels).numpy()
-        stats.pixels += counts
-        present = counts > 0
-        stats.image_pixels[present] += counts.sum()
-        stats.images_with[present] += 1
-        stats.ignored += int(ignored.sum())
+    chunk = 4 * threads  # a few annotations in flight per thread: bounded memory
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(samples), desc=description, unit="annotation",
+                                                   disable=not progress) as bar:
+        for start in range(0, len(samples), chunk):
+            indices = range(start, min(start + chunk, len(samples)))
+            for name, size, labels in pool.map(lambda i: read_annotation(samples, i, mapping), indices):
+                bar.update(1)
+                if size is None:
+                    stats.unreadable.append((name, labels))
+                else:
+                    add_annotation(stats, name, size, labels.long(), highest)
     return stats
+
+
+def add_annotation(stats: SplitStats, name: str, size: tuple[int, int], labels: torch.Tensor, highest: int) -> None:
+    stats.images += 1
+    stats.sizes[size] += 1
+    if (labels.shape[1], labels.shape[0]) != tuple(size):
+        stats.unreadable.append((name, f"{name}: the annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the "
+                                       f"image is {size[0]}x{size[1]}"))
+    ignored = labels == IGNORE_INDEX
+    beyond = labels[(labels > highest) & ~ignored].unique()
+    if len(beyond):
+        stats.outside.append((name, beyond.tolist()))
+    counts = torch.bincount(labels[(labels <= highest) & ~ignored], minlength=stats.num_labels).numpy()
+    stats.pixels += counts
+    present = counts > 0
+    stats.image_pixels[present] += counts.sum()
+    stats.images_with[present] += 1
+    stats.ignored += int(ignored.sum())
+
+
+def problems(stats: SplitStats) -> list[str]:
+    """One line per bad annotation of a split, naming its file: unreadable, of another size than its image,
+    of a mode or colours that are not labels, or with values that are not classes."""
+    highest = stats.num_labels - 1
+    return [reason for _, reason in stats.unreadable] + [
+        f"{name}: label values {values[:10]} are not class ids 0..{highest} nor {IGNORE_INDEX} (ignored)"
+        for name, values in stats.outside]
 
 
 def median_frequency_weights(stats: SplitStats) -> list[float]:

@@ -38,6 +38,11 @@ class SyntheticScenes:
         image, label = render_scene(np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index]), self.size)
         return Image.fromarray(image), Image.fromarray(label), self.name(index)
 
+    def peek(self, index: int):
+        """(annotation, (width, height) of the image, name), as folders give them to the dataset doctor."""
+        image, annotation, name = self[index]
+        return annotation, image.size, name
+
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image and (H, W) uint8 labels in ADE convention (0 unlabelled, 1..7)."""

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save
 
 from . import layouts
 from .config import SegFormerConfig
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, ConfigError, UserError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -36,6 +36,20 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def writable_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a folder that exists and takes files, created if need be; otherwise a ConfigError naming
+    the flag and why (a file is there, no permission, a read-only or full disk)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: a file is there; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    return path
 
 
 def _write_all(path: str | Path, data: bytes) -> None:

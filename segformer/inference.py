@@ -38,7 +38,7 @@ from PIL import Image
 from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
-from .precision import AMP_DTYPES, autocast
+from .device import AMP_DTYPES, autocast
 from .preprocess import aspect_size, normalize, resize_image
 
 ROWS = 512  # rows of a label map updated at a time: small temporaries

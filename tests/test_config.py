@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,16 +45,21 @@ def test_a_file_that_is_not_a_settings_object_is_named(tmp_path):
             TrainConfig.load(tmp_path / "training_args.json")
 
 
+def resolved(config):
+    """Where a recipe's run writes, as the command line stores it: an absolute path."""
+    return replace(config, out=str(Path(config.out).resolve()))
+
+
 def test_recipes_resolve_as_documented():
-    assert parse_command_line([]).config == DEFAULT
-    assert parse_command_line(["--recipe", "paper"]).config == RECIPES["paper"]
+    assert parse_command_line([]).config == resolved(DEFAULT)
+    assert parse_command_line(["--recipe", "paper"]).config == resolved(RECIPES["paper"])
     paper = RECIPES["paper"]  # what NVlabs' ADE20K config says
     assert (paper.decay_norm_bias, paper.head_lr_mult, paper.sync_bn, paper.lr, paper.weight_decay) == \
         (False, 10.0, True, 6e-5, 0.01)
     assert (paper.total_batch_size, paper.max_steps, paper.warmup_steps, paper.augment) == (16, 160_000, 1500, "paper")
     # a flag given wins over the recipe; flags not given leave it alone
     command = parse_command_line(["--recipe", "guide", "--lr", "1e-4", "--no-reduce-labels", "--channels-last"])
-    assert command.config == replace(RECIPES["guide"], lr=1e-4, reduce_labels=False, channels_last=True)
+    assert command.config == resolved(replace(RECIPES["guide"], lr=1e-4, reduce_labels=False, channels_last=True))
     assert command.given == {"recipe", "lr", "reduce_labels", "channels_last"}
     # given alone, --epochs clears the recipe's --max-steps and --batch-size its --total-batch-size
     assert parse_command_line(["--epochs", "3"]).config.max_steps is None

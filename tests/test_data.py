@@ -241,7 +241,7 @@ def test_corrupt_and_truncated_images_are_named(tmp_path):
     ds = build_dataset(str(root), split="training", skip_bad=True, test_size=0)
     with pytest.warns(UserWarning, match="skipping bad sample"):
         batch = next(iter(build_loader(ds, batch_size=3, shuffle=False)))
-    assert batch["skipped"] == 2 and batch["pixel_values"].shape[0] == 1 and ds.skipped == 2
+    assert len(batch["skipped"]) == 2 and batch["pixel_values"].shape[0] == 1 and len(ds.skipped) == 2
 
 
 def test_annotation_size_mode_and_values_are_checked(tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,7 +442,7 @@ def test_folder_oddities_are_handled_per_file(tmp_path):
     skipping = build_dataset(samples, num_labels=2, size=32, skip_bad=True)
     with pytest.warns(UserWarning, match="003.png"):
         batch = next(iter(build_loader(skipping, batch_size=5, shuffle=False)))
-    assert batch["skipped"] == 1 and batch["pixel_values"].shape[0] == 4
+    assert len(batch["skipped"]) == 1 and batch["pixel_values"].shape[0] == 4
 
 
 def test_parquet_rows_and_files_that_are_not_what_they_claim(tmp_path):
@@ -459,3 +460,233 @@ def test_parquet_rows_and_files_that_are_not_what_they_claim(tmp_path):
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty\.parquet: not a readable parquet file"):
         open_source(str(tmp_path / "*.parquet"), "train", train=True)
+
+
+# ---- nothing lost, round two ------------------------------------------------------------------------------
+
+def ade_data(root, *, train=6, val=2, side=32):
+    """A small ADE-layout folder with two classes (values 1 and 2)."""
+    masks = [np.where(np.indices((side, side))[1] < side // 2, 1, 2) for _ in range(train + val)]
+    return write_ade_folder(root, masks[:train], masks[train:])
+
+
+FOLDER = ["--train-split", "training", "--eval-split", "validation", "--num-labels", "2", "--batch-size", "2",
+          "--size", "32", "--warmup-steps", "0", "--log-every", "1", "--no-plots"]
+
+
+def test_a_moved_run_resumes_in_its_new_folder(tmp_path, monkeypatch):
+    """1. mv runs/a runs/b, then --resume runs/b/checkpoint-2: the run goes on in runs/b, from any working
+    directory, with the relative --data it was started with."""
+    ade_data(tmp_path / "work" / "data")
+    monkeypatch.chdir(tmp_path / "work")
+    train.execute(FOLDER + ["--data", "data", "--out", "runs/a", "--max-steps", "2", "--eval-every", "2",
+                            "--save-every", "2"])
+    (tmp_path / "work" / "runs" / "a").rename(tmp_path / "work" / "runs" / "b")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    train.execute(["--resume", "work/runs/b/checkpoint-2", "--max-steps", "3"])
+    assert not (tmp_path / "work" / "runs" / "a").exists() and not (tmp_path / "runs").exists()
+    assert (tmp_path / "work" / "runs" / "b" / "checkpoint-3").is_dir()
+    assert [r["step"] for r in read_log(tmp_path / "work" / "runs" / "b")][-1] == 3
+    settings = json.loads((tmp_path / "work" / "runs" / "b" / "checkpoint-3" / "training_args.json").read_text())
+    assert settings["out"] == str(tmp_path / "work" / "runs" / "b") and settings["data"] == str(tmp_path / "work" /
+                                                                                                 "data")
+    # the same data folder, spelt another way, is the same setting
+    train.execute(["--resume", "work/runs/b/checkpoint-3", "--max-steps", "4", "--data", str(tmp_path / "work" /
+                                                                                             "data")])
+    assert (tmp_path / "work" / "runs" / "b" / "checkpoint-4").is_dir()
+
+
+def test_a_new_run_starts_a_new_log_and_a_torn_last_record_is_dropped(tmp_path, monkeypatch, capsys):
+    """2. A run killed before its first checkpoint leaves a log the next run must not append to; a record
+    torn by a power loss must not stop --resume; the log is fsynced at each checkpoint."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    (tmp_path / "evaluations" / "step-7").mkdir(parents=True)
+    quick(tmp_path, "--max-steps", "2")
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 2] and all(r["loss"] != 9.0 for r in read_log(tmp_path))
+    assert not (tmp_path / "evaluations" / "step-7").exists()
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')  # the power went out here
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    train.execute(["--resume", str(tmp_path / "checkpoint-2"), "--max-steps", "3"])
+    assert "its last record was cut short" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 2, 3, 3]  # each step once, and its evaluation
+    assert str(tmp_path / "metrics.jsonl") in synced
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damaged inside: named
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl line 2: not a JSON record"):
+        train.execute(["--resume", str(tmp_path / "checkpoint-3"), "--max-steps", "4"])
+
+
+def test_bad_validation_files_are_found_before_training(tmp_path):
+    """3. A validation annotation of the wrong size, or with a value that is not a class, stops the run
+    before its first step, naming the file, instead of at the first evaluation."""
+    folder = ade_data(tmp_path / "data")
+    bad = folder / "annotations" / "validation" / "ADE_validation_00000001.png"
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(bad)
+    steps = []
+    with pytest.raises(DataError, match=r"1 bad sample\(s\) in .*ADE_validation_00000001\.jpg: label values \[8\] "
+                                        r"are not class ids 0\.\.1 .*python -m data"):
+        train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "4"])
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and steps == []
+    Image.fromarray(np.full((20, 32), 1, np.uint8)).save(bad)
+    with pytest.raises(DataError, match=r"ADE_validation_00000001\.jpg: the annotation is 32x20 \(WxH\) but the "
+                                        r"image is 32x32"):
+        train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "4"])
+
+
+def test_a_file_that_goes_bad_during_the_run_costs_no_trained_step(tmp_path, monkeypatch):
+    """3. Never drop trained steps on a data error: the steps before it are saved, and the run continues
+    from them once the file is mended."""
+    folder = ade_data(tmp_path / "data")
+    bad = folder / "annotations" / "validation" / "ADE_validation_00000001.png"
+    good = bad.read_bytes()
+    original = train.evaluate
+
+    def breaks_then_evaluates(*args, **kwargs):
+        bad.write_bytes(b"not a png any more")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", breaks_then_evaluates)
+    with pytest.raises(DataError, match=r"ADE_validation_00000001\.png: cannot decode image.*the 3 steps trained are "
+                                        r"saved in .*checkpoint-3: fix the file, then --resume"):
+        train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "6",
+                                "--eval-every", "3", "--save-every", "100"])
+    monkeypatch.undo()
+    bad.write_bytes(good)
+    train.execute(["--resume", str(tmp_path / "run" / "checkpoint-3")])
+    assert (tmp_path / "run" / "checkpoint-6").is_dir()
+
+
+def test_resuming_from_best_does_not_overwrite_newer_checkpoints(tmp_path, capsys):
+    """4. best/ is an earlier step than the run's newest checkpoint: refused, saying how to go on; an
+    earlier checkpoint-<step> rewinds, and says so."""
+    quick(tmp_path, "--max-steps", "4", "--eval-every", "1", "--save-total-limit", "4")
+    best_step = torch.load(tmp_path / "best" / "training_state.pt", weights_only=True)["step"]
+    newest = (tmp_path / "checkpoint-4" / "model.safetensors").read_bytes()
+    if best_step < 4:
+        with pytest.raises(ConfigError, match=rf"--resume .*best: it holds step {best_step}, but .* has newer "
+                                              rf"checkpoints .*checkpoint-4.*--resume .*checkpoint-4, or branch"):
+            train.execute(["--resume", str(tmp_path / "best")])
+        assert (tmp_path / "checkpoint-4" / "model.safetensors").read_bytes() == newest
+    capsys.readouterr()
+    train.execute(["--resume", str(tmp_path / "checkpoint-2")])
+    assert "rewinding to step 2: checkpoint-3, checkpoint-4 and the log after step 2 are replaced" in \
+        capsys.readouterr().out
+    train.execute(["--resume", str(tmp_path / "best"), "--out", str(tmp_path / "branch"), "--max-steps", "5"])
+    assert (tmp_path / "branch" / "checkpoint-5").is_dir()
+
+
+def test_a_training_set_that_changed_is_not_resumed_silently(tmp_path):
+    """5. Images added to (or taken from) the training folder: the saved data position would index
+    another permutation."""
+    folder = ade_data(tmp_path / "data")
+    train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                            "--eval-every", "100", "--save-every", "2"])
+    for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
+        source = folder / kind / "training" / f"ADE_training_00000000{suffix}"
+        (folder / kind / "training" / f"ADE_training_00000099{suffix}").write_bytes(source.read_bytes())
+    with pytest.raises(ConfigError, match=r"the training split is not the one .*checkpoint-2 was trained on \(7 "
+                                          r"samples now, 6 then\).*--pretrained"):
+        train.execute(["--resume", str(tmp_path / "run" / "checkpoint-2"), "--max-steps", "4"])
+
+
+def test_a_bad_image_in_a_worker_is_one_line_and_a_skipped_file_counts_once(tmp_path, capsys):
+    """6. With workers, a corrupt image is one line (not the worker's traceback); --skip-bad counts a bad
+    file once, however often it is read."""
+    folder = write_flat_folder(tmp_path / "data", [np.full((32, 32), 1)] * 10)
+    dataset = build_dataset(str(folder), "train", num_labels=2, size=32, train=True)
+    bad = dataset.samples.names()[0]
+    Path(bad).write_bytes(b"not a png")
+    loader = build_loader(dataset, batch_size=2, num_workers=2, shuffle=False)
+    with pytest.raises(DataError) as error:
+        list(loader)
+    assert str(error.value).count("\n") == 0 and f"{bad}: cannot decode image" in str(error.value)
+    assert "Traceback" not in str(error.value)
+    result = quick(tmp_path / "run", "--data", str(folder), "--train-split", "train", "--eval-split", "validation",
+                   "--num-labels", "2", "--skip-bad", "--max-steps", "12", "--workers", "2", "--save-every", "100")
+    assert result["skipped"] == 1 and "skipped 1 bad training sample(s)" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_and_bad_flags_of_every_script_are_one_line(tmp_path, monkeypatch, capsys, saved_model):
+    """7. A second Ctrl-C stops at once with one line; export.py --out on a file and --device that the machine
+    does not have are one line each, in every script."""
+    original = train.segmentation_loss
+    calls = {"n": 0}
+
+    def two_interrupts(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train, "segmentation_loss", two_interrupts)
+    assert train.main(QUICK + ["--out", str(tmp_path / "run"), "--max-steps", "3"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted again: stopped without saving this step"
+    import export
+    (tmp_path / "file").write_text("x")
+    assert export.main(["--checkpoint", saved_model, "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'}: a file is there; expected a folder\n"
+    random_image(20, 20).save(tmp_path / "x.png")
+    assert infer.main(infer.get_args(["--checkpoint", saved_model, str(tmp_path / "x.png"), "--device", "tpu"])) == 2
+    assert capsys.readouterr().err == "error: --device tpu: not a device name; expected cpu\n"
+    assert train.main(QUICK + ["--out", str(tmp_path / "r2"), "--device", "cuda:7"]) == 2
+    assert "error: --device cuda:7: this machine has no cuda device" in capsys.readouterr().err
+
+
+def test_the_doctor_names_the_file_of_a_size_mismatch(tmp_path, capsys):
+    """8."""
+    folder = write_flat_folder(tmp_path / "data", [np.full((32, 32), 1)] * 3)
+    Image.fromarray(np.full((16, 32), 1, np.uint8)).save(folder / "annotations" / "001.png")
+    import data.__main__ as doctor
+    assert doctor.main([str(folder), "--num-labels", "2"]) == 1
+    assert f"{folder / 'images' / '001.png'}: the annotation is 32x16 (WxH) but the image is 32x32" in \
+        capsys.readouterr().out
+
+
+def test_class_weights_on_binary_data_are_refused_before_training(tmp_path, capsys):
+    """9. One label is the binary head: class weights do not apply; refused when the settings are checked,
+    and the doctor does not recommend them."""
+    folder = write_flat_folder(tmp_path / "data", [np.pad(np.ones((16, 16)), 8)] * 10)
+    with pytest.raises(ConfigError, match=r"--class-weights auto: one label trains the binary \(sigmoid\) head.*"
+                                          r"--num-labels 2"):
+        quick(tmp_path / "run", "--data", str(folder), "--num-labels", "1", "--no-reduce-labels",
+              "--class-weights", "auto")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    import data.__main__ as doctor
+    doctor.main([str(folder), "--num-labels", "1", "--no-reduce-labels"])
+    assert "--class-weights auto" not in capsys.readouterr().out
+
+
+def test_class_names_are_spreadsheet_safe_in_the_csv_files(tmp_path):
+    """10. A class named like a formula is written as text, as spreadsheet-safe CSV writers do."""
+    import csv
+
+    from training.report import write_evaluation
+    names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "plain"]
+    matrix = np.eye(5, dtype=np.int64)
+    metrics = {"per_category_iou": np.ones(5), "per_category_accuracy": np.ones(5)}
+    write_evaluation(tmp_path, matrix, names, metrics, draw=False)
+    rows = list(csv.reader(open(tmp_path / "per_class.csv")))
+    assert [row[0] for row in rows[1:]] == ["'=HYPERLINK(\"http://x\")", "'+1", "'-2", "'@SUM(A1)", "plain"]
+    header = next(csv.reader(open(tmp_path / "confusion.csv")))
+    assert header[1:] == [row[0] for row in rows[1:]]
+
+
+def test_a_stop_during_evaluation_saves_without_waiting_for_it(tmp_path, monkeypatch, capsys):
+    """11. SIGTERM during a long evaluation: the run saves within a batch, not after the whole evaluation
+    (a SLURM or Kubernetes grace period is shorter than some evaluations)."""
+    from training import evaluation
+    seen = []
+    original = evaluation.batch_to_device
+
+    def terminated_in_the_first_batch(batch, device, **kwargs):
+        seen.append(1)
+        if len(seen) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(batch, device, **kwargs)
+    monkeypatch.setattr(evaluation, "batch_to_device", terminated_in_the_first_batch)
+    code = train.main(QUICK + ["--out", str(tmp_path), "--max-steps", "4", "--eval-every", "2", "--save-every", "100",
+                               "--eval-split", "validation[:40]", "--batch-size", "2"])
+    assert code == 143 and len(seen) == 1  # one batch of 20, then the stop
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not any("mean_iou" in r for r in read_log(tmp_path))  # an evaluation cut short counts for nothing

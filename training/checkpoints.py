@@ -200,21 +200,27 @@ def load_training_state(directory: Path) -> dict:
     return state
 
 
+RUN_FILES = ("metrics.jsonl", "evaluations", "curves.png", "per_class_iou.png", "tensorboard")  # what a run logs
+
+
 def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None:
     """A new run never overwrites an earlier one unless asked to; nor does a resumed run write into a
-    folder that holds another run."""
+    folder that holds another run. A run that starts afresh in `out` (new, or resumed into another folder)
+    starts with a new log: what a run killed before its first checkpoint logged there is removed."""
     checkpoints = list_checkpoints(out)[::-1]
     earlier = checkpoints + ([out / "best"] if (out / "best").exists() else [])
-    if not earlier or (resume is not None and resume.resolve().parent == out.resolve()):
-        return
-    if not overwrite:
+    if resume is not None and resume.resolve().parent == out.resolve():
+        return  # the run continues where it is
+    if earlier and not overwrite:
         what = "another run" if resume is not None else "a run"
         newest = f"continue it with --resume {checkpoints[0]}, " if checkpoints and resume is None else ""
         raise ConfigError(f"--out {out} already holds {what} ({', '.join(p.name for p in earlier[:4])}): {newest}"
                           f"choose another --out, or pass --overwrite to replace it")
-    for path in earlier:
-        shutil.rmtree(path)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for path in earlier + [out / name for name in RUN_FILES]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def prune_checkpoints(out: Path, keep: int | None) -> None:

@@ -327,10 +327,28 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# Settings that name files or folders. They are stored resolved (absolute), so that a run resumes from any
+# working directory, and the same folder given again in another spelling is the same setting.
+PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "pretrained")
+NOT_PATHS = ("synthetic", "auto")  # the built-in data set, automatic class weights
+
+
+def resolve_paths(config: TrainConfig, names=PATH_SETTINGS) -> dict:
+    """{name: absolute path} for the path settings of `config` that name something on this machine (`out`,
+    where the run writes, always)."""
+    resolved = {}
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, str) and value not in NOT_PATHS and (name == "out" or Path(value).exists()):
+            resolved[name] = str(Path(value).resolve())
+    return resolved
+
+
 def parse_command_line(argv=None, *, description: str = "") -> Command:
     parser = build_parser(description)
     args = vars(parser.parse_args(argv))
     given = {name: args.pop(name) for name in list(args) if name in {f.name for f in fields(TrainConfig)}}
+    given.update(resolve_paths(replace(RECIPES["default"], **given), [n for n in PATH_SETTINGS if n in given]))
     resume = args.get("resume")
     eval_only = args.get("eval_only", False)
     checkpoint = args.get("checkpoint")
@@ -347,6 +365,9 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
             raise ConfigError(f"--resume {resume}: no training_args.json and training_state.pt there "
                               f"(is it a checkpoint-<step> directory?)")
         base = TrainConfig.load(saved)
+        # A resumed run belongs in the folder that holds its checkpoint, wherever that has moved, unless
+        # --out says otherwise.
+        base = replace(base, **{**resolve_paths(base), "out": str(Path(resume).resolve().parent)})
         fixed = [name for name, value in given.items()
                  if value != getattr(base, name) and not _field(name).metadata["may_change"]]
         if fixed:
@@ -363,6 +384,7 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
         if name in given and cleared not in given:
             given[cleared] = None
     config = replace(base, **given)
+    config = replace(config, **resolve_paths(config))
     return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
                    eval_only=eval_only, checkpoint=checkpoint, given=frozenset(given))
 

@@ -12,10 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from segformer.device import check_device
+
 
 def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
-    """Under torchrun: one process per device, NCCL on GPUs, gloo on CPUs. Returns (rank, world, device)."""
-    device_name = device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Under torchrun: one process per device, NCCL on GPUs, gloo on CPUs. Returns (rank, world, device). A
+    device this machine does not have is a ConfigError naming it, before anything else is done."""
+    device_name = check_device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])

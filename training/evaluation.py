@@ -23,16 +23,20 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0) -> Evaluation:
+def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0, stop=None) -> Evaluation | None:
     """Mean IoU of `model` over `loader`, summed over all processes; `num_labels` classes of predictions
     (2 for the binary head); `autocast()` the precision context; the first `show` images kept with their
-    predictions. A validation set with no labelled pixel (every sample skipped as bad, or all ignored)
-    is an error, not a NaN."""
+    predictions. `stop()` true between two batches ends it early: None (the processes still meet to sum
+    what they counted). A validation set with no labelled pixel (every sample skipped as bad, or all
+    ignored) is an error, not a NaN."""
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_labels, ignore_index=IGNORE_INDEX, device=device)
-    reasons, shown = [], ()
+    reasons, shown, stopped = [], (), False
     for batch in loader:
+        if stop is not None and stop():
+            stopped = True
+            break
         reasons += batch["skip_reasons"]
         if "pixel_values" not in batch:  # every sample of the batch was skipped
             continue
@@ -45,6 +49,8 @@ def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0)
             shown = (batch["pixel_values"][:show], predictions[:show].cpu())
     confusion.all_reduce()
     model.train(was_training)
+    if stopped:
+        return None
     if confusion.counts.sum() == 0:
         raise DataError(f"nothing to evaluate: no labelled pixel in the validation split ({len(reasons)} sample(s) "
                         f"skipped as bad{': ' + '; '.join(reasons[:3]) if reasons else ''})")

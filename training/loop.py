@@ -15,7 +15,7 @@ class Meter:
     skipped as bad (with the first reasons) and micro-batches with no labelled pixel."""
 
     def __init__(self):
-        self.skipped, self.skip_reasons = 0, []
+        self.skipped, self.skip_reasons = set(), []  # the names of the bad samples skipped, the first reasons
         self.trained_batches = self.unlabelled_batches = 0
         self.restart()
 
@@ -28,8 +28,9 @@ class Meter:
 
     def add_batch(self, batch: dict) -> bool:
         """Count a micro-batch; True when it has a pixel to learn from."""
-        self.skipped += batch["skipped"]
-        self.skip_reasons += batch["skip_reasons"][:3 - len(self.skip_reasons)]
+        self.skip_reasons += [reason for name, reason in zip(batch["skipped"], batch["skip_reasons"])
+                              if name not in self.skipped][:3 - len(self.skip_reasons)]
+        self.skipped.update(batch["skipped"])
         labelled = "pixel_values" in batch and bool((batch["labels"] != IGNORE_INDEX).any())  # CPU: no sync
         if "pixel_values" in batch:
             self.trained_batches += labelled
@@ -44,10 +45,11 @@ class Meter:
         return self.images * world_size / (time.perf_counter() - self.start)
 
     def check_something_trained(self) -> None:
-        """--skip-bad must not turn a data set of bad samples into a run that trained on nothing."""
-        if self.trained_batches == 0:
+        """--skip-bad must not turn a data set of bad samples into a run that trained on nothing. (A run
+        resumed at the very end of an epoch has seen no batch yet: nothing to say.)"""
+        if self.trained_batches == 0 and (self.skipped or self.unlabelled_batches):
             reasons = "; ".join(self.skip_reasons) or "every batch had only ignored pixels"
-            raise DataError(f"no training sample reached the model ({self.skipped} skipped as bad, "
+            raise DataError(f"no training sample reached the model ({len(self.skipped)} skipped as bad, "
                             f"{self.unlabelled_batches} batches without a labelled pixel); first reasons: {reasons}")
 
 

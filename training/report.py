@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from segformer.checkpoint import atomic_write
+from segformer.errors import CheckpointError, UserError
 from segformer.visual import blend, pyplot, save_figure
 
 HEATMAP_CLASSES = 30  # beyond this, a heatmap is unreadable: the most confused pairs instead
@@ -58,15 +59,35 @@ def jsonable(metrics: dict) -> dict:
     return {k: clean(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}
 
 
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_log(path: Path) -> tuple[list[dict], bool]:
+    """The records of a run's metrics.jsonl, and whether its last line was torn (a write cut short by a kill,
+    a power loss or a full disk: dropped). A bad line elsewhere is a CheckpointError naming the file and line."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's log ({e})") from None
+    records, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not a record")
+        except ValueError as e:
+            if any(later.strip() for later in lines[number:]):  # not the last record: the log is damaged
+                raise CheckpointError(f"{path} line {number}: not a JSON record ({e})") from None
+            torn = True  # the last record, cut short
+            continue
+        records.append(record)
+    return records, torn
 
 
 def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict, *,
                      draw: bool = True) -> None:
     """The confusion matrix (.npy, .csv), the per-class table (.csv) and (draw) the heatmap of one evaluation."""
     directory.mkdir(parents=True, exist_ok=True)
-    names = [name.strip() for name in class_names]
+    names = [spreadsheet_safe(name.strip()) for name in class_names]
 
     def write_npy(tmp):
         with open(tmp, "wb") as f:
@@ -87,6 +108,12 @@ def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str]
     plt = pyplot() if draw else None
     if plt is not None:
         draw_confusion(plt, matrix, names, directory / "confusion.png")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text: one that starts like a formula (=, +, -, @, a tab or a carriage
+    return) gets a leading apostrophe, as OWASP's advice on CSV injection and spreadsheet-safe writers do."""
+    return "'" + text if text.startswith(("=", "+", "-", "@", "\t", "\r")) else text
 
 
 def _number(x) -> str:
@@ -223,10 +250,10 @@ def main(argv=None) -> int:
             print(f"error: {log}: no such file (is {folder} a run folder?)", file=sys.stderr)
             return 2
         try:
-            runs.append((folder.name, read_log(log)))
-        except json.JSONDecodeError as e:
-            print(f"error: {log}: not JSON lines ({e})", file=sys.stderr)
-            return 2
+            runs.append((folder.name, read_log(log)[0]))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(runs) == 1
                                            else Path("comparison.png"))
     if not draw_curves(runs, out):
