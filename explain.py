@@ -31,7 +31,7 @@ from PIL import Image
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import describe
+from segformer.checkpoint import describe, writable_folder
 from segformer.errors import UserError
 from segformer.images import load_image, to_tensor
 from segformer.metrics import logits_to_predictions
@@ -55,34 +55,41 @@ def principal_colours(features: torch.Tensor, basis: torch.Tensor | None = None)
 
 @torch.no_grad()
 def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, int]) -> dict:
-    """Every intermediate the panels draw, computed from the model's own modules."""
+    """Every intermediate the panels draw, from the model's own computation (`forward_intermediates`)."""
     x = normalize(resize_image(to_tensor(image), (size, size)))[None]  # (1, 3, size, size)
     row, col = (min(max(p, 0), size - 1) for p in (round(pixel[0] * size / image.height),
                                                      round(pixel[1] * size / image.width)))
-    captured = []  # the inputs of each stage's last attention: (normalised tokens, H, W)
-    hooks = [stage.blocks[-1].attn.register_forward_hook(lambda module, inputs, output: captured.append(inputs))
-             for stage in model.encoder.stages]
-    try:
-        stages = model.encoder(x)  # four (1, C_i, H_i, W_i) maps
-    finally:
-        for hook in hooks:
-            hook.remove()
-    attention = []
-    for stage, (tokens, H, W) in zip(model.encoder.stages, captured):
-        weights, grid = stage.blocks[-1].attn.attention_weights(tokens, H, W)  # (1, heads, N, N')
+    steps = model.forward_intermediates(x, attention=True)
+    attention = []  # where the query pixel attends in each stage's last block (None: not written out)
+    for features, blocks in zip(steps["stages"], steps["attention"]):
+        if not blocks or blocks[-1] is None:
+            attention.append(None)
+            continue
+        weights, grid = blocks[-1]  # (1, heads, N, N'), the (H', W') grid of the keys
+        H, W = features.shape[-2:]
         stride = size / H
         query = min(int(row / stride), H - 1) * W + min(int(col / stride), W - 1)
         attention.append((weights[0, :, query].reshape(-1, *grid), (H, W), grid))
-    decoder = model.decoder
-    _, _, H, W = stages[0].shape
-    levels = [F.conv2d(f, weight[:, :, None, None], bias) for f, (weight, bias) in zip(stages, decoder.level_maps())]
-    levels = [levels[0]] + [F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False) for y in levels[1:]]
-    fused = sum(levels)  # (1, D, H/4, W/4): the decoder's fused feature (normalised), before its ReLU
-    logits = model(x)
+    levels = steps["levels"]  # the decoder's per-level terms, which add up to its fused feature (or None)
+    logits = steps["logits"]
     prediction = logits_to_predictions(F.interpolate(logits, size=(image.height, image.width), mode="bilinear",
                                                      align_corners=False), (image.height, image.width))[0]
-    return dict(input=x[0], query=(row, col), stages=stages, attention=attention, levels=levels, fused=fused,
-                logits=logits, prediction=prediction)
+    return dict(input=x[0], query=(row, col), stages=steps["stages"], attention=attention, levels=levels,
+                fused=sum(levels) if levels else None, logits=logits, prediction=prediction)
+
+
+def missing_parts(model: SegFormer) -> list[str]:
+    """What the tour cannot draw for this model, in a line each: an attention without `attention_weights`,
+    a decoder without `level_terms`."""
+    lines = []
+    attention = model.encoder.stages[0].blocks[0].attn if hasattr(model.encoder, "stages") else None
+    if attention is not None and not hasattr(attention, "attention_weights"):
+        lines.append(f"the attention {model.config.attention} has no attention_weights(x, H, W): the attention "
+                     f"panels are left out")
+    if not hasattr(model.decoder, "level_terms"):
+        lines.append(f"the decoder {model.config.decoder} has no level_terms(features): the decoder panels are "
+                     f"left out")
+    return lines
 
 
 def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, size: int) -> dict:
@@ -97,23 +104,25 @@ def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, si
         C, H, W = features.shape[1:]
         shown[f"stage{i + 1}"] = (f"stage {i + 1}: {C} x {H} x {W}\n(stride {size // H})", rgb, result["query"], size,
                                   None)
-    for i, (weights, (H, W), grid) in enumerate(result["attention"]):
-        attn = model.encoder.stages[i].blocks[-1].attn
+    for i, attention in enumerate(result["attention"]):
+        if attention is None:
+            continue
+        weights, (H, W), grid = attention
         heads = weights.shape[0]
-        mean_map = weights.mean(0).numpy()
         shown[f"attention_stage{i + 1}"] = (
-            f"stage {i + 1} attention: {H * W} queries\n-> {grid[0]}x{grid[1]} keys (reduction {attn.sr_ratio}), "
-            f"{heads} head{'s' * (heads > 1)}", mean_map, result["query"], size, grey)
-    fused_rgb, basis = principal_colours(result["fused"][0])
-    for i, level in enumerate(result["levels"]):
-        rgb, _ = principal_colours(level[0], basis)
-        shown[f"decoder_level{i + 1}"] = (f"decoder: stage {i + 1}'s term\n(from 1/{4 * 2 ** i})", rgb, None, size,
-                                          None)
-    shown["fused"] = ("decoder: the sum of the four\n(fused feature)", fused_rgb, None, size, None)
+            f"stage {i + 1} attention: {H * W} queries\n-> {grid[0]}x{grid[1]} keys, {heads} head{'s' * (heads > 1)}",
+            weights.mean(0).numpy(), result["query"], size, grey)
+    if result["levels"] is not None:
+        fused_rgb, basis = principal_colours(result["fused"][0])
+        for i, level in enumerate(result["levels"]):
+            rgb, _ = principal_colours(level[0], basis)
+            shown[f"decoder_level{i + 1}"] = (f"decoder: stage {i + 1}'s term\n(from 1/{4 * 2 ** i})", rgb, None, size,
+                                              None)
+        shown["fused"] = ("decoder: the sum of the four\n(fused feature)", fused_rgb, None, size, None)
     return shown
 
 
-def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
+def draw(shown: dict, heads: tuple | None, prediction: Image.Image, out: Path) -> None:
     plt = pyplot()  # main has checked that matplotlib is there
 
     def one(axis, title, picture, query, size, background=None):
@@ -130,12 +139,12 @@ def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
         figure, axis = plt.subplots(figsize=(4, 4))
         one(axis, *panel)
         save_figure(plt, figure, out / f"{name}.png")
-    weights, stage, size, query = heads
-    background = shown["attention_stage1"][4]
-    figure, axes = plt.subplots(1, len(weights), figsize=(2.2 * len(weights), 2.6))
-    for h, axis in enumerate(np.atleast_1d(axes)):
-        one(axis, f"stage {stage}, head {h + 1}", weights[h].numpy(), query, size, background)
-    save_figure(plt, figure, out / "attention_heads.png")
+    if heads is not None:  # the last stage's heads, each alone
+        weights, stage, size, query, background = heads
+        figure, axes = plt.subplots(1, len(weights), figsize=(2.2 * len(weights), 2.6))
+        for h, axis in enumerate(np.atleast_1d(axes)):
+            one(axis, f"stage {stage}, head {h + 1}", weights[h].numpy(), query, size, background)
+        save_figure(plt, figure, out / "attention_heads.png")
     prediction.save(out / "prediction.png")
 
     rows = [["input", "stage1", "stage2", "stage3", "stage4"],
@@ -148,8 +157,12 @@ def draw(shown: dict, heads: tuple, prediction: Image.Image, out: Path) -> None:
                 axis.imshow(np.asarray(prediction))
                 axis.set_title("prediction (and the classes present)", fontsize=8)
                 axis.axis("off")
-            else:
+            elif name in shown:
                 one(axis, *shown[name])
+            else:  # a part of this model the tour cannot look into (said when it started)
+                axis.text(0.5, 0.5, f"{name.replace('_', ' ')}:\nnot exposed by this model", ha="center",
+                          va="center", fontsize=8)
+                axis.axis("off")
     figure.suptitle("SegFormer, step by step: encoder maps (top), where one pixel attends (middle), the "
                     "decoder's four terms and their sum (bottom)", fontsize=11)
     save_figure(plt, figure, out / "tour.png", dpi=90)
@@ -163,6 +176,8 @@ def get_args(argv=None):
                    help="the query pixel of the attention panels, in the image's own pixels (default: its centre)")
     p.add_argument("--size", type=int, help="input size (default: the checkpoint's preprocessor_config.json, else 512)")
     p.add_argument("--out", default="tour", help="output folder (default: tour/)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="import the code from outside this project that the checkpoint names as a part of its model")
     return p.parse_args(argv)
 
 
@@ -176,7 +191,7 @@ def main(argv=None) -> int:
     try:
         facts = describe(args.checkpoint)
         spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
-        model = SegFormer.from_pretrained(facts).eval()
+        model = SegFormer.from_pretrained(facts, trust_code=args.trust_code).eval()
         image = load_image(args.image)
     except UserError as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
@@ -186,15 +201,20 @@ def main(argv=None) -> int:
     if not (0 <= pixel[0] < image.height and 0 <= pixel[1] < image.width):
         print(f"error: --pixel {pixel[0]} {pixel[1]}: outside the {image.width}x{image.height} image", file=sys.stderr)
         return 2
+    for line in missing_parts(model):
+        print(f"note: {line}")
     result = tour(model, image, size=size, pixel=pixel)
     names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = writable_folder(args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     shown = panels(model, image, result, colours, size)
-    last = result["attention"][-1][0]
-    draw(shown, (last, len(result["attention"]), size, result["query"]),
-         overlay(image, result["prediction"].numpy(), colours, names), out)
-    print(f"wrote {out / 'tour.png'} and its {len(shown) + 2} panels in {out}/")
+    last = result["attention"][-1]
+    heads = (last[0], len(result["attention"]), size, result["query"], shown["input"][1].mean(2)) if last else None
+    draw(shown, heads, overlay(image, result["prediction"].numpy(), colours, names), out)
+    print(f"wrote {out / 'tour.png'} and its {len(shown) + 1 + (heads is not None)} panels in {out}/")
     return 0
 
 

@@ -58,8 +58,9 @@ TRACE_MIN_SIDE = 61
 CALIBRATION_COUNT = 16  # images whose activation ranges fix the static int8 scales
 
 
-class ExportMismatch(UserError):
-    """The written graph does not reproduce the model: the file is there, but not to be trusted."""
+class ExportError(UserError):
+    """The model cannot be traced, or the written graph does not reproduce it (then the file is there, but
+    not to be trusted)."""
 
     exit_code = 1
 
@@ -137,15 +138,31 @@ def export_onnx(model: SegFormer, path: str | Path, *, label_map_size: int | Non
     log = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(graph, (example,), dynamo=True, input_names=names[0], output_names=names[1],
-                                        dynamic_shapes={names[0][0]: {0: batch, 2: height, 3: width}},
-                                        verbose=False, custom_translation_table=translations)
-        except Exception:
-            sys.stderr.write(log.getvalue())
-            raise
+        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=names[0], output_names=names[1],
+                                    dynamic_shapes={names[0][0]: {0: batch, 2: height, 3: width}},
+                                    verbose=False, custom_translation_table=translations)
     program.save(str(path))
     return program
+
+
+def export_any(model: SegFormer, path: Path, *, label_map_size: int | None, portable: bool):
+    """`export_onnx`, falling back to standard operators where ONNX Runtime's fused attention does not cover
+    the model's attention (said in one line); a model torch.export cannot trace is an ExportError naming its
+    parts and the first line of why."""
+    def why(error: Exception) -> str:
+        text = str(error).strip()
+        return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    try:
+        return export_onnx(model, path, label_map_size=label_map_size, portable=portable)
+    except Exception as error:
+        if portable:
+            raise ExportError(f"torch.export cannot trace {model.config.describe()} ({why(error)})") from None
+        print(f"ONNX Runtime's fused attention does not cover {model.config.describe()} ({why(error)}): standard "
+              f"operators instead, as with --portable")
+    try:
+        return export_onnx(model, path, label_map_size=label_map_size, portable=True)
+    except Exception as error:
+        raise ExportError(f"torch.export cannot trace {model.config.describe()} ({why(error)})") from None
 
 
 def quantize_int8(source: str | Path, target: str | Path, calibration: list[torch.Tensor] | None = None) -> None:
@@ -250,16 +267,18 @@ def get_args(argv=None):
                         "training scenes, right only for the built-in demo data)")
     p.add_argument("--check-images", metavar="DIR",
                    help="a folder of images for the int8 agreement (default: generated test scenes)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="import the code from outside this project that the checkpoint names as a part of its model")
     return p.parse_args(argv)
 
 
 def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, size: int | None = None,
                       portable: bool = False, int8: str | None = None, calibration_folder: str | None = None,
-                      check_folder: str | None = None):
+                      check_folder: str | None = None, trust_code: bool = False):
     """Everything main does; returns the ONNXProgram. A problem is a UserError naming it."""
     facts = describe(checkpoint)
     spec, _ = decide_labels(checkpoint=facts, size=size)  # input size, label reduction, names, colours
-    model = SegFormer.from_pretrained(facts).eval()
+    model = SegFormer.from_pretrained(facts, trust_code=trust_code).eval()
     size = spec.size
     if size < MIN_SIDE:
         raise ConfigError(f"--size {size}: at least {MIN_SIDE}")
@@ -273,14 +292,19 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
             calibration = check_images(calibration_folder, size, count=CALIBRATION_COUNT, split="train")
         inputs = check_images(check_folder, size)
     path = writable_folder(out) / "model.onnx"
-    print(f"exporting {checkpoint} ({model.config.variant or 'custom'}, {model.config.num_labels} classes) "
+    print(f"exporting {checkpoint} ({model.config.describe()}, {model.config.num_labels} classes) "
           f"to {path} ...")
-    program = export_onnx(model, path, label_map_size=size if label_map else None, portable=portable)
+    program = export_any(model, path, label_map_size=size if label_map else None, portable=portable)
     if not label_map:
-        worst = check_logits(model, path, [(1, 3, size, size), (2, 3, 320, 480)])
+        try:
+            worst = check_logits(model, path, [(1, 3, size, size), (2, 3, 320, 480)])
+        except Exception as e:  # a graph that runs at the traced size only, an operator ORT lacks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{path}: ONNX Runtime cannot run the graph of {model.config.describe()} at every size "
+                              f"({first})") from None
         print(f"ONNX Runtime vs eager, 1x3x{size}x{size} and 2x3x320x480: max |logits difference| {worst:.2e}")
         if worst > 1e-4:
-            raise ExportMismatch(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
+            raise ExportError(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
     write_sidecars(spec, out)
     if int8:
         quantize_int8(path, out / "model.int8.onnx", calibration)
@@ -299,7 +323,7 @@ def main(argv=None) -> int:
     try:
         export_checkpoint(args.checkpoint, Path(args.out), label_map=args.label_map, size=args.size,
                           portable=args.portable, int8=args.int8, calibration_folder=args.calibration_images,
-                          check_folder=args.check_images)
+                          check_folder=args.check_images, trust_code=args.trust_code)
     except UserError as e:  # the message names the file, key or flag
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -67,6 +67,8 @@ def get_args(argv=None):
     p.add_argument("--alpha", type=bounded(float, 0.0, 1.0), default=0.5,
                    help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--trust-code", action="store_true",
+                   help="import the code from outside this project that the checkpoint names as a part of its model")
     args = p.parse_args(argv)
     if args.mode == "slide" and args.stride > args.window:
         p.error(f"argument --stride: must be at most --window ({args.window}), got {args.stride}")
@@ -178,7 +180,7 @@ def main(args) -> int:
             facts = model.facts
         else:
             facts = describe(args.checkpoint)
-            model = SegFormer.from_pretrained(facts)
+            model = SegFormer.from_pretrained(facts, trust_code=args.trust_code)
         spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
     except UserError as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)

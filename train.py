@@ -33,8 +33,10 @@ from tqdm import tqdm
 
 from data import DataError, batch_to_device, build_dataset, build_loader, decide_labels, open_source
 from data.stats import collect, median_frequency_weights, problems, read_class_weights, zero_share
-from segformer import SegFormer, segmentation_loss
-from segformer.checkpoint import CheckpointFacts, atomic_write, describe
+from segformer import SegFormer, SegFormerConfig, segmentation_loss
+from segformer.checkpoint import CheckpointFacts, atomic_write, describe, read_model_config
+from segformer.components import resolve, resolve_all, untrusted_parts
+from segformer.config import PARTS, VARIANTS
 from segformer.errors import UserError
 from segformer.labels import read_id2label
 from segformer.device import autocast
@@ -184,19 +186,38 @@ def class_weights(config: TrainConfig, spec, stats) -> list[float]:
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 
-def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None) -> SegFormer:
+def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, trust_code: bool) -> SegFormer:
+    """The model to train: the resumed checkpoint's, --pretrained weights (with a fresh classifier where the
+    classes differ), or fresh weights of --model (b0..b5 or a config.json) with the parts the flags name.
+    Parts named by a file (a checkpoint, a config.json) that are code from outside this project are imported
+    with --trust-code, or where the same names were given on the command line."""
+    labels = dict(num_labels=spec.num_labels, id2label=spec.id2label)
+    typed = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
     if resumed is not None:
-        return SegFormer.from_pretrained(resumed)
+        return SegFormer.from_pretrained(resumed, trust_code=trust_code, fold_decoder=config.fold_decoder)
     if config.pretrained:
-        return SegFormer.from_pretrained(config.pretrained, num_labels=spec.num_labels, id2label=spec.id2label)
-    return SegFormer.from_variant(config.model, num_labels=spec.num_labels, id2label=spec.id2label)
+        facts = describe(config.pretrained)
+        trusted = trust_code or untrusted_parts(facts.config).items() <= typed.items()
+        return SegFormer.from_pretrained(facts, **labels, trust_code=trusted, fold_decoder=config.fold_decoder,
+                                         **typed)
+    if config.model in VARIANTS:
+        base = SegFormerConfig.from_variant(config.model)
+    elif Path(config.model).is_file():
+        base = read_model_config(config.model)
+    else:
+        raise ConfigError(f"--model {config.model}: expected one of {', '.join(VARIANTS)} or a config.json")
+    model_config = replace(base, **typed, **labels, fold_decoder=config.fold_decoder)
+    resolve_all(model_config, trust_code=trust_code or untrusted_parts(model_config).items() <= typed.items(),
+                source=f"--model {config.model}")
+    return SegFormer(model_config)
 
 
 def get_optimizer(config: TrainConfig, model: SegFormer) -> torch.optim.AdamW:
     """AdamW with up to four groups: encoder / decode head (lr x head_lr_mult), with / without weight
     decay (the weights and biases of norm layers, when decay_norm_bias is off). The parts are found by
     structure, not by name: whatever `model.decoder` holds is the head, any norm layer's tensors are norms."""
-    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, resolve("norm", model.config.norm)) + (
+        (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     head_params = {id(p) for p in model.decoder.parameters()}
     groups = {}
@@ -280,7 +301,7 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
                           f"{config.batch_size} x {config.grad_accum} x {world_size} processes")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    raw_model = build_model(config, spec, resumed=resumed).to(device)
+    raw_model = build_model(config, spec, resumed=resumed, trust_code=command.trust_code).to(device)
     if config.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
@@ -309,7 +330,7 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
             run.tensorboard = TensorBoard(run.out, spec.palette)
         if config.push_to_hub:
             run.pusher = HubPusher(config.push_to_hub, private=config.hub_private)
-        print(f"training {raw_model.config.variant or 'custom'} on {config.data} ({len(train_loader.dataset)} train / "
+        print(f"training {raw_model.config.describe()} on {config.data} ({len(train_loader.dataset)} train / "
               f"{len(eval_loader.dataset)} eval images, {spec.num_labels} classes) for {total_steps} steps of "
               f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
               f"amp={config.amp}")
@@ -580,7 +601,7 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
                                 reduce_labels=config.reduce_labels if "reduce_labels" in given else None,
                                 size=config.size if "size" in given else None, default_size=config.size)
     config = replace(config, size=spec.size, reduce_labels=spec.reduce_labels, amp=resolve_amp(config.amp, device))
-    model = SegFormer.from_pretrained(facts).to(device)
+    model = SegFormer.from_pretrained(facts, trust_code=command.trust_code).to(device)
     eval_set = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
     metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(spec.predicted_classes),
                        device=device, autocast=lambda: autocast(device.type, config.amp)).metrics

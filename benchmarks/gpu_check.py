@@ -117,11 +117,13 @@ def train_args(out, size, device, steps):
 def train_py(device, size, work, dry_run):
     import train
     from safetensors.torch import load_file
-    if dry_run:  # tracing without code generation: the compile path in seconds
+    flags = ["--amp", "bf16", "--channels-last", "--compile"]
+    if dry_run:  # tracing without code generation, and one block per stage: the same paths in seconds
         compile_ = torch.compile
         torch.compile = lambda model, **kwargs: compile_(model, backend="eager")
+        (work / "one_block.json").write_text('{"depths": [1, 1, 1, 1]}')
+        flags += ["--model", str(work / "one_block.json")]
     try:
-        flags = ["--amp", "bf16", "--channels-last", "--compile"]
         with contextlib.redirect_stdout(io.StringIO()):
             train.execute(train_args(work / "straight", size, device, 4) + flags)
             train.execute(train_args(work / "split", size, device, 2) + flags)

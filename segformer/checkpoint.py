@@ -6,7 +6,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -195,6 +195,24 @@ def read_json_object(path: Path, *, error: type[UserError] = CheckpointError) ->
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def read_model_config(path: str | Path) -> SegFormerConfig:
+    """A model's settings from a JSON file: transformers' config.json (what `save_pretrained` writes), or an
+    object of SegFormerConfig's fields, e.g. {"depths": [1, 1, 1, 1], "attention": "linear"}, on top of B0's.
+    What it gets wrong is a CheckpointError naming the file and the key."""
+    values = read_json_object(path)
+    if "model_type" in values:
+        return SegFormerConfig.from_hf_dict(values, source=str(path))
+    known = {f.name for f in fields(SegFormerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key {unknown[0]!r}; expected SegFormerConfig's fields "
+                              f"({', '.join(sorted(known))}) or transformers' config.json")
+    try:
+        return replace(SegFormerConfig(), **values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # ---- what a checkpoint says of itself ------------------------------------------------------------------

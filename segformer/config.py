@@ -12,6 +12,10 @@ from dataclasses import dataclass, field, replace
 from .errors import CheckpointError
 from .labels import default_name, is_default_names
 
+# The parts a model is built from and SegFormer's own (segformer/components.py has the alternatives).
+PARTS = {"encoder": "mit", "attention": "efficient", "mlp": "mix_ffn", "norm": "layer_norm", "activation": "gelu",
+         "decoder": "all_mlp"}
+
 VARIANTS = {
     #       hidden_sizes            depths          decoder_hidden_size
     "b0": ((32, 64, 160, 256), (2, 2, 2, 2), 256),
@@ -42,8 +46,26 @@ class SegFormerConfig:
     classifier_dropout: float = 0.1
     num_labels: int = 150
     id2label: dict[int, str] = field(default_factory=dict)  # empty: LABEL_<i> names
+    # The parts (segformer/components.py): a built-in name, or an import path "package.module:Class" of your
+    # own (a class passed here is stored as its import path). Recorded in config.json where not SegFormer's.
+    encoder: str = "mit"  # the Mix Transformer, or yours: Encoder(config, *, attention, mlp, norm_layer, act_layer)
+    attention: str = "efficient"  # segformer/attention.py: "efficient" (SegFormer's), "linear" (PVTv2), "full"
+    mlp: str = "mix_ffn"
+    norm: str = "layer_norm"  # or "rms_norm"
+    activation: str = "gelu"  # or "relu", "silu"
+    decoder: str = "all_mlp"  # or "mmseg" (mmsegmentation 1.x's SegformerHead)
+    # How the all-MLP decoder computes (not what): folded (fast) or as the paper writes it (segformer/decoder.py).
+    fold_decoder: bool = True
 
     def __post_init__(self):
+        for part in PARTS:
+            value = getattr(self, part)
+            if isinstance(value, type):  # a class: its import path, so that a checkpoint can name it
+                value = f"{value.__module__}:{value.__qualname__}"
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{part} must be a built-in name or an import path 'package.module:Class', got "
+                                 f"{value!r}")
+            setattr(self, part, value)
         for name in ("hidden_sizes", "depths", "num_heads", "sr_ratios", "patch_sizes", "strides", "mlp_ratios"):
             value = tuple(int(v) for v in getattr(self, name))
             if len(value) != len(self.hidden_sizes):
@@ -74,6 +96,16 @@ class SegFormerConfig:
         """'b0'..'b5' when the widths, depths and decoder width are those of a variant, else None."""
         settings = (self.hidden_sizes, self.depths, self.decoder_hidden_size)
         return next((name for name, row in VARIANTS.items() if row == settings), None)
+
+    @property
+    def parts(self) -> dict[str, str]:
+        """The parts that are not SegFormer's own: {} for the model of the paper and of every hub checkpoint."""
+        return {part: getattr(self, part) for part in PARTS if getattr(self, part) != PARTS[part]}
+
+    def describe(self) -> str:
+        """'b0', 'b0 with attention linear, decoder mmseg', or 'custom' widths and depths."""
+        parts = ", ".join(f"{part} {name}" for part, name in self.parts.items())
+        return (self.variant or "custom") + (f" with {parts}" if parts else "")
 
     def label_names(self) -> list[str]:
         return [self.id2label.get(i, default_name(i)) for i in range(self.num_labels)]
@@ -110,7 +142,7 @@ class SegFormerConfig:
             "num_labels": self.num_labels,
             "id2label": {str(i): name for i, name in enumerate(names)},
             "label2id": {name: i for i, name in enumerate(names)},
-        }
+        } | ({PARTS_KEY: self.parts} if self.parts else {})  # ours; transformers keeps it as an attribute
 
     @classmethod
     def from_hf_dict(cls, hf: dict, *, source: str = "config.json") -> "SegFormerConfig":
@@ -133,11 +165,18 @@ class SegFormerConfig:
         kwargs["num_labels"] = (_read_key(hf, "num_labels", "count", source) if "num_labels" in hf
                                 else len(id2label) or 2)
         kwargs["id2label"] = {} if is_default_names(id2label) else id2label
+        parts = hf.get(PARTS_KEY, {})
+        if not isinstance(parts, dict) or not all(p in PARTS and isinstance(v, str) and v for p, v in parts.items()):
+            raise CheckpointError(f"{source}: key {PARTS_KEY!r} must map some of {', '.join(PARTS)} to names or "
+                                  f"import paths, got {str(parts)[:80]}")
+        kwargs.update(parts)
         try:
             return cls(**kwargs)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
 
+
+PARTS_KEY = "segformer_parts"  # config.json: the parts of a model that are not SegFormer's own
 
 # our field <- (transformers' key, what it must hold)
 _HF_KEYS = {

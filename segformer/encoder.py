@@ -11,16 +11,24 @@ A block is    x = x + DropPath(EfficientSelfAttention(LN(x)))
 There is no position embedding: the 3x3 depthwise conv inside Mix-FFN leaks enough zero-padding
 position information (paper eq. 3), which is why SegFormer copes with any input resolution.
 
+The seams, timm-style: `Block`, `Stage` and `MixTransformer` take the classes they build from, as
+`attention` (segformer/attention.py: the protocol, SegFormer's and two alternatives), `mlp` (`MixFFN`'s
+protocol: `MLP(hidden_size, *, mlp_ratio, dropout, act_layer)`, forward(x (B, N, C), H, W) -> (B, N, C)),
+`norm_layer` (`Norm(width)` over the last dimension) and `act_layer` (`Act()`). The defaults are SegFormer's,
+with the module names and numbers of every checkpoint.
+
 Names follow timm's `pvt_v2.py` (PVTv2 is MiT's sibling); `segformer/layouts.py` maps them to the
 transformers and NVlabs checkpoint layouts.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import EfficientSelfAttention
 from .config import SegFormerConfig
 
 
@@ -28,10 +36,10 @@ class OverlapPatchEmbed(nn.Module):
     """Overlapped patch merging (paper section 3.1): a strided conv with padding kernel // 2, so that
     neighbouring patches share pixels, then LayerNorm over channels."""
 
-    def __init__(self, in_channels: int, hidden_size: int, *, patch_size: int, stride: int):
+    def __init__(self, in_channels: int, hidden_size: int, *, patch_size: int, stride: int, norm_layer=nn.LayerNorm):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = norm_layer(hidden_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)  # (B, C, H, W), H = ceil(H_in / stride)
@@ -40,71 +48,18 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x), H, W
 
 
-class EfficientSelfAttention(nn.Module):
-    """Multi-head self-attention whose keys and values come from a spatially reduced sequence
-    (paper eq. 2). The paper reshapes N x C to N/R x (C*R) and projects back to C; the code (and every
-    checkpoint) does the same with a conv of kernel = stride = sr_ratio, so R = sr_ratio**2, followed
-    by a LayerNorm. This cuts the attention cost from O(N^2) to O(N^2 / R)."""
-
-    def __init__(self, hidden_size: int, *, num_heads: int, sr_ratio: int, attention_dropout: float, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.attention_dropout = attention_dropout
-        self.q = nn.Linear(hidden_size, hidden_size)
-        self.k = nn.Linear(hidden_size, hidden_size)
-        self.v = nn.Linear(hidden_size, hidden_size)
-        self.sr_ratio = sr_ratio
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(hidden_size, hidden_size, kernel_size=sr_ratio, stride=sr_ratio)
-            self.sr_norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def project(self, x: torch.Tensor, H: int, W: int):
-        """Queries from every token; keys and values from the spatially reduced map. Returns q
-        (B, heads, N, d), k and v (B, heads, N', d), and the (H', W') grid of the N' reduced tokens."""
-        B, N, C = x.shape
-        heads = self.num_heads
-        q = self.q(x).view(B, N, heads, C // heads).transpose(1, 2)  # (B, heads, N, d)
-        reduced, grid = x, (H, W)
-        if self.sr_ratio > 1:  # the reduction: a conv of kernel = stride = sr_ratio over the (H, W) map
-            reduced = reduced.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-            reduced = self.sr(reduced)  # (B, C, H', W'), H' = H // sr_ratio
-            grid = tuple(reduced.shape[-2:])
-            reduced = self.sr_norm(reduced.flatten(2).transpose(1, 2))  # (B, N', C), N' = H' * W'
-        k = self.k(reduced).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, N', d)
-        v = self.v(reduced).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, N', d)
-        return q, k, v, grid
-
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v, _ = self.project(x, H, W)
-        # softmax(Q K^T / sqrt(d)) V: each of the N queries attends to the N' reduced keys (paper eq. 2),
-        # computed by PyTorch's fused kernel; `attention_weights` writes the softmax out.
-        dropout_p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, d)
-        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj_drop(self.proj(y))
-
-    def attention_weights(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """softmax(Q K^T / sqrt(d)) written out: (B, heads, N, N') weights, each row summing to 1, and
-        the (H', W') grid of the reduced keys. What the forward's fused kernel computes, for explain.py."""
-        q, k, _, grid = self.project(x, H, W)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, N, N')
-        return scores.softmax(-1), grid
-
-
 class MixFFN(nn.Module):
     """Linear -> 3x3 depthwise conv -> GELU -> Linear (paper eq. 3). The two per-token linear maps are
     computed as 1x1 convolutions on the (B, C, H, W) map, the same maps on the same weights: the tokens
     then change layout once each way at width C, rather than twice at width 4C around the depthwise conv
     (measured 1.13-1.2x for the whole model on a CPU, eager and in ONNX Runtime)."""
 
-    def __init__(self, hidden_size: int, *, mlp_ratio: int, dropout: float):
+    def __init__(self, hidden_size: int, *, mlp_ratio: int, dropout: float, act_layer=nn.GELU):
         super().__init__()
         inner = hidden_size * mlp_ratio
         self.fc1 = nn.Linear(hidden_size, inner)
         self.dwconv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
+        self.act = act_layer()
         self.fc2 = nn.Linear(inner, hidden_size)
         self.drop = nn.Dropout(dropout)
 
@@ -112,7 +67,7 @@ class MixFFN(nn.Module):
         B, N, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # fc1: (B, C_inner, H, W)
-        x = self.drop(F.gelu(self.dwconv(x)))  # (B, C_inner, H, W)
+        x = self.drop(self.act(self.dwconv(x)))  # (B, C_inner, H, W)
         x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # fc2: (B, C, H, W)
         return self.drop(x.flatten(2).transpose(1, 2))  # (B, N, C)
 
@@ -137,13 +92,14 @@ class DropPath(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, hidden_size: int, *, num_heads: int, sr_ratio: int, mlp_ratio: int, drop_path: float,
-                 dropout: float, attention_dropout: float):
+                 dropout: float, attention_dropout: float, attention=EfficientSelfAttention, mlp=MixFFN,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = EfficientSelfAttention(hidden_size, num_heads=num_heads, sr_ratio=sr_ratio,
-                                           attention_dropout=attention_dropout, dropout=dropout)
-        self.norm2 = nn.LayerNorm(hidden_size)
-        self.ffn = MixFFN(hidden_size, mlp_ratio=mlp_ratio, dropout=dropout)
+        self.norm1 = norm_layer(hidden_size)
+        self.attn = attention(hidden_size, num_heads=num_heads, sr_ratio=sr_ratio, attention_dropout=attention_dropout,
+                              dropout=dropout, norm_layer=norm_layer, act_layer=act_layer)
+        self.norm2 = norm_layer(hidden_size)
+        self.ffn = mlp(hidden_size, mlp_ratio=mlp_ratio, dropout=dropout, act_layer=act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -154,11 +110,13 @@ class Block(nn.Module):
 
 class Stage(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, *, depth: int, patch_size: int, stride: int,
-                 drop_paths: list[float], **block_kwargs):
+                 drop_paths: list[float], norm_layer=nn.LayerNorm, **block_kwargs):
         super().__init__()
-        self.patch_embed = OverlapPatchEmbed(in_channels, hidden_size, patch_size=patch_size, stride=stride)
-        self.blocks = nn.ModuleList([Block(hidden_size, drop_path=p, **block_kwargs) for p in drop_paths])
-        self.norm = nn.LayerNorm(hidden_size)
+        self.patch_embed = OverlapPatchEmbed(in_channels, hidden_size, patch_size=patch_size, stride=stride,
+                                             norm_layer=norm_layer)
+        self.blocks = nn.ModuleList([Block(hidden_size, drop_path=p, norm_layer=norm_layer, **block_kwargs)
+                                     for p in drop_paths])
+        self.norm = norm_layer(hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, H, W = self.patch_embed(x)  # (B, N, C)
@@ -168,12 +126,23 @@ class Stage(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)  # (B, C, H, W)
 
 
+@dataclass
+class Intermediates:
+    """What `MixTransformer.forward_intermediates` returns: every stage's map, every block's output, and
+    where asked, every block's attention probabilities (None where the attention cannot write them out)."""
+    stages: list[torch.Tensor] = field(default_factory=list)  # (B, C_i, H_i, W_i), the encoder's output
+    blocks: list[list[torch.Tensor]] = field(default_factory=list)  # per stage, each block's (B, N_i, C_i)
+    attention: list[list] = field(default_factory=list)  # per stage, each block's ((B, heads, N, N'), grid)
+
+
 class MixTransformer(nn.Module):
     """Returns the four stage outputs; `channels` and `reduction` declare their widths and their
     downsampling relative to the input, 4/8/16/32 (a map has ceil(H_in / reduction) rows). Not to be
-    confused with `config.strides`, each patch embedding's own stride (4/2/2/2), whose products these are."""
+    confused with `config.strides`, each patch embedding's own stride (4/2/2/2), whose products these are.
+    `attention`, `mlp`, `norm_layer` and `act_layer` are the classes its blocks are built from."""
 
-    def __init__(self, config: SegFormerConfig):
+    def __init__(self, config: SegFormerConfig, *, attention=EfficientSelfAttention, mlp=MixFFN,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU):
         super().__init__()
         # Stochastic depth rises linearly from 0 to drop_path_rate over all blocks of all stages.
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
@@ -187,6 +156,7 @@ class MixTransformer(nn.Module):
                 drop_paths=rates[first:first + depth], num_heads=config.num_heads[i],
                 sr_ratio=config.sr_ratios[i], mlp_ratio=config.mlp_ratios[i],
                 dropout=config.dropout, attention_dropout=config.attention_dropout,
+                attention=attention, mlp=mlp, norm_layer=norm_layer, act_layer=act_layer,
             ))
         self.channels = list(config.hidden_sizes)
         self.reduction = [math.prod(config.strides[:i + 1]) for i in range(len(config.strides))]  # 4, 8, 16, 32
@@ -197,3 +167,22 @@ class MixTransformer(nn.Module):
             x = stage(x)  # (B, C_i, H / reduction_i, W / reduction_i)
             features.append(x)
         return features
+
+    def forward_intermediates(self, x: torch.Tensor, *, attention: bool = False) -> Intermediates:
+        """The forward, step by step (as `Stage.forward` runs it), keeping every block's output and, with
+        `attention`, each block's attention probabilities (from its `attention_weights`, where it has one)."""
+        out = Intermediates()
+        for stage in self.stages:
+            tokens, H, W = stage.patch_embed(x)  # (B, N, C)
+            blocks, weights = [], []
+            for block in stage.blocks:
+                if attention:
+                    explain = getattr(block.attn, "attention_weights", None)
+                    weights.append(explain(block.norm1(tokens), H, W) if explain else None)
+                tokens = block(tokens, H, W)
+                blocks.append(tokens)
+            x = stage.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, H, W)  # (B, C, H, W)
+            out.stages.append(x)
+            out.blocks.append(blocks)
+            out.attention.append(weights)
+        return out

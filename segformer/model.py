@@ -12,26 +12,44 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, layouts
-from .config import SegFormerConfig
-from .decoder import AllMLPDecoder
-from .encoder import MixTransformer
+from . import checkpoint, components, layouts
+from .config import PARTS, SegFormerConfig
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 
 class SegFormer(nn.Module):
+    """An encoder (the Mix Transformer, built from its parts) and a decoder, both named by the config: see
+    segformer/components.py for the parts, their protocols and the built-in alternatives."""
+
     def __init__(self, config: SegFormerConfig):
         super().__init__()
         self.config = config
-        self.encoder = MixTransformer(config)
-        self.decoder = AllMLPDecoder(config)
+        parts = components.resolve_all(config)
+        self.encoder = parts["encoder"](config, attention=parts["attention"], mlp=parts["mlp"],
+                                        norm_layer=parts["norm"], act_layer=parts["activation"])
+        self.decoder = parts["decoder"](config, self.encoder.channels)
         self.apply(_init_weights)
-        nn.init.normal_(self.decoder.classifier.weight, std=0.01)  # mmseg's decode heads start near uniform
+        if hasattr(self.decoder, "classifier"):
+            nn.init.normal_(self.decoder.classifier.weight, std=0.01)  # mmseg's decode heads start near uniform
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(pixel_values))  # (B, num_labels, H/4, W/4)
+
+    def forward_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's four maps, (B, C_i, H / reduction_i, W / reduction_i)."""
+        return self.encoder(pixel_values)
+
+    def forward_intermediates(self, pixel_values: torch.Tensor, *, attention: bool = False) -> dict:
+        """Everything the model computes on the way, without hooks: the encoder's `stages` (four maps),
+        every block's output (`blocks`), with `attention` every block's attention probabilities (None for an
+        attention without `attention_weights`), the decoder's per-level terms (`levels`, where the decoder
+        has `level_terms`) and the `logits`."""
+        steps = self.encoder.forward_intermediates(pixel_values, attention=attention)
+        levels = getattr(self.decoder, "level_terms", None)
+        return {"stages": steps.stages, "blocks": steps.blocks, "attention": steps.attention,
+                "levels": levels(steps.stages) if levels else None, "logits": self.decoder(steps.stages)}
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -39,14 +57,16 @@ class SegFormer(nn.Module):
 
     @classmethod
     def from_variant(cls, name: str = "b0", **overrides) -> "SegFormer":
-        """A freshly initialised variant ('b0'..'b5'); keyword arguments override config fields."""
+        """A freshly initialised variant ('b0'..'b5'); keyword arguments override config fields, parts
+        included, as names or classes: `SegFormer.from_variant("b0", attention="linear", decoder=MyHead)`."""
         return cls(SegFormerConfig.from_variant(name, **overrides))
 
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, source: "str | Path | checkpoint.CheckpointFacts", num_labels: int | None = None,
-                        id2label: dict[int, str] | None = None, **overrides) -> "SegFormer":
+                        id2label: dict[int, str] | None = None, *, trust_code: bool = False,
+                        **overrides) -> "SegFormer":
         """Load a checkpoint in any layout (see `layouts.py`) from a `.safetensors` or `.pth` file, a
         directory holding `model.safetensors` (+ `config.json`), or a hub repo id (or what `describe`
         said of one, not to read it twice).
@@ -57,9 +77,16 @@ class SegFormer(nn.Module):
         ADE20K's 150 labels. Both are logged in one line. Missing, unexpected or mis-shaped weights raise
         an error naming them, and so does a config.json that disagrees with the weights on the number of
         classes (unless `num_labels` asks for the weights' own). Other keyword arguments replace config
-        fields (e.g. `drop_path_rate=0.0`)."""
+        fields (e.g. `drop_path_rate=0.0`), but not the parts: a checkpoint loads into the model it holds,
+        whose parts its config.json names; code from outside this project is imported only with
+        `trust_code=True` (segformer/components.py)."""
         facts = source if isinstance(source, checkpoint.CheckpointFacts) else checkpoint.describe(source)
         source = facts.source
+        asked = replace(facts.config, **{part: name for part, name in overrides.items() if part in PARTS})
+        if asked.parts != facts.config.parts:
+            raise CheckpointError(f"{source} holds {facts.config.describe()}, not {asked.describe()}: a checkpoint "
+                                  f"loads into the model it was trained as")
+        components.resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))
         state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(facts.weights), source=str(facts.weights))
         head, changes, notes = facts.head_labels, dict(overrides), []
         if id2label is not None:
@@ -120,10 +147,13 @@ class SegFormer(nn.Module):
     # ---- saving --------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `model.safetensors` (hub layout) and `config.json` so that both this class and
-        `transformers.SegformerForSemanticSegmentation.from_pretrained(directory)` load it."""
+        """Write `model.safetensors` and `config.json`: SegFormer itself in the hub layout, which both this
+        class and `transformers.SegformerForSemanticSegmentation.from_pretrained(directory)` load; a model
+        with other parts in our own layout, with the parts named in config.json (transformers cannot build
+        them)."""
         directory = Path(directory)
-        checkpoint.write_safetensors(layouts.native_to_hf(self.state_dict()), directory / "model.safetensors")
+        state_dict = self.state_dict() if self.config.parts else layouts.native_to_hf(self.state_dict())
+        checkpoint.write_safetensors(state_dict, directory / "model.safetensors")
         checkpoint.write_json(self.config.to_hf_dict(), directory / "config.json")
 
 

@@ -76,7 +76,7 @@ def test_recipes_resolve_as_documented():
     (["--test-size", "1.5"], r"--test-size: .*must be <= 0.99"),
     (["--workers", "x"], r"--workers: expected an integer, got 'x'"),
     (["--eval-every", "0"], r"--eval-every: .*must be >= 1"),
-    (["--model", "b9"], r"--model: .*must be one of b0, b1, b2, b3, b4, b5"),
+    (["--model", "b9"], r"--model b9: expected one of b0, b1, b2, b3, b4, b5, or a config.json file"),
     (["--eval-only"], r"--eval-only needs --checkpoint"),
 ])
 def test_bad_flags_are_refused_when_parsed_naming_the_flag(argv, message, capsys):

@@ -46,13 +46,41 @@ def test_every_parameter_gets_a_gradient_and_no_nans(b0):
     b0.zero_grad(set_to_none=True)
 
 
-def test_fast_decoder_equals_reference_decoder(b0):
-    """The folded evaluation form (per-level maps with the BatchNorm inside, upsampling as one matrix
-    product) against the paper's four steps, with random running statistics."""
-    randomize_(b0, seed=5).eval()
-    features = b0.encoder(torch.randn(2, 3, 100, 140))
+@pytest.mark.parametrize("training", [True, False])
+def test_the_folded_decoder_computes_the_paper_form(b0, training):
+    """The folded form (per-level maps with the BatchNorm inside at evaluation, upsampling as one matrix
+    product) against the paper's four steps, with random running statistics: logits, loss and gradients."""
+    from segformer import segmentation_loss
+    randomize_(b0, seed=5).train(training)
+    b0.decoder.dropout.eval()  # the same function; dropout's mask follows the memory layout
+    features = [f.detach() for f in b0.encoder(torch.randn(2, 3, 100, 140))]
+    labels = torch.randint(0, 5, (2, 100, 140))
+    results = []
+    for form in (b0.decoder.forward_paper, b0.decoder.forward_folded):
+        b0.zero_grad()
+        logits = form(features)
+        loss = segmentation_loss(logits, labels)
+        loss.backward()
+        results.append((logits.detach(), loss.detach(), [p.grad.clone() for p in b0.decoder.parameters()]))
+    (paper_logits, paper_loss, paper_grads), (folded_logits, folded_loss, folded_grads) = results
+    assert torch.allclose(paper_logits, folded_logits, atol=1e-5) and torch.allclose(paper_loss, folded_loss)
+    for a, b in zip(paper_grads, folded_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_an_edit_to_the_paper_form_is_never_silently_ignored(monkeypatch):
+    """The paper's form is the one to edit: unfolded it runs as edited; folded, the build refuses, saying so."""
+    from segformer.decoder import AllMLPDecoder
+    paper = AllMLPDecoder.forward_paper
+    monkeypatch.setattr(AllMLPDecoder, "forward_paper", lambda self, features: paper(self, features) * 2)
+    with pytest.raises(RuntimeError, match=r"forward_paper no longer computes what forward_folded does.*"
+                                           r"fold_decoder=False \(train\.py --no-fold-decoder\)"):
+        SegFormer.from_variant("b0", num_labels=5)
+    torch.manual_seed(0)
+    edited = SegFormer.from_variant("b0", num_labels=5, fold_decoder=False).eval()
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(b0.decoder(features), b0.decoder.forward_reference(features), atol=1e-5)
+        assert torch.allclose(edited(x), 2 * paper(edited.decoder, edited.encoder(x)))
 
 
 @pytest.mark.parametrize("in_size, out_size", [(16, 128), (13, 25), (7, 300), (128, 128), (1, 9)])

@@ -64,7 +64,17 @@ class TrainConfig:
     workers: int = setting(0, "DataLoader worker processes per training process", low=0, high=256,
                            may_change=True)
     # The model.
-    model: Literal[tuple(VARIANTS)] = setting("b0", "variant to build with fresh weights")
+    model: str = setting("b0", "variant to build with fresh weights: b0..b5, or a config.json of your own (the "
+                               "fields of SegFormerConfig or transformers' SegformerConfig: depths, widths, parts)")
+    attention: str | None = setting(None, "the blocks' attention: efficient (SegFormer's), linear (PVTv2), full, or "
+                                          "package.module:Class of your own (default: the model's)")
+    mlp: str | None = setting(None, "the blocks' Mix-FFN: mix_ffn, or package.module:Class (default: the model's)")
+    norm: str | None = setting(None, "the norm layers: layer_norm, rms_norm, or package.module:Class (default: "
+                                     "the model's)")
+    activation: str | None = setting(None, "the activations: gelu, relu, silu, or package.module:Class (default: "
+                                           "the model's)")
+    decoder: str | None = setting(None, "the decode head: all_mlp (SegFormer's), mmseg (mmsegmentation 1.x's), or "
+                                        "package.module:Class (default: the model's)")
     pretrained: str | None = setting(None, "weights to start from: a .safetensors/.pth file, a directory or "
                                            "a hub id (e.g. nvidia/mit-b0)")
     sync_bn: bool = setting(False, "SyncBatchNorm for the decode head under torchrun")
@@ -115,6 +125,9 @@ class TrainConfig:
     device: str | None = setting(None, "cuda, cpu, cuda:1, ... (default: cuda if available)", may_change=True)
     compile: bool = setting(False, "torch.compile the model", may_change=True)
     channels_last: bool = setting(False, "channels-last memory format", may_change=True)
+    fold_decoder: bool = setting(True, "run the all-MLP decoder folded (fast); --no-fold-decoder runs its paper "
+                                       "form as written (segformer/decoder.py), for an edited decoder",
+                                 may_change=True)
 
     def __post_init__(self):
         hints = get_type_hints(type(self))
@@ -261,6 +274,7 @@ class Command:
     eval_only: bool = False
     checkpoint: str | None = None  # what --eval-only evaluates
     given: frozenset = frozenset()  # the settings given on the command line
+    trust_code: bool = False  # import the code from outside this project that a file names as a part
 
 
 def _parse_value(f, hint):
@@ -320,6 +334,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     actions.add_argument("--resume", metavar="DIR", help="continue the run saved in this checkpoint directory, "
                                                          "exactly (its settings come with it)")
     actions.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    actions.add_argument("--trust-code", action="store_true",
+                         help="import the code from outside this project that a checkpoint or --model config.json "
+                              "names as a part of the model (--resume, --eval-only, --pretrained)")
     actions.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split and print "
                                                                   "the per-class table")
     actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
@@ -329,8 +346,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 # Settings that name files or folders. They are stored resolved (absolute), so that a run resumes from any
 # working directory, and the same folder given again in another spelling is the same setting.
-PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "pretrained")
-NOT_PATHS = ("synthetic", "auto")  # the built-in data set, automatic class weights
+PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "pretrained", "model")
+NOT_PATHS = ("synthetic", "auto", *VARIANTS)  # the built-in data set, automatic class weights, b0..b5
 
 
 def resolve_paths(config: TrainConfig, names=PATH_SETTINGS) -> dict:
@@ -358,6 +375,8 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
         raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
         raise ConfigError("--resume and --eval-only do not go together")
+    if "model" in given and given["model"] not in VARIANTS and not Path(given["model"]).is_file():
+        raise ConfigError(f"--model {given['model']}: expected one of {', '.join(VARIANTS)}, or a config.json file")
 
     if resume:
         saved = Path(resume) / "training_args.json"
@@ -386,7 +405,8 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
     config = replace(base, **given)
     config = replace(config, **resolve_paths(config))
     return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
-                   eval_only=eval_only, checkpoint=checkpoint, given=frozenset(given))
+                   eval_only=eval_only, checkpoint=checkpoint, given=frozenset(given),
+                   trust_code=args.get("trust_code", False))
 
 
 def _field(name: str):

@@ -1,0 +1,86 @@
+"""The parts a SegFormer is built from, by name: SegFormer's own, the built-in alternatives, and yours.
+
+    SegFormerConfig(attention="linear")                             a built-in alternative, by name
+    SegFormerConfig(attention="my_pkg.my_module:MyAttention")       yours, by import path
+    SegFormer.from_variant("b0", attention=MyAttention)             yours, as a class (stored as its path)
+
+| part       | built-in names (the first is SegFormer's)        | protocol                       |
+|------------|--------------------------------------------------|--------------------------------|
+| encoder    | mit (the Mix Transformer, built from the next 4) | segformer/encoder.py           |
+| attention  | efficient, linear (PVTv2), full                  | segformer/attention.py         |
+| mlp        | mix_ffn                                          | segformer/encoder.py (MixFFN)  |
+| norm       | layer_norm, rms_norm                             | Norm(width), over the last dim |
+| activation | gelu, relu, silu                                 | Act()                          |
+| decoder    | all_mlp, mmseg (mmsegmentation 1.x's head)       | segformer/decoder.py           |
+
+The names go into the checkpoint's config.json, so every tool rebuilds the same model from it. Code named
+by a checkpoint is imported only when the caller says it trusts the checkpoint (`trust_code=True`,
+`--trust-code`), as transformers' `trust_remote_code`: a file from elsewhere cannot make us import a module.
+The project's own classes (import paths under `segformer.`) need no trust.
+"""
+
+import importlib
+
+import torch.nn as nn
+
+from .attention import EfficientSelfAttention, FullSelfAttention, LinearReductionAttention
+from .config import PARTS, SegFormerConfig
+from .decoder import AllMLPDecoder, MMSegHead
+from .encoder import MixFFN, MixTransformer
+from .errors import CheckpointError, ConfigError
+
+BUILT_IN = {
+    "encoder": {"mit": MixTransformer},
+    "attention": {"efficient": EfficientSelfAttention, "linear": LinearReductionAttention, "full": FullSelfAttention},
+    "mlp": {"mix_ffn": MixFFN},
+    "norm": {"layer_norm": nn.LayerNorm} | ({"rms_norm": nn.RMSNorm} if hasattr(nn, "RMSNorm") else {}),
+    "activation": {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU},
+    "decoder": {"all_mlp": AllMLPDecoder, "mmseg": MMSegHead},
+}
+
+
+def is_own_code(name: str) -> bool:
+    """A built-in name, or an import path of this project's own classes."""
+    return ":" not in name or name.split(":")[0].split(".")[0] == "segformer"
+
+
+def untrusted_parts(config: SegFormerConfig) -> dict[str, str]:
+    """The parts of `config` that name code from outside this project."""
+    return {part: name for part, name in config.parts.items() if not is_own_code(name)}
+
+
+def resolve(part: str, name: str) -> type:
+    """The class a part's name stands for: a built-in one, or the class at an import path. Whatever cannot
+    be resolved, or is no nn.Module, is a ConfigError naming the part and the name."""
+    if ":" not in name:
+        if name not in BUILT_IN[part]:
+            raise ConfigError(f"{part} {name!r}: not a built-in {part} ({', '.join(BUILT_IN[part])}) nor an import "
+                              f"path 'package.module:Class'")
+        return BUILT_IN[part][name]
+    module_name, _, qualname = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{part} {name}: cannot import {module_name} ({e}); is it installed, or on PYTHONPATH?") \
+            from None
+    found = module
+    for attribute in qualname.split("."):
+        found = getattr(found, attribute, None)
+        if found is None:
+            raise ConfigError(f"{part} {name}: {module_name} has no {qualname}" + (
+                " (a class defined inside a function cannot be rebuilt from its name: define it at the top level "
+                "of a module)" if "<locals>" in qualname else ""))
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConfigError(f"{part} {name}: not a torch.nn.Module class, got {type(found).__name__}")
+    return found
+
+
+def resolve_all(config: SegFormerConfig, *, trust_code: bool = True, source: str | None = None) -> dict[str, type]:
+    """{part: class} for every part of `config`. With `trust_code=False` (a config read from a file), code
+    from outside this project is refused, naming it and how to allow it."""
+    untrusted = untrusted_parts(config)
+    if untrusted and not trust_code:
+        named = ", ".join(f"{part} {name}" for part, name in untrusted.items())
+        raise CheckpointError(f"{source or 'the config'} names code from outside this project ({named}): import it "
+                              f"only if you trust the checkpoint, with --trust-code (trust_code=True in Python)")
+    return {part: resolve(part, getattr(config, part)) for part in PARTS}
