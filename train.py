@@ -450,7 +450,7 @@ def save(run: Run, name: str) -> Path:
         os.fsync(run.log.fileno())
     if run.is_main:
         card = model_card(run.config, run.spec.predicted_classes, run.metrics, step=run.step,
-                          variant=run.raw_model.config.variant)
+                          variant=run.raw_model.config.variant, parts=run.raw_model.config.parts)
         save_checkpoint(path, model=run.raw_model, state=state, config=run.config, spec=run.spec, card=card)
     return path
 

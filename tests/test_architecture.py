@@ -100,6 +100,8 @@ def test_parts_of_your_own_go_through_every_tool(tmp_path, capsys, one_block):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert json.loads((checkpoint / "config.json").read_text())["segformer_parts"] == {
         "attention": "custom_parts:TalkingHeadsAttention", "decoder": "custom_parts:LightHead"}
+    card = (checkpoint / "README.md").read_text()  # the model card says what loads it, and what does not
+    assert "not with `transformers`" in card and "trust_code=True" in card and "SegformerForSemantic" not in card
     with pytest.raises(CheckpointError, match=r"config\.json names code from outside this project \(attention "
                                               r"custom_parts:TalkingHeadsAttention, decoder custom_parts:LightHead\): "
                                               r"import it only if you trust the checkpoint, with --trust-code"):

@@ -13,6 +13,7 @@ fails later is reported and training goes on (the files are on disk, and the com
 import math
 from pathlib import Path
 
+from segformer.components import is_own_code
 from segformer.errors import UserError
 
 PROJECT = "segformer-pytorch-pure"
@@ -27,8 +28,9 @@ class HubError(UserError):
 
 
 def model_card(config, class_names: list[str], metrics: dict, *, step: int, variant: str | None,
-               dataset_name: str | None = None) -> str:
-    """The README.md of a checkpoint: front matter for the hub, then the results and how to use it."""
+               dataset_name: str | None = None, parts: dict | None = None) -> str:
+    """The README.md of a checkpoint: front matter for the hub, then the results and how to use it. `parts`:
+    the model's parts that are not SegFormer's (segformer/components.py), which transformers cannot build."""
     from huggingface_hub import EvalResult, ModelCardData
     title = f"SegFormer-{variant.upper()}" if variant else "SegFormer"
     dataset = dataset_name or config.data
@@ -42,15 +44,18 @@ def model_card(config, class_names: list[str], metrics: dict, *, step: int, vari
                                       metric_type=key, metric_name=name, metric_value=round(float(metrics[key]), 4)))
     data = ModelCardData(
         license="other" if on_hub and str(config.pretrained).startswith("nvidia/") else "mit",
-        library_name="transformers", pipeline_tag="image-segmentation",
+        library_name=PROJECT if parts else "transformers", pipeline_tag="image-segmentation",
         tags=["segformer", "semantic-segmentation", "vision", PROJECT],
         datasets=[dataset] if "/" in dataset or dataset == "scene_parse_150" else None,
         base_model=str(config.pretrained) if on_hub else None,
         model_name=f"{title} on {dataset}", eval_results=results or None)
+    loads = ("It loads with this project and with `transformers` alike." if not parts else
+             "Its parts " + ", ".join(f"{part} `{name}`" for part, name in parts.items()) + " are not SegFormer's: "
+             "it loads with this project (`SegFormer.from_pretrained`), not with `transformers`.")
     lines = ["---", data.to_yaml(), "---", "", f"# {title} on {dataset}", "",
              f"SegFormer (Xie et al., 2021) trained with {PROJECT} "
              f"({'from ' + str(config.pretrained) if config.pretrained else 'from scratch'}), {step} steps. "
-             f"It loads with this project and with `transformers` alike.", ""]
+             + loads, ""]
     if metrics:
         where = f"{config.eval_split}, {config.eval_mode} evaluation at {config.size}"
         lines += [f"## Results at step {step} ({where})", "",
@@ -67,12 +72,15 @@ def model_card(config, class_names: list[str], metrics: dict, *, step: int, vari
               "from segformer import SegFormer",
               "from segformer.images import load_image",
               "from segformer.inference import Predictor",
-              'model = SegFormer.from_pretrained("REPO_OR_FOLDER")',
+              'model = SegFormer.from_pretrained("REPO_OR_FOLDER"'
+              + (", trust_code=True)" if not all(map(is_own_code, (parts or {}).values())) else ")"),
               f"result = Predictor(model, size={config.size})(load_image(\"photo.jpg\"))",
-              "result.label_map  # (H, W) class ids", "```", "", "With transformers:", "", "```python",
-              "from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor",
-              'model = SegformerForSemanticSegmentation.from_pretrained("REPO_OR_FOLDER")',
-              'processor = SegformerImageProcessor.from_pretrained("REPO_OR_FOLDER")', "```", ""]
+              "result.label_map  # (H, W) class ids", "```", ""]
+    if not parts:
+        lines += ["With transformers:", "", "```python",
+                  "from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor",
+                  'model = SegformerForSemanticSegmentation.from_pretrained("REPO_OR_FOLDER")',
+                  'processor = SegformerImageProcessor.from_pretrained("REPO_OR_FOLDER")', "```", ""]
     return "\n".join(lines)
 
 
