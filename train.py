@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from data import DataError, batch_to_device, build_dataset, build_loader, decide_labels, open_source
@@ -47,6 +48,7 @@ from training.config import Command, ConfigError, TrainConfig, parse_command_lin
 from training.distributed import (any_process, broadcast, cleanup, gather_rng_states, seed_everything,
                                   set_rng_states, setup_distributed)
 from training.evaluation import Evaluation, evaluate
+from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
 from training.loop import Meter, StopRequest, due, groups_of
 from training.report import TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log, write_evaluation
@@ -193,40 +195,45 @@ def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, t
     with --trust-code, or where the same names were given on the command line."""
     labels = dict(num_labels=spec.num_labels, id2label=spec.id2label)
     typed = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
-    if resumed is not None:
-        return SegFormer.from_pretrained(resumed, trust_code=trust_code, fold_decoder=config.fold_decoder)
+    options = dict(fold_decoder=config.fold_decoder) | (
+        {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate is not None else {})
+    if resumed is not None and not config.lora_rank:  # (a LoRA run's checkpoint holds merged weights: the model is
+        return SegFormer.from_pretrained(resumed, trust_code=trust_code, **options)  # rebuilt as at the start, and
+    # its weights with their adapters come from training_state.pt)
     if config.pretrained:
         facts = describe(config.pretrained)
         trusted = trust_code or untrusted_parts(facts.config).items() <= typed.items()
-        return SegFormer.from_pretrained(facts, **labels, trust_code=trusted, fold_decoder=config.fold_decoder,
-                                         **typed)
+        return SegFormer.from_pretrained(facts, **labels, trust_code=trusted, **options, **typed)
     if config.model in VARIANTS:
         base = SegFormerConfig.from_variant(config.model)
     elif Path(config.model).is_file():
         base = read_model_config(config.model)
     else:
         raise ConfigError(f"--model {config.model}: expected one of {', '.join(VARIANTS)} or a config.json")
-    model_config = replace(base, **typed, **labels, fold_decoder=config.fold_decoder)
+    model_config = replace(base, **typed, **labels, **options)
     resolve_all(model_config, trust_code=trust_code or untrusted_parts(model_config).items() <= typed.items(),
                 source=f"--model {config.model}")
     return SegFormer(model_config)
 
 
 def get_optimizer(config: TrainConfig, model: SegFormer) -> torch.optim.AdamW:
-    """AdamW with up to four groups: encoder / decode head (lr x head_lr_mult), with / without weight
-    decay (the weights and biases of norm layers, when decay_norm_bias is off). The parts are found by
-    structure, not by name: whatever `model.decoder` holds is the head, any norm layer's tensors are norms."""
+    """AdamW over the parameters that train (frozen ones get no state), grouped by learning rate (the decode
+    head's x head_lr_mult; with --layer-decay, each encoder block its own) and weight decay (none on the
+    weights and biases of norm layers, when decay_norm_bias is off). The parts are found by structure, not
+    by name: whatever `model.decoder` holds is the head, any norm layer's tensors are norms."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, resolve("norm", model.config.norm)) + (
         (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
     norm_params = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     head_params = {id(p) for p in model.decoder.parameters()}
+    scales = learning_rate_scales(model, layer_decay=config.layer_decay, head_lr_mult=config.head_lr_mult)
     groups = {}
-    for param in model.parameters():
-        head = id(param) in head_params
+    for param in (p for p in model.parameters() if p.requires_grad):
+        head, scale = id(param) in head_params, scales[id(param)]
         no_decay = not config.decay_norm_bias and id(param) in norm_params
-        key = ("head" if head else "encoder") + (", no decay" if no_decay else "")
+        key = ("head" if head else "encoder" if config.layer_decay is None else f"encoder x{scale:.4g}") + \
+            (", no decay" if no_decay else "")
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "lr": config.lr * (config.head_lr_mult if head else 1.0),
+            groups[key] = {"name": key, "params": [], "lr": config.lr * scale,
                            "weight_decay": 0.0 if no_decay else config.weight_decay}
         groups[key]["params"].append(param)
     # fused=True: one kernel per step for all tensors instead of a dozen per tensor, as transformers' Trainer
@@ -280,6 +287,9 @@ class Run:
     best_miou: float = -1.0
     metrics: dict = field(default_factory=dict)  # of the last evaluation
     meter: Meter = field(default_factory=Meter)
+    frozen: list = field(default_factory=list)  # the encoder stages frozen (--freeze-stages): kept in eval mode
+    ema: object = None  # torch.optim.swa_utils.AveragedModel of raw_model (--ema)
+    since_best: int = 0  # evaluations since the best mean IoU (--patience)
 
     @property
     def is_main(self) -> bool:
@@ -301,9 +311,17 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
                           f"{config.batch_size} x {config.grad_accum} x {world_size} processes")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    raw_model = build_model(config, spec, resumed=resumed, trust_code=command.trust_code).to(device)
+    raw_model = build_model(config, spec, resumed=resumed, trust_code=command.trust_code)
+    frozen = freeze_stages(raw_model, config.freeze_stages)  # no gradient, no optimizer state, evaluation mode
+    if config.lora_rank:
+        add_lora(raw_model, rank=config.lora_rank, alpha=config.lora_alpha)
+    if config.grad_checkpointing:
+        raw_model.encoder.set_grad_checkpointing(True)
+    raw_model = raw_model.to(device)
     if config.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) \
+        if config.ema else None
     model = raw_model
     if world_size > 1:
         if config.sync_bn:
@@ -318,7 +336,7 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
               train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
-              loss_options=loss_options(config, device))
+              loss_options=loss_options(config, device), frozen=frozen, ema=ema)
     continued = command.resume is not None and command.resume.resolve().parent == run.out.resolve()
     if command.resume:
         restore(run, command.resume, schedule)
@@ -369,7 +387,11 @@ def restore(run: Run, directory: Path, schedule) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_done"]
-    run.best_miou = state["best_miou"]
+    run.best_miou, run.since_best = state["best_miou"], state.get("since_best", 0)
+    if run.config.lora_rank:  # the model with its adapters, onto the same architecture rebuilt as at the start
+        run.raw_model.load_state_dict(state["adapted"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     # The rates of the next step come from the schedule of this run, which --max-steps/--epochs may extend.
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
         group["lr"] = base_lr * schedule(run.step)
@@ -423,19 +445,22 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_grad)
-    lr = run.optimizer.param_groups[0]["lr"]  # the encoder's rate for this step
+    group = run.optimizer.param_groups[0]
+    lr = config.lr * group["lr"] / group["initial_lr"]  # the base rate of this step (the schedule's)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.raw_model)
     run.step += 1
     run.batches_done += len(micro_batches)
     return step_loss, lr
 
 
-def save(run: Run, name: str) -> Path:
+def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     """Save the run as `out/name` (every process takes part: the RNG gather); never weights that are not
-    all finite."""
+    all finite. `metrics`: those of its model card, by default the last evaluation's."""
     bad = non_finite_tensor(run.raw_model)
     if any_process(bad is not None, run.world_size, run.device):
         raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
@@ -443,15 +468,25 @@ def save(run: Run, name: str) -> Path:
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
              "batches_done": run.batches_done, "best_miou": run.best_miou, "world_size": run.world_size,
-             "rng": gather_rng_states(run.world_size), "samples": sample_list(run.train_loader.dataset.samples)}
+             "rng": gather_rng_states(run.world_size), "samples": sample_list(run.train_loader.dataset.samples),
+             "since_best": run.since_best}
+    if run.config.lora_rank:  # the model with its adapters (model.safetensors holds it merged)
+        state["adapted"] = run.raw_model.state_dict()
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
     path = run.out / name
     if run.log:  # the log on disk reaches at least as far as any checkpoint
         run.log.flush()
         os.fsync(run.log.fileno())
     if run.is_main:
-        card = model_card(run.config, run.spec.predicted_classes, run.metrics, step=run.step,
+        card = model_card(run.config, run.spec.predicted_classes, metrics or run.metrics, step=run.step,
                           variant=run.raw_model.config.variant, parts=run.raw_model.config.parts)
-        save_checkpoint(path, model=run.raw_model, state=state, config=run.config, spec=run.spec, card=card)
+        ema = merged(run.ema.module) if run.ema is not None and run.config.lora_rank else \
+            run.ema.module if run.ema is not None else None
+        best_from_ema = name == "best" and run.config.ema_best
+        model = ema if best_from_ema else merged(run.raw_model) if run.config.lora_rank else run.raw_model
+        save_checkpoint(path, model=model, state=state, config=run.config, spec=run.spec, card=card,
+                        ema=None if best_from_ema else ema)
     return path
 
 
@@ -493,6 +528,7 @@ def train(run: Run) -> dict:
     config, meter = run.config, run.meter
     progress = tqdm(total=run.total_steps, initial=run.step, disable=not run.is_main, dynamic_ncols=True)
     run.model.train()
+    frozen_to_eval(run.frozen)
     stop = StopRequest()
     try:
         while run.step < run.total_steps:
@@ -511,23 +547,11 @@ def train(run: Run) -> dict:
                     meter.restart()
                 if last:
                     meter.check_something_trained()
-                if due(step, config.eval_every, last):
-                    # the plain module: no DDP collectives, so shards of unequal length are fine; a stop asked
-                    # for during it ends it at once (and it counts for nothing), within a grace period's time
-                    evaluation = evaluate(run.raw_model, run.eval_loader, num_labels=len(run.spec.predicted_classes),
-                                          device=run.device, autocast=run.autocast, show=4 if run.tensorboard else 0,
-                                          stop=lambda: stop.signal is not None)
-                    if not any_process(evaluation is None, run.world_size, run.device):
-                        run.metrics = evaluation.metrics
-                        log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(run.metrics)})
-                        if run.is_main:
-                            report_evaluation(run, evaluation, progress)
-                        if run.metrics["mean_iou"] > run.best_miou:
-                            run.best_miou = run.metrics["mean_iou"]
-                            save(run, "best")
-                    meter.restart_clock()
+                evaluated = due(step, config.eval_every, last) and evaluate_run(run, loss=loss, lr=lr, stop=stop,
+                                                                                 progress=progress)
+                patience_out = evaluated and config.patience and run.since_best >= config.patience
                 saved = None
-                if due(step, config.save_every, last):
+                if due(step, config.save_every, last) or patience_out:
                     saved = save(run, f"checkpoint-{step}")
                     if run.is_main:
                         prune_checkpoints(run.out, config.save_total_limit)
@@ -538,11 +562,19 @@ def train(run: Run) -> dict:
                     if run.is_main:
                         progress.write(f"interrupted: saved {path}; continue with --resume {path}")
                     return summary(run, interrupted=stop.signal or signal.SIGTERM)
+                if patience_out:  # early stopping: no better mean IoU in --patience evaluations
+                    log(run, {"step": step, "early_stop": True, "best_mean_iou": run.best_miou})
+                    if run.is_main:
+                        progress.write(f"early stop at step {step}: no better mean IoU in {config.patience} "
+                                       f"evaluations (best {run.best_miou:.4f}); saved {saved}")
+                    break
                 if last:
                     break
             else:  # the epoch ran out (an incomplete last group of micro-batches is dropped)
                 run.epoch, run.batches_done = run.epoch + 1, 0
                 meter.check_something_trained()
+                continue
+            break  # the last step, or an early stop
     except DataError as e:  # a file that went bad during the run: the steps trained are kept
         raise DataError(f"{e}; {keep_trained_steps(run)}") from None
     finally:
@@ -551,6 +583,34 @@ def train(run: Run) -> dict:
     if run.is_main:
         report_end(run)
     return summary(run)
+
+
+def evaluate_run(run: Run, *, loss: float, lr: float, stop: StopRequest, progress: tqdm) -> bool:
+    """Evaluate the model (and with --ema its moving average), log, draw, keep the best. The plain modules:
+    no DDP collectives, so shards of unequal length are fine. A stop asked for during it ends it at once
+    (it counts for nothing: False), within a grace period's time."""
+    options = dict(num_labels=len(run.spec.predicted_classes), device=run.device, autocast=run.autocast,
+                   stop=lambda: stop.signal is not None)
+    evaluation = evaluate(run.raw_model, run.eval_loader, show=4 if run.tensorboard else 0, **options)
+    averaged = evaluate(run.ema.module, run.eval_loader, **options) if run.ema and evaluation else None
+    frozen_to_eval(run.frozen)  # evaluate put the model back in training mode, its frozen stages too
+    if any_process(evaluation is None or (run.ema is not None and averaged is None), run.world_size, run.device):
+        return False
+    run.metrics = evaluation.metrics
+    log(run, {"step": run.step, "loss": loss, "lr": lr, **jsonable(run.metrics)}
+        | ({f"ema_{key}": value for key, value in jsonable(averaged.metrics).items()} if averaged else {}))
+    if run.is_main:
+        report_evaluation(run, evaluation, progress)
+        if averaged:
+            progress.write(f"step {run.step}: moving average: mean IoU {averaged.metrics['mean_iou']:.4f}")
+    judged = averaged.metrics if run.config.ema_best else run.metrics
+    if judged["mean_iou"] > run.best_miou:
+        run.best_miou, run.since_best = judged["mean_iou"], 0
+        save(run, "best", metrics=judged)
+    else:
+        run.since_best += 1
+    run.meter.restart_clock()
+    return True
 
 
 def keep_trained_steps(run: Run) -> str:
@@ -566,7 +626,8 @@ def keep_trained_steps(run: Run) -> str:
 
 def summary(run: Run, *, interrupted: int | None = None) -> dict:
     return {"step": run.step, "best_miou": run.best_miou, "skipped": len(run.meter.skipped),
-            "unlabelled_batches": run.meter.unlabelled_batches, "interrupted": interrupted, **run.metrics}
+            "unlabelled_batches": run.meter.unlabelled_batches, "interrupted": interrupted,
+            "stopped_early": bool(run.config.patience and run.since_best >= run.config.patience), **run.metrics}
 
 
 def report_end(run: Run) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import EfficientSelfAttention
 from .config import SegFormerConfig
@@ -66,10 +67,21 @@ class MixFFN(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-        x = F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)  # fc1: (B, C_inner, H, W)
+        x = per_pixel(self.fc1, x)  # fc1: (B, C_inner, H, W)
         x = self.drop(self.act(self.dwconv(x)))  # (B, C_inner, H, W)
-        x = F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias)  # fc2: (B, C, H, W)
+        x = per_pixel(self.fc2, x)  # fc2: (B, C, H, W)
         return self.drop(x.flatten(2).transpose(1, 2))  # (B, N, C)
+
+
+def per_pixel(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A token-wise linear map applied to a (B, C, H, W) map: a 1x1 convolution with the Linear's own weight.
+    A Linear wrapped by another module (a LoRA adapter from peft) is run as itself, on the tokens, so that
+    what the wrapper adds is not lost."""
+    if type(linear) is nn.Linear:
+        return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+    B, C, H, W = x.shape
+    y = linear(x.flatten(2).transpose(1, 2))  # (B, H * W, C_out)
+    return y.transpose(1, 2).reshape(B, -1, H, W)
 
 
 class DropPath(nn.Module):
@@ -117,11 +129,15 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList([Block(hidden_size, drop_path=p, norm_layer=norm_layer, **block_kwargs)
                                      for p in drop_paths])
         self.norm = norm_layer(hidden_size)
+        self.grad_checkpointing = False  # MixTransformer.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, H, W = self.patch_embed(x)  # (B, N, C)
         for block in self.blocks:
-            x = block(x, H, W)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's input only; recompute
+                x = checkpoint(block, x, H, W, use_reentrant=False)  # the rest in the backward (same RNG draws)
+            else:
+                x = block(x, H, W)
         x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)  # (B, C, H, W)
 
@@ -160,6 +176,13 @@ class MixTransformer(nn.Module):
             ))
         self.channels = list(config.hidden_sizes)
         self.reduction = [math.prod(config.strides[:i + 1]) for i in range(len(config.strides))]  # 4, 8, 16, 32
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (timm's name): each block keeps its input only and recomputes
+        its activations in the backward, with the same random draws (dropout, drop path): the same gradients
+        for less memory (benchmarks/bench_checkpointing.py), and the blocks' forward computed twice."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []

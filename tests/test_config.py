@@ -96,7 +96,9 @@ def test_help_lists_every_setting_and_what_resume_may_change(capsys):
     for f in fields(TrainConfig):
         assert ("--" + f.name.replace("_", "-") in text) == f.metadata["flag"], f.name
     assert "--no-reduce-labels" in text and "--no-decay-norm-bias" in text and "--skip-bad" in text
-    assert "On --resume these may change: --out --skip-bad --workers --max-steps" in text
+    may_change = text.split("On --resume these may change: ")[1].split(";")[0].split()
+    assert {"--out", "--skip-bad", "--workers", "--max-steps", "--patience", "--grad-checkpointing"} <= set(may_change)
+    assert "--lr" not in may_change and "--freeze-stages" not in may_change and "--ema" not in may_change
 
 
 def test_optimizer_groups_rates_and_decay():

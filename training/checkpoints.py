@@ -151,9 +151,11 @@ def _writing(path: Path, previous: str):
         raise
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: str | None = None) -> None:
+def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: str | None = None,
+                    ema=None) -> None:
     """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `spec`
-    (data.spec.LabelSpec) gives the input size, label reduction and class colours written beside the model."""
+    (data.spec.LabelSpec) gives the input size, label reduction and class colours written beside the model.
+    `ema`: the moving average of the weights, as a model of its own in `ema/`, which every tool loads."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     previous = last_checkpoint(directory.parent)
     intact = (f"the previous {directory.name} is intact" if directory.exists() else
@@ -172,8 +174,15 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: 
         if card is not None:  # the model card: README.md in the hub's format
             with _writing(directory / "README.md", intact):
                 atomic_write(tmp / "README.md", lambda path: Path(path).write_text(card))
+        colours = [list(colour) for colour in spec.palette]
         with _writing(directory / "palette.json", intact):  # the class colours of overlays (infer.py, explain.py)
-            write_json([list(colour) for colour in spec.palette], tmp / "palette.json")
+            write_json(colours, tmp / "palette.json")
+        if ema is not None:  # the moving average: a checkpoint of its own, which every tool loads
+            with _writing(directory / "ema" / "model.safetensors", intact):
+                ema.save_pretrained(tmp / "ema")
+                write_preprocessor_config(tmp / "ema", size=spec.size, reduce_labels=spec.reduce_labels)
+                write_json(colours, tmp / "ema" / "palette.json")
+            fsync_dir(tmp / "ema")
         fsync_dir(tmp)
         replace_dir(tmp, directory)
     except BaseException:

@@ -91,6 +91,28 @@ class TrainConfig:
     warmup_steps: int = setting(100, "linear warmup steps before the poly decay", low=0)
     poly_power: float = setting(1.0, "power of the poly decay (1 = linear)", low=0.0, high=100.0)
     clip_grad: float | None = setting(None, "clip the gradient norm to this value", low=(0.0,))
+    # Fine-tuning controls (for small data and large images).
+    freeze_stages: int = setting(0, "freeze the first N encoder stages (patch embedding, blocks, norm; 4: the whole "
+                                    "encoder): no gradient, no optimizer state, dropout and drop path off", low=0,
+                                 high=4)
+    layer_decay: float | None = setting(None, "layer-wise learning-rate decay over the encoder's blocks: block i of L "
+                                              "gets lr x decay^(L + 1 - i) (BEiT's fine-tuning; e.g. 0.75)",
+                                        low=(0.0,), high=1.0)
+    drop_path_rate: float | None = setting(None, "stochastic depth: the drop-path rate of the last block, rising "
+                                                 "linearly from 0 (default: the model's, 0.1)", low=0.0, high=0.99)
+    ema: float | None = setting(None, "keep an exponential moving average of the weights with this decay (e.g. "
+                                      "0.999), evaluated beside them and saved in each checkpoint", low=(0.0,),
+                                high=0.999999)
+    ema_best: bool = setting(False, "keep best/ from the moving average's weights and evaluations")
+    patience: int | None = setting(None, "early stopping: end the run when the validation mean IoU has not "
+                                         "improved for N evaluations", low=1, may_change=True)
+    grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward instead of keeping "
+                                              "them: the same gradients for less memory (B0, 1024x1024: 0.74x)",
+                                       may_change=True)
+    lora_rank: int | None = setting(None, "LoRA (the peft library) of this rank on the encoder's attention and "
+                                          "Mix-FFN projections, the encoder otherwise frozen, the decoder trained; "
+                                          "checkpoints hold the merged weights", low=1, high=1024)
+    lora_alpha: float = setting(16.0, "LoRA's scale is alpha / rank", low=(0.0,))
     # The loss.
     loss: Literal["ce", "dice", "ce+dice"] = setting("ce", "cross-entropy (the reference's), soft Dice, or both")
     class_weights: str | None = setting(None, "cross-entropy class weights: 'auto' (median frequency balancing "
