@@ -112,11 +112,12 @@ class SegFormerConfig:
 
     # ---- transformers' config.json -------------------------------------------------------------
 
-    def to_hf_dict(self) -> dict:
-        """The `config.json` of `SegformerForSemanticSegmentation` for these settings."""
+    def to_hf_dict(self, architecture: str = "SegformerForSemanticSegmentation") -> dict:
+        """The `config.json` of `SegformerForSemanticSegmentation` (or another of transformers' SegFormer
+        architectures, SegformerForImageClassification) for these settings."""
         names = self.label_names()
         return {
-            "architectures": ["SegformerForSemanticSegmentation"],
+            "architectures": [architecture],
             "model_type": "segformer",
             "num_channels": self.in_channels,
             "num_encoder_blocks": len(self.hidden_sizes),

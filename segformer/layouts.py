@@ -154,13 +154,14 @@ def detect_layout(state_dict: dict, *, source: str) -> str:
 
 
 def to_native(state_dict: dict, *, source: str) -> tuple[dict, list[str]]:
-    """Any layout -> ours. Returns (converted, keys dropped on purpose)."""
+    """Any layout -> ours. Returns (converted, keys dropped on purpose: image-classification heads)."""
     layout = detect_layout(state_dict, source=source)
     if layout == "hf":
         return hf_to_native(state_dict)
     if layout == "nvlabs":
         return nvlabs_to_native(state_dict)
-    return dict(state_dict), []
+    dropped = [k for k in state_dict if k.startswith("classifier.")]  # an image classifier's head (ours)
+    return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
 
 
 def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:

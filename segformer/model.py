@@ -94,8 +94,8 @@ class SegFormer(nn.Module):
             num_labels = len(id2label) if num_labels is None else num_labels
         encoder_only = not any(k.startswith("decoder.") for k in state_dict)
         if encoder_only:
-            notes.append("the checkpoint holds an encoder only (ImageNet pre-training): the decode head is freshly "
-                         "initialised")
+            notes.append(f"the checkpoint holds an encoder only (pre-trained on image classification): its "
+                         f"{len(state_dict)} encoder tensors are loaded, the decode head is freshly initialised")
             num_labels = num_labels or 150  # no head to read it from: ADE20K-sized, the common fine-tuning target
         elif facts.conflict and num_labels is None:
             raise CheckpointError(f"{facts.conflict}; correct config.json, or load with num_labels={head} to keep "

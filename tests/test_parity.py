@@ -166,3 +166,26 @@ def test_single_label_loss_matches_the_reference(tmp_path):
     labels[:, :5] = 255
     expected = reference(pixel_values=x, labels=labels).loss
     assert torch.allclose(segmentation_loss(ours(x), labels), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_image_classifier_is_transformers_segformer_for_image_classification(tmp_path, caplog):
+    """Pre-training's model: same logits as transformers' on shared random weights, saved in the hub's
+    encoder layout that transformers and SegFormer.from_pretrained (as an encoder) both load."""
+    from transformers import SegformerForImageClassification
+
+    from segformer.classification import ImageClassifier
+    torch.manual_seed(0)
+    reference = randomize_(SegformerForImageClassification(hf_config("b0", num_labels=10)), seed=2).eval()
+    reference.save_pretrained(tmp_path / "reference")
+    ours = ImageClassifier.from_pretrained(tmp_path / "reference").eval()
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        assert (ours(x) - reference(x).logits).abs().max().item() <= ATOL
+    ours.save_pretrained(tmp_path / "ours")
+    again = SegformerForImageClassification.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (again(x).logits - reference(x).logits).abs().max().item() <= ATOL
+    segmenter = SegFormer.from_pretrained(tmp_path / "ours", num_labels=5)
+    assert "its 192 encoder tensors are loaded" in caplog.text and "classifier.weight" in caplog.text
+    assert all(torch.equal(value, segmenter.state_dict()[key]) for key, value in ours.state_dict().items()
+               if key.startswith("encoder."))
