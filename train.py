@@ -16,7 +16,6 @@ Reading order: `build_run` (labels, data, model, optimizer, schedule, restored s
 loop body is the cycle: a step, then log, evaluate (and keep the best), checkpoint, stop if asked.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -32,158 +31,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from data import DataError, batch_to_device, build_dataset, build_loader, decide_labels, open_source
-from data.stats import collect, median_frequency_weights, problems, read_class_weights, zero_share
+from data import DataError, batch_to_device, build_dataset, decide_labels
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
-from segformer.checkpoint import CheckpointFacts, atomic_write, describe, read_model_config
+from segformer.checkpoint import CheckpointFacts, describe, read_model_config
 from segformer.components import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
+from segformer.device import autocast, resolve_amp
 from segformer.errors import UserError
-from segformer.labels import read_id2label
-from segformer.device import autocast
-from training.checkpoints import (CHECKPOINT_NAME, RunLock, check_output_dir, clean_up_after_a_kill,
-                                  last_checkpoint_note, list_checkpoints, load_training_state, prune_checkpoints,
-                                  save_checkpoint)
+from training.checkpoints import (RunLock, check_output_dir, check_rewind, clean_up_after_a_kill,
+                                  last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
-from training.distributed import (any_process, broadcast, cleanup, gather_rng_states, seed_everything,
+from training.data import build_eval_loader, open_data, open_split
+from training.distributed import (any_process, cleanup, gather_rng_states, seed_everything,
                                   set_rng_states, setup_distributed)
 from training.evaluation import Evaluation, evaluate
 from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
-from training.loop import Meter, StopRequest, due, groups_of
-from training.report import TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log, write_evaluation
-
-
-class Diverged(UserError):
-    """The loss or the weights stopped being finite: nothing is saved from them (lower the learning rate)."""
-
-    exit_code = 1
-
-
-# ---- data and labels -------------------------------------------------------------------------------------
-
-def open_split(config: TrainConfig, split: str, *, train: bool):
-    return open_source(config.data, split, train=train, test_size=config.test_size,
-                       image_column=config.image_column, annotation_column=config.annotation_column,
-                       dataset_config=config.dataset_config)
-
-
-def decide_run_labels(config: TrainConfig, samples, *, resumed: CheckpointFacts | None):
-    """The run's label spec (data.spec.decide_labels) from the data, the resumed checkpoint, --pretrained
-    and the flags; the lines to say come with it."""
-    pretrained = describe(config.pretrained) if config.pretrained and resumed is None else None
-    return decide_labels(data=samples.labels, checkpoint=resumed, pretrained=pretrained,
-                         id2label=read_id2label(config.id2label) if config.id2label else None,
-                         id2label_origin=f"--id2label {config.id2label}", num_labels=config.num_labels,
-                         reduce_labels=config.reduce_labels, size=config.size)
-
-
-def resolve_for_run(config: TrainConfig, *, spec, world_size: int, device: torch.device) -> TrainConfig:
-    """Settings whose value depends on the data, the machine or the number of processes, made concrete
-    once, so that `training_args.json` records what the run actually does."""
-    batch_size = config.batch_size
-    if config.total_batch_size:  # the recipe fixes the images per step over all processes
-        batch_size = max(1, config.total_batch_size // (world_size * config.grad_accum))
-    return replace(config, amp=resolve_amp(config.amp, device), reduce_labels=spec.reduce_labels,
-                   num_labels=spec.num_labels, batch_size=batch_size)
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-    return amp
-
-
-def open_data(config: TrainConfig, *, resumed: CheckpointFacts | None, rank: int, world_size: int,
-              device: torch.device):
-    """Both splits and the label spec decided once. Returns (config made concrete, spec, train and
-    evaluation loaders)."""
-    train_samples = open_split(config, config.train_split, train=True)
-    eval_samples = open_split(config, config.eval_split, train=False)
-    overlap = set(train_samples.names()) & set(eval_samples.names())
-    if overlap:
-        raise ConfigError(f"{len(overlap)} of the {len(eval_samples)} validation samples of {config.data} are also "
-                          f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
-                          f"--eval-split {config.eval_split} must not share images")
-    spec, notes = decide_run_labels(config, train_samples, resumed=resumed)
-    check_loss_options(config, spec)
-    config = resolve_for_run(config, spec=spec, world_size=world_size, device=device)
-    if rank == 0:
-        print(f"data: {train_samples.layout} {config.data}: {len(train_samples)} training / {len(eval_samples)} "
-              f"validation samples; {spec.describe()}")
-        for note in notes:
-            print(note)
-        if not spec.convention_stated:
-            warn_about_class_zero(train_samples, spec)
-    train_stats = broadcast(check_data(config, spec, train_samples, eval_samples) if rank == 0 else None, world_size)
-    if config.class_weights and config.class_weight_values is None:  # decided once, then recorded
-        weights = broadcast(class_weights(config, spec, train_stats) if rank == 0 else None, world_size)
-        config = replace(config, class_weight_values=tuple(weights))
-    train_set = build_dataset(train_samples, spec=spec, train=True, recipe=config.augment, seed=config.seed,
-                              skip_bad=config.skip_bad)
-    eval_set = build_dataset(eval_samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
-    train_loader = build_loader(train_set, batch_size=config.batch_size, num_workers=config.workers, seed=config.seed)
-    return config, spec, train_loader, build_eval_loader(config, eval_set)
-
-
-def build_eval_loader(config: TrainConfig, eval_set):
-    """Aspect-preserving evaluation keeps each image's own size: one image per batch."""
-    return build_loader(eval_set, batch_size=1 if config.eval_mode == "aspect" else config.batch_size,
-                        num_workers=config.workers, seed=config.seed)
-
-
-def warn_about_class_zero(samples, spec, *, share: float = 0.25) -> None:
-    """ADE's reduction on data that does not say it follows ADE's convention: say so when 0, which it
-    ignores, covers much of the first annotations (a background class, say)."""
-    zeros, looked_at = zero_share(samples, spec.mapping)
-    if spec.reduce_labels and zeros > share:
-        print(f"warning: {100 * zeros:.0f}% of the pixels of the first {looked_at} annotations are 0, which the ADE "
-              f"convention ignores as 'unlabelled'. If 0 is one of your classes (a background, say), pass "
-              f"--no-reduce-labels (or \"reduce_labels\": false in a dataset.json).")
-
-
-def check_data(config: TrainConfig, spec, train_samples, eval_samples):
-    """Every annotation of both splits read once before training (size, mode, colours, values): a bad file
-    is found now, not at the first evaluation. Returns the training split's statistics (class weights use
-    them), or None for the built-in scenes, which are made, not read."""
-    if train_samples.generated:
-        return None
-    stats = {split: collect(samples, spec.mapping, spec.num_labels, description=f"checking the {split} split")
-             for split, samples in (("training", train_samples), ("validation", eval_samples))}
-    bad = [line for split_stats in stats.values() for line in problems(split_stats)]
-    if bad and not config.skip_bad:
-        raise DataError(f"{len(bad)} bad sample(s) in {config.data}, e.g. {bad[0]}; `python -m data {config.data}` "
-                        f"lists them all: fix them, or pass --skip-bad to train without them")
-    if bad:
-        print(f"warning: {len(bad)} bad sample(s) will be skipped (--skip-bad), e.g. {bad[0]}")
-    return stats["training"]
-
-
-def check_loss_options(config: TrainConfig, spec) -> None:
-    """One label trains the reference's binary (sigmoid) head, which takes none of the options for imbalanced
-    classes: refused now, not at the first step."""
-    asked = {"--class-weights": config.class_weights, "--label-smoothing": config.label_smoothing or None,
-             "--ohem": config.ohem, "--loss": None if config.loss == "ce" else config.loss}
-    given = [f"{flag} {value}" for flag, value in asked.items() if value is not None]
-    if spec.num_labels == 1 and given:
-        raise ConfigError(f"{given[0]}: one label trains the binary (sigmoid) head, which takes no class weights, "
-                          f"label smoothing, OHEM or Dice; drop it, or train two classes (background and the label: "
-                          f"--num-labels 2)")
-
-
-def class_weights(config: TrainConfig, spec, stats) -> list[float]:
-    """--class-weights: a JSON file, or 'auto': median frequency balancing over the training split (its
-    statistics from the data check; read here for the built-in scenes)."""
-    if config.class_weights != "auto":
-        return read_class_weights(config.class_weights, list(spec.class_names))
-    weights = median_frequency_weights(stats or collect(open_split(config, config.train_split, train=True),
-                                                        spec.mapping, spec.num_labels, description="class weights"))
-    print("class weights (median frequency balancing): "
-          + ", ".join(f"{name.strip()} {w:.3g}" for name, w in list(zip(spec.class_names, weights))[:10])
-          + (" ..." if len(weights) > 10 else ""))
-    return weights
+from training.loop import Diverged, Meter, StopRequest, due, groups_of, non_finite_tensor, sample_list
+from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, open_log, read_log,
+                             write_evaluation)
 
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
@@ -355,29 +221,13 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
     return run
 
 
-def open_log(out: Path, *, resumed_at: int | None):
-    """metrics.jsonl, for appending. A new run starts a new log. A resumed run keeps the records up to the
-    step it resumes from (no step is ever reported twice) and drops a torn last record, saying so."""
-    path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if resumed_at is None or not path.is_file():
-        return open(path, "w")
-    records, torn = read_log(path)
-    if torn:
-        print(f"{path}: its last record was cut short (a kill or a full disk while it was written): dropped")
-    kept = [record for record in records if record.get("step", 0) <= resumed_at]
-    if torn or len(kept) < len(records):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
-    return open(path, "a")
-
-
 def restore(run: Run, directory: Path, schedule) -> None:
     """Put the optimizer, schedule, scaler, RNGs and data position back where the checkpoint left them."""
     state = load_training_state(directory)
     if state["world_size"] != run.world_size:
         raise ConfigError(f"{directory} was trained on {state['world_size']} processes; resume it on as many "
                           f"(the data order and per-process batches depend on it), not {run.world_size}")
-    saved, now = state.get("samples"), sample_list(run.train_loader.dataset.samples)
+    saved, now = state.get("samples"), training_samples(run)
     if saved is not None and saved != now:
         change = "other names" if saved[0] == now[0] else f"{now[0]} samples now, {saved[0]} then"
         raise ConfigError(f"{run.config.data}: the training split is not the one {directory} was trained on "
@@ -400,26 +250,9 @@ def restore(run: Run, directory: Path, schedule) -> None:
         print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
 
 
-def sample_list(samples) -> list:
-    """[count, a hash of the names] of a split's samples, names relative to the data folder (which may move)."""
-    root = Path(samples.labels.source)
-    names = [os.path.relpath(name, root) if root.is_dir() else name for name in samples.names()]
-    return [len(names), hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]]
-
-
-def check_rewind(out: Path, resumed: Path, step: int) -> None:
-    """Resuming from a checkpoint older than the run's newest rewinds it: said for a checkpoint-<step> (its
-    later checkpoints and log records are replaced as it trains again); refused for best/, whose step no name
-    shows, so that the newer checkpoints are not lost by mistake."""
-    newer = [p.name for p in list_checkpoints(out) if int(p.name.split("-")[1]) > step]
-    if not newer:
-        return
-    if not CHECKPOINT_NAME.fullmatch(resumed.resolve().name):
-        raise ConfigError(f"--resume {resumed}: it holds step {step}, but {out} has newer checkpoints "
-                          f"({', '.join(newer)}), which resuming here would overwrite; continue the run with "
-                          f"--resume {out / newer[-1]}, or branch from {resumed.name} with --out <new folder>")
-    print(f"rewinding to step {step}: {', '.join(newer)} and the log after step {step} are replaced as the run "
-          f"trains again")
+def training_samples(run: Run) -> list:
+    samples = run.train_loader.dataset.samples
+    return sample_list(samples.names(), samples.labels.source)
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
@@ -468,7 +301,7 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
              "batches_done": run.batches_done, "best_miou": run.best_miou, "world_size": run.world_size,
-             "rng": gather_rng_states(run.world_size), "samples": sample_list(run.train_loader.dataset.samples),
+             "rng": gather_rng_states(run.world_size), "samples": training_samples(run),
              "since_best": run.since_best}
     if run.config.lora_rank:  # the model with its adapters (model.safetensors holds it merged)
         state["adapted"] = run.raw_model.state_dict()
@@ -488,15 +321,6 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
         save_checkpoint(path, model=model, state=state, config=run.config, spec=run.spec, card=card,
                         ema=None if best_from_ema else ema)
     return path
-
-
-def non_finite_tensor(model: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding a NaN or an infinity, or None (one sync)."""
-    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
-    finite = torch.stack([t.isfinite().all() for _, t in tensors])
-    if bool(finite.all()):
-        return None
-    return tensors[int((~finite).nonzero()[0])][0]
 
 
 def log(run: Run, record: dict) -> None:

@@ -35,3 +35,13 @@ def available_devices() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         names.append("mps")
     return ", ".join(names)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp made concrete for a device: "auto" is bf16 on CUDA devices that have it, off elsewhere; fp16
+    (with a GradScaler) needs CUDA."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    return amp

@@ -232,6 +232,21 @@ def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None
             path.unlink(missing_ok=True)
 
 
+def check_rewind(out: Path, resumed: Path, step: int) -> None:
+    """Resuming from a checkpoint older than the run's newest rewinds it: said for a checkpoint-<step> (its
+    later checkpoints and log records are replaced as it trains again); refused for best/, whose step no name
+    shows, so that the newer checkpoints are not lost by mistake."""
+    newer = [p.name for p in list_checkpoints(out) if int(p.name.split("-")[1]) > step]
+    if not newer:
+        return
+    if not CHECKPOINT_NAME.fullmatch(resumed.resolve().name):
+        raise ConfigError(f"--resume {resumed}: it holds step {step}, but {out} has newer checkpoints "
+                          f"({', '.join(newer)}), which resuming here would overwrite; continue the run with "
+                          f"--resume {out / newer[-1]}, or branch from {resumed.name} with --out <new folder>")
+    print(f"rewinding to step {step}: {', '.join(newer)} and the log after step {step} are replaced as the run "
+          f"trains again")
+
+
 def prune_checkpoints(out: Path, keep: int | None) -> None:
     if keep:
         for old in list_checkpoints(out)[:-keep]:

@@ -34,8 +34,48 @@ def setting(default, help: str, *, low=None, high=None, may_change: bool = False
     return field(default=default, metadata=dict(help=help, low=low, high=high, may_change=may_change, flag=flag))
 
 
+class Settings:
+    """What a script's typed settings share (TrainConfig here, PretrainConfig in pretrain.py): fields made by
+    `setting`, checked when made, written to and read from `training_args.json`."""
+
+    def __post_init__(self):
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # JSON has lists where the settings hold tuples
+                object.__setattr__(self, f.name, value := tuple(value))
+            check_value(f, hints[f.name], value, where=f"setting {f.name!r}")
+
+    def save(self, path: str | Path) -> None:
+        from segformer.checkpoint import write_json
+        write_json(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a `training_args.json`; anything unknown, missing or mistyped is named with the file."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the run's settings ({type(e).__name__}: {e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                              + f"; expected the keys of {cls.__name__}")
+        missing = sorted(known - set(values))
+        if missing:
+            raise ConfigError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     # The run.
     recipe: Literal["default", "guide", "paper"] = setting("default", "the preset these settings started from")
     out: str = setting("runs/synthetic", "output directory of the run", may_change=True)
@@ -151,42 +191,6 @@ class TrainConfig:
                                        "form as written (segformer/decoder.py), for an edited decoder",
                                  may_change=True)
 
-    def __post_init__(self):
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):  # JSON has lists where the settings hold tuples
-                object.__setattr__(self, f.name, value := tuple(value))
-            check_value(f, hints[f.name], value, where=f"setting {f.name!r}")
-
-    def save(self, path: str | Path) -> None:
-        from segformer.checkpoint import write_json
-        write_json(asdict(self), path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
-        """Read a `training_args.json`; anything unknown, missing or mistyped is named with the file."""
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the run's settings ({type(e).__name__}: {e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-                              + "; expected the keys of TrainConfig")
-        missing = sorted(known - set(values))
-        if missing:
-            raise ConfigError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
-        try:
-            return cls(**values)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -290,7 +294,7 @@ CLEARS = {"epochs": "max_steps", "batch_size": "total_batch_size"}
 
 @dataclass(frozen=True)
 class Command:
-    config: TrainConfig
+    config: "Settings"  # TrainConfig, or a PretrainConfig
     resume: Path | None = None  # the checkpoint directory to continue from
     overwrite: bool = False
     eval_only: bool = False
@@ -318,28 +322,31 @@ def _parse_value(f, hint):
     return parse
 
 
-def _recipe_lines() -> str:
+def _recipe_lines(recipes: dict) -> str:
     lines = []
-    for name, recipe in RECIPES.items():
+    for name, recipe in recipes.items():
         if name == "default":
             continue
-        changed = [f"{f.name}={getattr(recipe, f.name)}" for f in fields(TrainConfig)
-                   if f.name != "recipe" and getattr(recipe, f.name) != getattr(DEFAULT, f.name)]
+        changed = [f"{f.name}={getattr(recipe, f.name)}" for f in fields(recipe)
+                   if f.name != "recipe" and getattr(recipe, f.name) != getattr(recipes["default"], f.name)]
         lines.append(textwrap.fill(" ".join(changed), width=100, initial_indent=f"  {name}: ",
                                    subsequent_indent=" " * (len(name) + 4)))
     return "\n".join(lines)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    may_change = [flag(f.name) for f in fields(TrainConfig) if f.metadata["may_change"] and f.metadata["flag"]]
-    epilog = ("Recipes (each sets these on top of the defaults shown above):\n" + _recipe_lines() + "\n\n"
+def build_parser(description: str, settings=None, recipes=None, *, evaluation: bool = True) -> argparse.ArgumentParser:
+    """The command line of `settings` (a Settings dataclass: one flag per field), with the actions --resume,
+    --overwrite, --trust-code, and with `evaluation` --eval-only and --checkpoint."""
+    settings, recipes = settings or TrainConfig, recipes or RECIPES
+    may_change = [flag(f.name) for f in fields(settings) if f.metadata["may_change"] and f.metadata["flag"]]
+    epilog = ("Recipes (each sets these on top of the defaults shown above):\n" + _recipe_lines(recipes) + "\n\n"
               "Order: defaults <- --recipe <- the saved run (--resume) <- the flags you give.\n"
               "On --resume these may change: " + " ".join(may_change) + ";\nevery other setting is fixed by the "
               "saved optimizer, model and data position, and giving it a different value is an error.")
     parser = argparse.ArgumentParser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+    hints = get_type_hints(settings)
+    for f in fields(settings):
         if not f.metadata["flag"]:
             continue
         base, optional, choices = _unpack(hints[f.name])
@@ -359,10 +366,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     actions.add_argument("--trust-code", action="store_true",
                          help="import the code from outside this project that a checkpoint or --model config.json "
                               "names as a part of the model (--resume, --eval-only, --pretrained)")
-    actions.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split and print "
-                                                                  "the per-class table")
-    actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
-                                                             "size, label reduction and labels come with it)")
+    if evaluation:
+        actions.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --eval-split and "
+                                                                      "print the per-class table")
+        actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
+                                                                 "size, label reduction and labels come with it)")
     return parser
 
 
@@ -372,22 +380,26 @@ PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "
 NOT_PATHS = ("synthetic", "auto", *VARIANTS)  # the built-in data set, automatic class weights, b0..b5
 
 
-def resolve_paths(config: TrainConfig, names=PATH_SETTINGS) -> dict:
+def resolve_paths(config: Settings, names=PATH_SETTINGS) -> dict:
     """{name: absolute path} for the path settings of `config` that name something on this machine (`out`,
     where the run writes, always)."""
     resolved = {}
-    for name in names:
+    for name in (n for n in names if hasattr(config, n)):
         value = getattr(config, name)
         if isinstance(value, str) and value not in NOT_PATHS and (name == "out" or Path(value).exists()):
             resolved[name] = str(Path(value).resolve())
     return resolved
 
 
-def parse_command_line(argv=None, *, description: str = "") -> Command:
-    parser = build_parser(description)
+def parse_command_line(argv=None, *, description: str = "", settings=None, recipes=None) -> Command:
+    """The Command of a script's flags: its `settings` (TrainConfig by default) resolved in the documented
+    order from its `recipes`, the saved run (--resume) and the flags given."""
+    settings, recipes = settings or TrainConfig, recipes or RECIPES
+    parser = build_parser(description, settings, recipes, evaluation=settings is TrainConfig)
     args = vars(parser.parse_args(argv))
-    given = {name: args.pop(name) for name in list(args) if name in {f.name for f in fields(TrainConfig)}}
-    given.update(resolve_paths(replace(RECIPES["default"], **given), [n for n in PATH_SETTINGS if n in given]))
+    given = {name: args.pop(name) for name in list(args) if name in {f.name for f in fields(settings)}}
+    paths = [name for name in PATH_SETTINGS if name in given]
+    given.update(resolve_paths(replace(recipes["default"], **given), paths))
     resume = args.get("resume")
     eval_only = args.get("eval_only", False)
     checkpoint = args.get("checkpoint")
@@ -405,12 +417,12 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
         if not saved.is_file() or not (Path(resume) / "training_state.pt").is_file():
             raise ConfigError(f"--resume {resume}: no training_args.json and training_state.pt there "
                               f"(is it a checkpoint-<step> directory?)")
-        base = TrainConfig.load(saved)
+        base = settings.load(saved)
         # A resumed run belongs in the folder that holds its checkpoint, wherever that has moved, unless
         # --out says otherwise.
         base = replace(base, **{**resolve_paths(base), "out": str(Path(resume).resolve().parent)})
         fixed = [name for name, value in given.items()
-                 if value != getattr(base, name) and not _field(name).metadata["may_change"]]
+                 if value != getattr(base, name) and not _field(settings, name).metadata["may_change"]]
         if fixed:
             name = fixed[0]
             raise ConfigError(f"{flag(name)} {_show(given[name])}: the run in {resume} was trained with "
@@ -418,11 +430,11 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
                               f"(another --out) to change it" + (f" (also {', '.join(map(flag, fixed[1:]))})"
                                                                 if fixed[1:] else ""))
     elif eval_only and (Path(checkpoint) / "training_args.json").is_file():
-        base = TrainConfig.load(Path(checkpoint) / "training_args.json")  # evaluate as its run did
+        base = settings.load(Path(checkpoint) / "training_args.json")  # evaluate as its run did
     else:
-        base = RECIPES[given.get("recipe", "default")]
+        base = recipes[given.get("recipe", "default")]
     for name, cleared in CLEARS.items():
-        if name in given and cleared not in given:
+        if name in given and cleared not in given and hasattr(base, cleared):
             given[cleared] = None
     config = replace(base, **given)
     config = replace(config, **resolve_paths(config))
@@ -431,8 +443,8 @@ def parse_command_line(argv=None, *, description: str = "") -> Command:
                    trust_code=args.get("trust_code", False))
 
 
-def _field(name: str):
-    return next(f for f in fields(TrainConfig) if f.name == name)
+def _field(settings, name: str):
+    return next(f for f in fields(settings) if f.name == name)
 
 
 def _show(value) -> str:

@@ -1,12 +1,43 @@
-"""The training loop's machinery, so that `train.py`'s loop body reads as the cycle itself: the counters
-between log lines (`Meter`), the stop that Ctrl-C or SIGTERM asks for (`StopRequest`), micro-batches
-grouped into steps (`groups_of`), and when a periodic job is due (`due`)."""
+"""The training loop's machinery, shared by train.py and pretrain.py, so that their loop bodies read as the
+cycle itself: the counters between log lines (`Meter`), the stop that Ctrl-C or SIGTERM asks for
+(`StopRequest`), micro-batches grouped into steps (`groups_of`), when a periodic job is due (`due`), the
+guard against weights that are not finite (`Diverged`, `non_finite_tensor`), and the identity of a
+training split (`sample_list`)."""
 
+import hashlib
+import os
 import signal
 import sys
 import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
 
 from data import IGNORE_INDEX, DataError
+from segformer.errors import UserError
+
+
+class Diverged(UserError):
+    """The loss or the weights stopped being finite: nothing is saved from them (lower the learning rate)."""
+
+    exit_code = 1
+
+
+def non_finite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or an infinity, or None (one sync)."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in tensors])
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0])][0]
+
+
+def sample_list(names: list[str], root: str) -> list:
+    """[count, a hash of the names] of a split's samples, names relative to the data folder (which may move):
+    recorded in each checkpoint, so that a resume on another set of files is refused."""
+    names = [os.path.relpath(name, root) if Path(root).is_dir() else name for name in names]
+    return [len(names), hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]]
 
 
 class Meter:

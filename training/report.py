@@ -83,6 +83,22 @@ def read_log(path: Path) -> tuple[list[dict], bool]:
     return records, torn
 
 
+def open_log(out: Path, *, resumed_at: int | None):
+    """metrics.jsonl, for appending. A new run starts a new log. A resumed run keeps the records up to the
+    step it resumes from (no step is ever reported twice) and drops a torn last record, saying so."""
+    path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed_at is None or not path.is_file():
+        return open(path, "w")
+    records, torn = read_log(path)
+    if torn:
+        print(f"{path}: its last record was cut short (a kill or a full disk while it was written): dropped")
+    kept = [record for record in records if record.get("step", 0) <= resumed_at]
+    if torn or len(kept) < len(records):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    return open(path, "a")
+
+
 def write_evaluation(directory: Path, matrix: np.ndarray, class_names: list[str], metrics: dict, *,
                      draw: bool = True) -> None:
     """The confusion matrix (.npy, .csv), the per-class table (.csv) and (draw) the heatmap of one evaluation."""
