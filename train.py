@@ -318,7 +318,8 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
             run.ema.module if run.ema is not None else None
         best_from_ema = name == "best" and run.config.ema_best
         model = ema if best_from_ema else merged(run.raw_model) if run.config.lora_rank else run.raw_model
-        save_checkpoint(path, model=model, state=state, config=run.config, spec=run.spec, card=card,
+        save_checkpoint(path, model=model, state=state, config=run.config, size=run.spec.size,
+                        reduce_labels=run.spec.reduce_labels, palette=run.spec.palette, card=card,
                         ema=None if best_from_ema else ema)
     return path
 

@@ -151,11 +151,11 @@ def _writing(path: Path, previous: str):
         raise
 
 
-def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: str | None = None,
-                    ema=None) -> None:
-    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `spec`
-    (data.spec.LabelSpec) gives the input size, label reduction and class colours written beside the model.
-    `ema`: the moving average of the weights, as a model of its own in `ema/`, which every tool loads."""
+def save_checkpoint(directory: Path, *, model, state: dict, config, size: int, reduce_labels: bool = False,
+                    palette=None, card: str | None = None, ema=None) -> None:
+    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `size` and
+    `reduce_labels` go into preprocessor_config.json, the class colours `palette` into palette.json. `ema`:
+    the moving average of the weights, as a model of its own in `ema/`, which every tool loads."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     previous = last_checkpoint(directory.parent)
     intact = (f"the previous {directory.name} is intact" if directory.exists() else
@@ -166,7 +166,7 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: 
         with _writing(directory / "model.safetensors", intact):
             model.save_pretrained(tmp)  # atomic, fsynced writes
         with _writing(directory / "preprocessor_config.json", intact):
-            write_preprocessor_config(tmp, size=spec.size, reduce_labels=spec.reduce_labels)
+            write_preprocessor_config(tmp, size=size, reduce_labels=reduce_labels)
         with _writing(directory / "training_state.pt", intact):
             write_torch(state, tmp / "training_state.pt")
         with _writing(directory / "training_args.json", intact):
@@ -174,14 +174,16 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, spec, card: 
         if card is not None:  # the model card: README.md in the hub's format
             with _writing(directory / "README.md", intact):
                 atomic_write(tmp / "README.md", lambda path: Path(path).write_text(card))
-        colours = [list(colour) for colour in spec.palette]
-        with _writing(directory / "palette.json", intact):  # the class colours of overlays (infer.py, explain.py)
-            write_json(colours, tmp / "palette.json")
+        colours = [list(colour) for colour in palette] if palette else None
+        if colours:
+            with _writing(directory / "palette.json", intact):  # the class colours of overlays (infer, explain)
+                write_json(colours, tmp / "palette.json")
         if ema is not None:  # the moving average: a checkpoint of its own, which every tool loads
             with _writing(directory / "ema" / "model.safetensors", intact):
                 ema.save_pretrained(tmp / "ema")
-                write_preprocessor_config(tmp / "ema", size=spec.size, reduce_labels=spec.reduce_labels)
-                write_json(colours, tmp / "ema" / "palette.json")
+                write_preprocessor_config(tmp / "ema", size=size, reduce_labels=reduce_labels)
+                if colours:
+                    write_json(colours, tmp / "ema" / "palette.json")
             fsync_dir(tmp / "ema")
         fsync_dir(tmp)
         replace_dir(tmp, directory)

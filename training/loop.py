@@ -57,12 +57,14 @@ class Meter:
         """Leave time spent outside training steps (an evaluation) out of the images per second."""
         self.images, self.start = 0, time.perf_counter()
 
-    def add_batch(self, batch: dict) -> bool:
-        """Count a micro-batch; True when it has a pixel to learn from."""
+    def add_batch(self, batch: dict, *, ignore_index: int | None = IGNORE_INDEX) -> bool:
+        """Count a micro-batch; True when it has a label to learn from (one that is not `ignore_index`;
+        None: every label counts, as for image classes)."""
         self.skip_reasons += [reason for name, reason in zip(batch["skipped"], batch["skip_reasons"])
                               if name not in self.skipped][:3 - len(self.skip_reasons)]
         self.skipped.update(batch["skipped"])
-        labelled = "pixel_values" in batch and bool((batch["labels"] != IGNORE_INDEX).any())  # CPU: no sync
+        labelled = "pixel_values" in batch and (ignore_index is None or
+                                                bool((batch["labels"] != ignore_index).any()))  # CPU: no sync
         if "pixel_values" in batch:
             self.trained_batches += labelled
             self.unlabelled_batches += not labelled

@@ -180,18 +180,23 @@ def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> Non
     save_figure(plt, figure, path)
 
 
-def draw_curves(runs: list[tuple[str, list[dict]]], path: Path) -> bool:
-    """Loss and learning rate; mean IoU and accuracies; against step: one line per run."""
+SEGMENTATION_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
+CLASSIFICATION_METRICS = ("top1", "top5")  # pretrain.py's
+
+
+def draw_curves(runs: list[tuple[str, list[dict]]], path: Path, metrics=SEGMENTATION_METRICS) -> bool:
+    """Loss and learning rate; the evaluations' `metrics` (mean IoU and accuracies; pretrain.py's top-1 and
+    top-5); against step: one line per run."""
     plt = pyplot()
     if plt is None:
         return False
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, records in runs:
-        train = [r for r in records if "mean_iou" not in r]
-        evaluations = [r for r in records if "mean_iou" in r]
+        train = [r for r in records if metrics[0] not in r and "loss" in r and "lr" in r]
+        evaluations = [r for r in records if metrics[0] in r]
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
         axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
-        for key, style in (("mean_iou", "-o"), ("mean_accuracy", "--"), ("overall_accuracy", ":")):
+        for key, style in zip(metrics, ("-o", "--", ":")):
             axes[2].plot([r["step"] for r in evaluations], [r[key] for r in evaluations], style,
                          label=f"{name}: {key.replace('_', ' ')}" if len(runs) > 1 else key.replace("_", " "))
     for axis, title in zip(axes, ("training loss", "learning rate (encoder)", "validation")):
@@ -272,7 +277,8 @@ def main(argv=None) -> int:
             return e.exit_code
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(runs) == 1
                                            else Path("comparison.png"))
-    if not draw_curves(runs, out):
+    classification = any("top1" in record for _, records in runs for record in records)
+    if not draw_curves(runs, out, CLASSIFICATION_METRICS if classification else SEGMENTATION_METRICS):
         return 1
     print(f"wrote {out}")
     return 0
