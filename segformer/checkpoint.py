@@ -253,8 +253,10 @@ def describe(source: str | Path) -> CheckpointFacts:
     shapes of its weights (a safetensors header, not the tensors) and its side files."""
     weights, config_file = resolve(source)
     shapes = read_shapes(weights)
-    if config_file is not None:
-        hf = read_json_object(config_file)
+    hf = read_json_object(config_file) if config_file is not None else None
+    if hf is not None and "_model_class" in hf:  # segmentation_models_pytorch's own config.json: not ours to read
+        config_file = hf = None
+    if hf is not None:
         config = SegFormerConfig.from_hf_dict(hf, source=str(config_file))
     else:  # the settings are in the shapes: converted on the meta device, no memory taken
         meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}

@@ -1,6 +1,6 @@
 """Checkpoint layouts: pure `state_dict -> state_dict` conversions that account for every key.
 
-Three layouts hold SegFormer weights in the wild:
+These layouts hold SegFormer weights in the wild:
 
 * ``hf``: the Hugging Face hub layout of `SegformerForSemanticSegmentation`
   (`segformer.encoder.block.0.0.attention.self.query.weight`, `decode_head.linear_c.0.proj.weight`, ...).
@@ -10,6 +10,14 @@ Three layouts hold SegFormer weights in the wild:
   `decode_head.linear_fuse.conv.weight`, ...). Stages count from 1, keys and values share one `attn.kv`
   projection (split here), and mmseg's unused `decode_head.conv_seg.*` is dropped. The ImageNet
   backbones (`mit_b0.pth`) have the same keys without `backbone.` and with a `head.*` classifier.
+* ``mmseg``: mmsegmentation 1.x's zoo (`backbone.layers.0.1.0.attn.attn.in_proj_weight`, ...), as its
+  `tools/model_converters/mit2mmseg.py` writes MiT backbones: stage i is `layers.i` = (patch embedding,
+  blocks, norm), q, k and v are one `in_proj` of torch's MultiheadAttention, the Mix-FFN's linears are
+  1x1 convolutions (`ffn.layers.0`, `.4`; `.1` the depth-wise conv). Its SegformerHead
+  (`decode_head.convs.*`, `fusion_conv`, `conv_seg`) is our `decoder="mmseg"` (segformer/decoder.py).
+* ``smp``: segmentation_models_pytorch's `Segformer` (`encoder.block1.0.attn.q.weight`: NVlabs' encoder
+  keys under `encoder.`; `decoder.mlp_stage.<i>.linear` for stage 4 - i, `decoder.fuse_stage.0/1`,
+  `segmentation_head.0`): the all-MLP decoder, the same numbers; smp upsamples the logits x4 itself.
 * ``native``: our own module names (`encoder.stages.0.blocks.0.attn.q.weight`, `decoder.fuse.weight`).
 
 Every converter raises `LayoutError` naming any key it cannot place; keys that are dropped on purpose
@@ -18,11 +26,14 @@ Every converter raises `LayoutError` naming any key it cannot place; keys that a
 
 import re
 
+import torch
+
 from .config import VARIANTS, SegFormerConfig
 from .errors import CheckpointError
 
 # The segmentation classifier's weight in each layout: (num_labels, decoder width, 1, 1).
-CLASSIFIER_KEYS = ("decoder.classifier.weight", "decode_head.classifier.weight", "decode_head.linear_pred.weight")
+CLASSIFIER_KEYS = ("decoder.classifier.weight", "decode_head.classifier.weight", "decode_head.linear_pred.weight",
+                   "segmentation_head.0.weight")  # mmseg 1.x's conv_seg: see classifier_rows
 
 
 class LayoutError(CheckpointError):
@@ -32,6 +43,8 @@ class LayoutError(CheckpointError):
 def classifier_rows(shapes: dict) -> int | None:
     """The number of classes of the segmentation head in weights of any layout (name -> shape), or None
     where there is no head (an ImageNet encoder)."""
+    if any(key.startswith("backbone.layers.") for key in shapes) and "decode_head.conv_seg.weight" in shapes:
+        return shapes["decode_head.conv_seg.weight"][0]  # mmseg 1.x's classifier (NVlabs' conv_seg is unused)
     return next((shapes[key][0] for key in CLASSIFIER_KEYS if key in shapes), None)
 
 
@@ -78,6 +91,38 @@ _NVLABS_RULES = [
     ("decode_head.linear_fuse.conv", "decoder.fuse"),
     ("decode_head.linear_fuse.bn", "decoder.norm"),
     ("decode_head.linear_pred", "decoder.classifier"),
+]
+
+
+# (mmseg 1.x prefix, native prefix); {s} counts from 0. `attn.attn.in_proj_*` is split into q, k and v,
+# and the 1x1-conv Mix-FFN linears reshaped, before renaming (see mmseg_to_native).
+_MMSEG_RULES = [
+    ("backbone.layers.{s}.0.projection", "encoder.stages.{s}.patch_embed.proj"),
+    ("backbone.layers.{s}.0.norm", "encoder.stages.{s}.patch_embed.norm"),
+    ("backbone.layers.{s}.1.{b}.norm1", "encoder.stages.{s}.blocks.{b}.norm1"),
+    ("backbone.layers.{s}.1.{b}.attn.q", "encoder.stages.{s}.blocks.{b}.attn.q"),
+    ("backbone.layers.{s}.1.{b}.attn.k", "encoder.stages.{s}.blocks.{b}.attn.k"),
+    ("backbone.layers.{s}.1.{b}.attn.v", "encoder.stages.{s}.blocks.{b}.attn.v"),
+    ("backbone.layers.{s}.1.{b}.attn.attn.out_proj", "encoder.stages.{s}.blocks.{b}.attn.proj"),
+    ("backbone.layers.{s}.1.{b}.attn.sr", "encoder.stages.{s}.blocks.{b}.attn.sr"),
+    ("backbone.layers.{s}.1.{b}.attn.norm", "encoder.stages.{s}.blocks.{b}.attn.sr_norm"),
+    ("backbone.layers.{s}.1.{b}.norm2", "encoder.stages.{s}.blocks.{b}.norm2"),
+    ("backbone.layers.{s}.1.{b}.ffn.layers.0", "encoder.stages.{s}.blocks.{b}.ffn.fc1"),
+    ("backbone.layers.{s}.1.{b}.ffn.layers.1", "encoder.stages.{s}.blocks.{b}.ffn.dwconv"),
+    ("backbone.layers.{s}.1.{b}.ffn.layers.4", "encoder.stages.{s}.blocks.{b}.ffn.fc2"),
+    ("backbone.layers.{s}.2", "encoder.stages.{s}.norm"),
+    ("decode_head.convs.{s}.conv", "decoder.convs.{s}.conv"),
+    ("decode_head.convs.{s}.bn", "decoder.convs.{s}.bn"),
+    ("decode_head.fusion_conv.conv", "decoder.fusion_conv.conv"),
+    ("decode_head.fusion_conv.bn", "decoder.fusion_conv.bn"),
+    ("decode_head.conv_seg", "decoder.classifier"),
+]
+
+# smp's decoder (the encoder is NVlabs' under `encoder.`); mlp_stage.<i> projects stage 4 - i, see smp_to_native.
+_SMP_DECODER_RULES = [
+    ("decoder.fuse_stage.0", "decoder.fuse"),
+    ("decoder.fuse_stage.1", "decoder.norm"),
+    ("segmentation_head.0", "decoder.classifier"),
 ]
 
 
@@ -141,6 +186,93 @@ def nvlabs_to_native(state_dict: dict) -> tuple[dict, list[str]]:
     return _rename(split, _NVLABS_RULES, stage_offset=-1, layout="NVlabs"), dropped
 
 
+def mmseg_to_native(state_dict: dict) -> tuple[dict, list[str]]:
+    """mmsegmentation 1.x layout (a segmentor, or a backbone as mit2mmseg writes it) -> ours.
+    Returns (converted, dropped keys): a backbone file's ImageNet `head.*`, if any."""
+    if not any(k.startswith("backbone.") for k in state_dict):  # a backbone alone: mit_b0.pth after mit2mmseg
+        state_dict = {k if k.startswith("head.") else "backbone." + k: v for k, v in state_dict.items()}
+    dropped = [k for k in state_dict if k.startswith("head.")]
+    split = {}
+    for key, value in state_dict.items():
+        if key in dropped:
+            continue
+        if ".attn.attn.in_proj_" in key:  # torch's MultiheadAttention: rows [q; k; v], C each
+            leaf = key.rsplit("in_proj_", 1)[1]
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                split[key.replace(f".attn.attn.in_proj_{leaf}", f".attn.{name}.{leaf}")] = part
+        elif re.search(r"\.ffn\.layers\.[04]\.weight$", key):  # a 1x1 conv: (out, in, 1, 1) -> Linear (out, in)
+            split[key] = value.flatten(1)
+        else:
+            split[key] = value
+    return _rename(split, _MMSEG_RULES, stage_offset=0, layout="mmsegmentation 1.x"), dropped
+
+
+def native_to_mmseg(state_dict: dict) -> dict:
+    """Ours -> mmsegmentation 1.x: the encoder as `backbone.layers.*`, the decoder if it is mmseg's own
+    SegformerHead (`decoder="mmseg"`); the all-MLP decoder has no place in that layout."""
+    if any(k.startswith(("decoder.proj.", "decoder.fuse.")) for k in state_dict):
+        raise LayoutError("mmsegmentation 1.x's SegformerHead has a BatchNorm and ReLU on every level: the all-MLP "
+                          "decoder's weights do not fit it; build the model with decoder='mmseg', or convert the "
+                          "encoder alone")
+    renamed = _rename(state_dict, _swap(_MMSEG_RULES), stage_offset=0, layout="native")
+    out = {}
+    for key, value in renamed.items():
+        if re.search(r"\.attn\.q\.(weight|bias)$", key):  # q, k, v -> one in_proj
+            leaf = key.rsplit(".", 1)[1]
+            parts = [renamed[key.replace(".attn.q.", f".attn.{name}.")] for name in "qkv"]
+            out[key.replace(f".attn.q.{leaf}", f".attn.attn.in_proj_{leaf}")] = torch.cat(parts)
+        elif re.search(r"\.attn\.[kv]\.(weight|bias)$", key):
+            continue
+        elif re.search(r"\.ffn\.layers\.[04]\.weight$", key):
+            out[key] = value[:, :, None, None]
+        else:
+            out[key] = value
+    return out
+
+
+def smp_to_native(state_dict: dict) -> tuple[dict, list[str]]:
+    """segmentation_models_pytorch's Segformer -> ours. Returns (converted, dropped keys: none)."""
+    encoder = {"backbone." + k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    decoder = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+    converted, _ = nvlabs_to_native(encoder)
+    stages = len({m.group(1) for k in decoder if (m := re.match(r"decoder\.mlp_stage\.(\d+)\.", k))})
+    projections = {}
+    for key, value in decoder.items():
+        if m := re.match(r"decoder\.mlp_stage\.(\d+)\.linear\.([a-z_]+)$", key):  # stage 4 - i first
+            projections[f"decoder.proj.{stages - 1 - int(m.group(1))}.{m.group(2)}"] = value
+    rest = {k: v for k, v in decoder.items() if not k.startswith("decoder.mlp_stage.")}
+    converted.update(projections)
+    converted.update(_rename(rest, _SMP_DECODER_RULES, stage_offset=0, layout="segmentation_models_pytorch"))
+    return converted, []
+
+
+def native_to_smp(state_dict: dict) -> dict:
+    """Ours (the all-MLP decoder) -> segmentation_models_pytorch's Segformer."""
+    if any(k.startswith("decoder.convs.") for k in state_dict):
+        raise LayoutError("segmentation_models_pytorch's Segformer has the all-MLP decoder: mmseg's head "
+                          "(decoder='mmseg') does not fit it")
+    encoder = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    nvlabs = _rename(encoder, _swap(_NVLABS_RULES), stage_offset=1, layout="native")
+    out = {}
+    for key, value in nvlabs.items():
+        if ".attn.k." in key:  # k and v -> one kv
+            out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([value, nvlabs[key.replace(".attn.k.", ".attn.v.")]])
+        elif ".attn.v." not in key:
+            out[key] = value
+    out = {"encoder." + k[len("backbone."):]: v for k, v in out.items()}
+    stages = len({m.group(1) for k in state_dict if (m := re.match(r"decoder\.proj\.(\d+)\.", k))})
+    for key, value in state_dict.items():
+        if m := re.match(r"decoder\.proj\.(\d+)\.([a-z_]+)$", key):
+            out[f"decoder.mlp_stage.{stages - 1 - int(m.group(1))}.linear.{m.group(2)}"] = value
+    rest = {k: v for k, v in state_dict.items() if k.startswith("decoder.") and not k.startswith("decoder.proj.")}
+    out.update(_rename(rest, _swap(_SMP_DECODER_RULES), stage_offset=0, layout="native"))
+    return out
+
+
+LAYOUTS = {"hf": "Hugging Face", "nvlabs": "NVlabs", "mmseg": "mmsegmentation 1.x",
+           "smp": "segmentation_models_pytorch", "native": "native"}
+
+
 def detect_layout(state_dict: dict, *, source: str) -> str:
     keys = list(state_dict)
     if any(k.startswith("encoder.stages.") for k in keys):
@@ -149,8 +281,14 @@ def detect_layout(state_dict: dict, *, source: str) -> str:
         return "hf"
     if any(k.startswith(("backbone.patch_embed1.", "patch_embed1.")) for k in keys):
         return "nvlabs"
+    if any(k.startswith(("backbone.layers.0.0.projection.", "layers.0.0.projection.")) for k in keys):
+        return "mmseg"
+    if any(k.startswith("encoder.patch_embed1.") for k in keys):
+        return "smp"
     raise LayoutError(f"{source}: not a SegFormer checkpoint; expected keys like 'segformer.encoder.block.0.0...' "
-                      f"(Hugging Face), 'backbone.block1.0...' (NVlabs) or 'encoder.stages.0...', got {shorten(keys)}")
+                      f"(Hugging Face), 'backbone.block1.0...' (NVlabs), 'backbone.layers.0.1.0...' (mmsegmentation "
+                      f"1.x), 'encoder.block1.0...' (segmentation_models_pytorch) or 'encoder.stages.0...', got "
+                      f"{shorten(keys)}")
 
 
 def to_native(state_dict: dict, *, source: str) -> tuple[dict, list[str]]:
@@ -160,6 +298,10 @@ def to_native(state_dict: dict, *, source: str) -> tuple[dict, list[str]]:
         return hf_to_native(state_dict)
     if layout == "nvlabs":
         return nvlabs_to_native(state_dict)
+    if layout == "mmseg":
+        return mmseg_to_native(state_dict)
+    if layout == "smp":
+        return smp_to_native(state_dict)
     dropped = [k for k in state_dict if k.startswith("classifier.")]  # an image classifier's head (ours)
     return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
 
@@ -168,8 +310,8 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
     """Settings read off native-layout weights, for checkpoints without a config.json.
 
     Widths, depths, patch sizes, reduction ratios, MLP ratios, the decoder width and the number of
-    labels are in the shapes. Heads and strides are not; they take the values every variant shares
-    (heads 1/2/5/8, strides 4/2/2/2). An encoder-only checkpoint gets its variant's decoder width."""
+    labels are in the shapes, and which decoder it is. Heads and strides are not; they take the values
+    every variant shares (heads 1/2/5/8, strides 4/2/2/2). An encoder-only checkpoint gets its variant's decoder width."""
     def shape(key):
         return tuple(state_dict[key].shape)
 
@@ -193,6 +335,8 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
                     sr_ratios=tuple(sr_ratios), mlp_ratios=tuple(mlp_ratios), in_channels=in_channels)
     if "decoder.proj.0.weight" in state_dict:
         settings["decoder_hidden_size"] = shape("decoder.proj.0.weight")[0]
+    elif "decoder.convs.0.conv.weight" in state_dict:  # mmseg 1.x's SegformerHead
+        settings.update(decoder="mmseg", decoder_hidden_size=shape("decoder.convs.0.conv.weight")[0])
     else:  # encoder only: the decoder width of the matching variant (256 for B0/B1, 768 above)
         widths = [decoder_width for widths_, depths_, decoder_width in VARIANTS.values()
                   if (widths_, depths_) == (tuple(hidden_sizes), tuple(depths))]

@@ -1,5 +1,7 @@
 """Parity with the reference implementation (transformers) on the same weights."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -189,3 +191,97 @@ def test_the_image_classifier_is_transformers_segformer_for_image_classification
     assert "its 192 encoder tensors are loaded" in caplog.text and "classifier.weight" in caplog.text
     assert all(torch.equal(value, segmenter.state_dict()[key]) for key, value in ours.state_dict().items()
                if key.startswith("encoder."))
+
+
+# ---- other libraries' layouts: segmentation_models_pytorch (installed: the real thing), mmsegmentation 1.x --
+
+def smp_reference(classes=5, seed=0):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    return randomize_(smp.Segformer("mit_b0", encoder_weights=None, classes=classes), seed=seed).eval()
+
+
+def test_smp_weights_load_with_smp_logits_and_convert_back(tmp_path, capsys):
+    import convert
+    reference = smp_reference()
+    reference.save_pretrained(tmp_path / "smp")  # model.safetensors + smp's own config.json
+    ours = SegFormer.from_pretrained(tmp_path / "smp").eval()
+    assert ours.config.variant == "b0" and ours.config.num_labels == 5
+    x = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():  # smp upsamples the 1/4-resolution logits x4 itself, corners aligned
+        upsampled = torch.nn.functional.interpolate(ours(x), scale_factor=4, mode="bilinear", align_corners=True)
+        assert (upsampled - reference(x)).abs().max().item() <= ATOL
+    assert convert.main([str(tmp_path / "smp"), "--to", "smp", "--out", str(tmp_path / "back")]) == 0
+    again = type(reference).from_pretrained(tmp_path / "back")  # smp reads what we wrote
+    original = reference.state_dict()
+    assert again.state_dict().keys() == original.keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in original.items())
+
+
+def mit2mmseg_by_hand(backbone: dict) -> dict:
+    """mmsegmentation's tools/model_converters/mit2mmseg.py, written out independently of
+    segformer/layouts.py: an NVlabs ImageNet MiT (patch_embed1..., block1..., norm1..., head) -> mmseg 1.x."""
+    out = {}
+    for key, value in backbone.items():
+        if key.startswith("head"):
+            continue
+        stage = int(re.match(r"(patch_embed|block|norm)(\d+)\.", key).group(2)) - 1
+        if key.startswith("patch_embed"):
+            out[key.replace(f"patch_embed{stage + 1}", f"layers.{stage}.0").replace("proj.", "projection.")] = value
+        elif key.startswith("block"):
+            new = key.replace(f"block{stage + 1}", f"layers.{stage}.1")
+            if "attn.q." in new:
+                out[new.replace("q.", "attn.in_proj_")] = torch.cat([value, backbone[key.replace("q.", "kv.")]])
+            elif "attn.kv." in new:
+                continue
+            elif "attn.proj." in new:
+                out[new.replace("proj.", "attn.out_proj.")] = value
+            elif "mlp." in new:
+                if "fc1.weight" in new or "fc2.weight" in new:
+                    value = value.reshape(*value.shape, 1, 1)
+                new = new.replace("mlp.", "ffn.layers.").replace("fc1.", "0.").replace("dwconv.dwconv.", "1.")
+                out[new.replace("fc2.", "4.")] = value
+            else:
+                out[new] = value
+        elif key.startswith("norm"):
+            out[key.replace(f"norm{stage + 1}", f"layers.{stage}.2")] = value
+    return out
+
+
+def test_an_mmseg_backbone_from_the_published_conversion_loads_as_the_nvlabs_file(tmp_path, hf_b0_dir):
+    full = hf_to_nvlabs_by_hand(load_file(hf_b0_dir / "model.safetensors"))
+    nvlabs = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+    nvlabs.update({"head.weight": torch.randn(1000, 256), "head.bias": torch.randn(1000)})  # mit_b0.pth's ImageNet head
+    torch.save(nvlabs, tmp_path / "mit_b0.pth")
+    mmseg = mit2mmseg_by_hand(nvlabs)
+    assert "layers.0.1.0.attn.attn.in_proj_weight" in mmseg and "layers.3.2.weight" in mmseg
+    torch.save({"meta": {}, "state_dict": mmseg}, tmp_path / "mit_b0_mmseg.pth")
+    from_nvlabs = SegFormer.from_pretrained(tmp_path / "mit_b0.pth", num_labels=3).eval()
+    from_mmseg = SegFormer.from_pretrained(tmp_path / "mit_b0_mmseg.pth", num_labels=3).eval()
+    encoder = {k: v for k, v in from_nvlabs.state_dict().items() if k.startswith("encoder.")}
+    assert len(encoder) == 192 and all(torch.equal(from_mmseg.state_dict()[k], v) for k, v in encoder.items())
+    from_mmseg.decoder.load_state_dict(from_nvlabs.decoder.state_dict())  # the heads are new: the same one for both
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.equal(from_mmseg(x), from_nvlabs(x))
+
+
+def test_an_mmseg_segmentor_with_its_head_converts_both_ways(tmp_path):
+    import convert
+    model = randomize_(SegFormer.from_variant("b0", num_labels=4, decoder="mmseg")).eval()
+    model.save_pretrained(tmp_path / "ours")
+    assert convert.main([str(tmp_path / "ours"), "--to", "mmseg", "--out", str(tmp_path / "mmseg.pth")]) == 0
+    written = torch.load(tmp_path / "mmseg.pth", weights_only=True)
+    weights = written["state_dict"]
+    assert weights["backbone.layers.0.1.0.attn.attn.in_proj_weight"].shape == (96, 32)  # q, k, v in one
+    assert weights["backbone.layers.0.1.0.ffn.layers.0.weight"].shape == (128, 32, 1, 1)  # a 1x1 conv
+    assert weights["decode_head.conv_seg.weight"].shape == (4, 256, 1, 1)  # mmseg 1.x's classifier
+    assert written["meta"]["dataset_meta"]["classes"] == ["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"]
+    back = SegFormer.from_pretrained(tmp_path / "mmseg.pth").eval()
+    assert back.config.decoder == "mmseg" and back.config.num_labels == 4
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    stock = tmp_path / "stock"
+    SegFormer.from_variant("b0", num_labels=4).save_pretrained(stock)
+    assert convert.main([str(stock), "--to", "mmseg", "--out", str(tmp_path / "x.pth")]) == 2  # all-MLP: no place
+    assert convert.main([str(stock), "--to", "mmseg", "--encoder-only", "--out", str(tmp_path / "x.pth")]) == 0
