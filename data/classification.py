@@ -186,7 +186,7 @@ def open_images(source: str, split: str, *, train: bool, test_size: float | None
     if single and test_size is None:
         test_size = 0.2  # one split only: the guide's holdout, on both sides
     if test_size:
-        indices = holdout(indices, train=train, test_size=test_size, seed=0)
+        indices = holdout(indices, train=train, test_size=test_size, seed=0, source=source)
     if not indices:
         raise DataError(f"{source}: split {split!r} is empty")
     return ClassifiedImages(items, indices, class_names=classes, source=source, layout=layout)

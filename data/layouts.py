@@ -10,6 +10,11 @@
   Found at the root, or below it in `VOC2012/` or `VOCdevkit/VOC2012/`.
 * mmsegmentation's custom layout: `img_dir/{train,val}/` + `ann_dir/{train,val}/`; the stored values are
   class ids unless told otherwise, as mmseg's custom datasets default to (reduce_zero_label=False).
+* labelling tools' exports (annotations drawn into label maps by data/tools.py, which states the rules):
+  COCO JSON as COCO and CVAT lay it out (`annotations/instances_<split>.json` + `images/[<split>/]` or
+  `<split>2017/`; checked before the ADE layout, whose `annotations/` holds PNGs) and as Roboflow does
+  (`<split>/_annotations.coco.json` beside the images); LabelMe folders (one JSON per image, in
+  `<split>/` folders or flat); CVAT's "Segmentation mask 1.1" (VOC's folders, colour masks, `labelmap.txt`).
 * anything else, with a manifest: `dataset.json` in the folder (see `read_manifest`), which also
   refines a recognised layout (class names, palette, suffixes, label conventions).
 
@@ -30,6 +35,8 @@ from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
 
 from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
+from .tools import (LABELME_IGNORE, CocoFile, coco_rules, is_labelme, labelme_classes, labelme_pairs,
+                    read_labelmap)
 
 # What a split is called in each layout: the name asked for -> the names a folder may use.
 SPLIT_ALIASES = {"train": ("train", "training"), "training": ("training", "train"),
@@ -177,6 +184,104 @@ def mmseg_layout(root: Path, suffixes: dict) -> Layout:
                   mapping=MMSEG_DEFAULT, known=False)
 
 
+def cvat_mask_layout(root: Path, suffixes: dict) -> Layout:
+    """CVAT's "Segmentation mask 1.1" export: VOC's folders (images by any extension, if exported with
+    them) with colour masks in SegmentationClass/ and their colours in labelmap.txt."""
+    names, colours = read_labelmap(root / "labelmap.txt")
+    lists = root / "ImageSets" / "Segmentation"
+    images = {p.stem: p for p in sorted((root / "JPEGImages").iterdir()) if is_image_file(p)} \
+        if (root / "JPEGImages").is_dir() else {}
+
+    def pairs_of(list_file):
+        def pairs():
+            found, lonely = [], []
+            for stem in list_file.read_text().split():
+                image, annotation = images.get(stem), root / "SegmentationClass" / f"{stem}.png"
+                if image is None or not annotation.is_file():
+                    lonely.append(str(annotation if image else root / "JPEGImages" / f"{stem}.*"))
+                else:
+                    found.append((image, annotation))
+            return found, lonely
+        return pairs
+    if not lists.is_dir():
+        raise DataError(f"{root}: a CVAT mask export without ImageSets/Segmentation/ (its split lists)")
+    mapping = LabelMapping(palette=colours, name=f"colours of {root / 'labelmap.txt'} -> classes")
+    return Layout("CVAT Segmentation mask 1.1 export", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
+                  class_names=names, palette=colours, mapping=mapping, assumed=False)
+
+
+COCO_NAMES = ("instances_", "stuff_", "panoptic_")
+
+
+def coco_annotation_files(root: Path) -> dict[str, Path]:
+    """COCO's and CVAT's layout: annotations/instances_<split>.json -> {split: file} (split names without
+    a year: train2017 -> train)."""
+    folder = root / "annotations"
+    if not folder.is_dir():
+        return {}
+    files = {}
+    for path in sorted(folder.glob("*.json")):
+        prefix = next((p for p in COCO_NAMES if path.stem.startswith(p)), None)
+        if prefix in ("instances_", "stuff_"):
+            split = path.stem[len(prefix):].rstrip("0123456789") or path.stem[len(prefix):]
+            files.setdefault(split, path)  # instances_ before stuff_ where both exist
+    return files
+
+
+def coco_layout(root: Path, manifest: dict, manifest_path: Path | None, files: dict[str, Path],
+                images_of) -> Layout:
+    rules = coco_rules(manifest, manifest_path or root)
+    cocos = {split: CocoFile(path, **rules) for split, path in files.items()}
+    names = {coco.class_names() for coco in cocos.values()}
+    if len(names) > 1:
+        raise DataError(f"{root}: the splits' COCO files have different categories: "
+                        + "; ".join(f"{s}: {', '.join(c.class_names())}" for s, c in cocos.items()))
+    first = next(iter(cocos.values()))
+    ids = [f"{category}->{class_id}" for category, class_id in first.class_of().items()]
+    shown = ", ".join(ids[:8]) + (f", ... ({len(ids)} categories)" if len(ids) > 8 else "")
+    uncovered = "0 background" if rules["uncovered"] == "background" else "uncovered pixels ignored"
+    mapping = replace(IDENTITY, name=f"COCO category id -> class id {shown}; {uncovered}; crowd regions "
+                                     f"{'ignored' if rules['crowd'] == 'ignore' else 'labelled'}")
+    return Layout("COCO annotations", {s: (lambda c=c, s=s: c.pairs(images_of(s))) for s, c in cocos.items()},
+                  class_names=names.pop(), mapping=mapping, assumed=False)
+
+
+def coco_images_folder(root: Path, split: str, annotation_file: Path) -> Path:
+    """Where COCO's images of a split lie: images/<split>/, images/, or <split><year>/ beside annotations/."""
+    year = annotation_file.stem.split("_", 1)[1]
+    for candidate in (root / "images" / year, root / "images" / split, root / year, root / split, root / "images"):
+        if candidate.is_dir():
+            return candidate
+    return root / "images"
+
+
+def roboflow_files(root: Path) -> dict[str, Path]:
+    """Roboflow's COCO export: <split>/_annotations.coco.json beside the split's images."""
+    return {p.parent.name: p for p in sorted(root.glob("*/_annotations.coco.json"))}
+
+
+def labelme_files(folder: Path) -> list[Path]:
+    files = [p for p in sorted(folder.glob("*.json")) if p.name != "dataset.json"]
+    return files if files and is_labelme(files[0]) else []
+
+
+def labelme_layout(root: Path, manifest: dict) -> Layout | None:
+    """LabelMe folders: one JSON per image, in <split>/ folders or all at the root (one split)."""
+    splits = {name: labelme_files(root / name) for name in subfolders(root)}
+    splits = {name: files for name, files in splits.items() if files}
+    if not splits and labelme_files(root):
+        splits = {"all": labelme_files(root)}
+    if not splits:
+        return None
+    classes = labelme_classes(root, [f for files in splits.values() for f in files], manifest.get("classes"))
+    order = "the manifest" if manifest.get("classes") else "labels.txt" if (root / "labels.txt").is_file() else \
+        "background, then the labels sorted"
+    mapping = replace(IDENTITY, name=f"LabelMe labels -> classes ({order}; {LABELME_IGNORE} ignored)")
+    return Layout("LabelMe folder", {name: (lambda f=files: labelme_pairs(f, classes))
+                                     for name, files in splits.items()},
+                  class_names=classes, mapping=mapping, assumed=False)
+
+
 def find_voc_root(root: Path) -> Path | None:
     for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir() and (candidate / "SegmentationClass").is_dir():
@@ -193,12 +298,21 @@ def detect(root: Path, manifest_path: Path | None = None) -> Layout | None:
         layout = manifest_layout(manifest, manifest_path.parent, suffixes)
     elif (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         layout = cityscapes_layout(root, suffixes)
-    elif voc_root := find_voc_root(root):
+    elif (voc_root := find_voc_root(root)) and (voc_root / "labelmap.txt").is_file():
+        layout = cvat_mask_layout(voc_root, suffixes)
+    elif voc_root:
         layout = voc_layout(voc_root, suffixes)
     elif (root / "img_dir").is_dir() and (root / "ann_dir").is_dir():
         layout = mmseg_layout(root, suffixes)
+    elif files := coco_annotation_files(root):  # annotations/instances_<split>.json: not the ADE layout
+        layout = coco_layout(root, manifest, manifest_path, files,
+                             lambda split: coco_images_folder(root, split, files[split]))
     elif (root / "images").is_dir() and (root / "annotations").is_dir():
         layout = ade_layout(root, suffixes)
+    elif files := roboflow_files(root):
+        layout = coco_layout(root, manifest, manifest_path, files, lambda split: root / split)
+    elif layout := labelme_layout(root, manifest):
+        pass
     elif manifest:
         raise DataError(f"{manifest_path}: no \"splits\", and {root} is in no layout known here (ADE20K, "
                           f"Cityscapes, Pascal VOC, img_dir/ + ann_dir/) to take them from")
@@ -221,6 +335,8 @@ MANIFEST_KEYS = {
     "label_map": '{"<raw value>": class id or 255}, applied to raw values',
     "unknown_colors": '"error" (default) or "ignore": a colour of an rgb mask not in the palette',
     "name": "the data set's name (model cards)",
+    "uncovered": 'COCO: pixels no annotation covers are "background" (class 0, the default) or "ignore"',
+    "crowd": 'COCO: crowd regions are "ignore"d (the default) or "label"led with their category',
 }
 
 

@@ -38,6 +38,7 @@ from .spec import SourceLabels
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import SIZE as SYNTHETIC_SIZE
 from .synthetic import SyntheticScenes
+from .tools import open_annotation
 
 # The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
 # automatic parquet export of it (revision refs/convert/parquet, config "scene_parsing") is read instead.
@@ -67,12 +68,16 @@ def apply_slice(indices: list[int], bounds: slice | None, percent: bool) -> list
     return indices[bounds]
 
 
-def holdout(indices: list[int], *, train: bool, test_size: float, seed: int) -> list[int]:
+def holdout(indices: list[int], *, train: bool, test_size: float, seed: int,
+            source: str = "the data") -> list[int]:
     """The guide's `Dataset.train_test_split(test_size, seed=seed)`, applied to the sample indices: the
     same parts that call gives on the real dataset, whatever the source."""
     from datasets import Dataset
     if not 0 < test_size < 1:
         raise DataError(f"test_size must be between 0 and 1, got {test_size}")
+    if len(indices) == 1:  # train_test_split would leave one side empty
+        raise DataError(f"{source}: {len(indices)} sample in one split cannot be divided into training and "
+                        f"validation; give it a validation split of its own, or more samples")
     parts = Dataset.from_dict({"index": indices}).train_test_split(test_size=test_size, seed=seed)
     return list(parts["train" if train else "test"]["index"])
 
@@ -120,12 +125,12 @@ class FilePairs:
         return str(self.pairs[i][0])
 
     def __getitem__(self, i):
-        image_path, annotation_path = self.pairs[i]
-        return decode(image_path), decode(annotation_path), str(image_path)
+        image, annotation = self.pairs[i]  # files; or, from labelling tools, a Drawn annotation (data/tools.py)
+        return decode(_read(image), str(image)), open_annotation(annotation), str(image)
 
     def peek(self, i):
-        image_path, annotation_path = self.pairs[i]
-        return decode(annotation_path), displayed_size(_read(image_path), str(image_path)), str(image_path)
+        image, annotation = self.pairs[i]
+        return open_annotation(annotation), displayed_size(_read(image), str(image)), str(image)
 
 
 class HFSource:
@@ -181,7 +186,8 @@ class HFSource:
 
 
 def _read(path: Path, name: str | None = None) -> bytes:
-    """A file's bytes; an error names the file (and the sample `name` that points to it)."""
+    """A file's bytes (or those of an image inside a LabelMe file); an error names the file (and the sample
+    `name` that points to it)."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -246,7 +252,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         test_size = 0.2  # one split only: hold out 20% as the guide does, on both sides
     indices = apply_slice(indices, bounds, percent)
     if test_size:
-        indices = holdout(indices, train=train, test_size=test_size, seed=split_seed)
+        indices = holdout(indices, train=train, test_size=test_size, seed=split_seed, source=source)
     return Samples(data, indices, labels=labels, unpaired=unpaired)
 
 

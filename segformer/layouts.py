@@ -311,7 +311,8 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
 
     Widths, depths, patch sizes, reduction ratios, MLP ratios, the decoder width and the number of
     labels are in the shapes, and which decoder it is. Heads and strides are not; they take the values
-    every variant shares (heads 1/2/5/8, strides 4/2/2/2). An encoder-only checkpoint gets its variant's decoder width."""
+    every variant shares (heads 1/2/5/8, strides 4/2/2/2). An encoder-only checkpoint gets its variant's
+    decoder width."""
     def shape(key):
         return tuple(state_dict[key].shape)
 

@@ -1,0 +1,341 @@
+"""Annotations as labelling tools export them, drawn into label maps: COCO JSON (CVAT, Label Studio,
+Roboflow and COCO itself), LabelMe JSON, and CVAT's "Segmentation mask 1.1" (data/layouts.py finds them).
+
+The rules, the same in training, evaluation and the dataset doctor:
+
+* COCO (`pycocotools` draws every polygon and RLE, the format's own rasteriser): the classes are
+  "background" (the pixels no annotation covers), then the categories in the order of their ids, given
+  contiguous ids 1..K (said in the run's first line). With `"uncovered": "ignore"` in the manifest there
+  is no background class: uncovered pixels are ignored and the categories count from 0. Crowd regions
+  (`iscrowd: 1`) are ignored (`"crowd": "ignore"`, the default; drawn last, so no pixel of them trains)
+  or labelled with their category (`"crowd": "label"`). Where annotations overlap, the smaller one wins:
+  they are drawn largest first (an object lying on a table stays the object), equal areas in
+  annotation-id order; the area is the annotation's `area`, or its mask's where it has none.
+* LabelMe (one JSON per image: `shapes` of polygons, rectangles, circles; the image beside it, or in its
+  `imageData`): the classes are "background" then the labels, in the order of `labels.txt` (labelme2voc's
+  file: `__ignore__`, `_background_`, then one per line) or of the manifest's "classes", else sorted; the
+  label `__ignore__` is ignored. Shapes are drawn in file order, later on top, as LabelMe shows them.
+  Rectangles and circles become the polygons labelme2coco makes of them, so that a LabelMe folder and its
+  COCO conversion give identical label maps; lines and points cover no pixel and are left out.
+* CVAT "Segmentation mask 1.1": Pascal VOC's folders with colour masks and `labelmap.txt` (name:r,g,b per
+  line), decoded exactly by those colours (data/layouts.py).
+
+Every problem names the file and the annotation: a polygon outside its image, an unknown category, an
+image the JSON names but the folder lacks, a shape LabelMe does not define.
+"""
+
+import base64
+import contextlib
+import io
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segformer.errors import DataError
+from segformer.images import decode
+
+from .mapping import IGNORE_INDEX
+
+COCO_RULES = {"uncovered": ("background", "ignore"), "crowd": ("ignore", "label")}
+
+
+class Drawn:
+    """The label map of one image, drawn from vector annotations when read: `render()` -> PIL mode "L"
+    (class ids, 255 ignored). Stands where a folder pair has its annotation file."""
+
+    def __init__(self, name: str, draw):
+        self.name, self.draw = name, draw
+
+    def render(self) -> Image.Image:
+        image = Image.fromarray(self.draw())
+        image.filename = self.name  # errors found later name the source
+        return image
+
+    def __str__(self):
+        return self.name
+
+
+def _pycocotools():
+    try:
+        from pycocotools import mask as coco_mask
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise DataError("COCO and LabelMe annotations are drawn by pycocotools: pip install pycocotools "
+                        "(or the project's [labelling] extra)") from None
+    return COCO, coco_mask
+
+
+def polygon_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
+    """(H, W) bool: the union of polygons [x0, y0, x1, y1, ...], drawn as COCO draws them."""
+    _, coco_mask = _pycocotools()
+    rles = coco_mask.frPyObjects(polygons, height, width)
+    return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
+
+
+# ---- COCO -------------------------------------------------------------------------------------------------
+
+class CocoFile:
+    """One COCO JSON: its images, categories and annotations, read once (pycocotools' index)."""
+
+    def __init__(self, path: Path, *, uncovered: str = "background", crowd: str = "ignore"):
+        self.path, self.uncovered, self.crowd = path, uncovered, crowd
+
+    @cached_property
+    def coco(self):
+        COCO, _ = _pycocotools()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+                return COCO(str(self.path))
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise DataError(f"{self.path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
+
+    @cached_property
+    def category_ids(self) -> list[int]:
+        ids = sorted(self.coco.cats)
+        if not ids:
+            raise DataError(f"{self.path}: no \"categories\"")
+        return ids
+
+    def class_names(self) -> tuple[str, ...]:
+        names = tuple(str(self.coco.cats[i].get("name", i)) for i in self.category_ids)
+        return (("background",) if self.uncovered == "background" else ()) + names
+
+    def class_of(self) -> dict[int, int]:
+        """category id -> class id."""
+        first = 1 if self.uncovered == "background" else 0
+        return {category: first + i for i, category in enumerate(self.category_ids)}
+
+    def pairs(self, images_dir: Path) -> tuple[list, list[str]]:
+        """((image file, Drawn), ...) for every image of the file that `images_dir` holds, and the ones it lacks."""
+        found, lonely = [], []
+        for image_id in sorted(self.coco.imgs):
+            entry = self.coco.imgs[image_id]
+            path = images_dir / entry["file_name"]
+            if not path.is_file() and (images_dir / Path(entry["file_name"]).name).is_file():
+                path = images_dir / Path(entry["file_name"]).name  # a tool's folder prefix on file_name
+            if not path.is_file():
+                lonely.append(f"{self.path}: image id {image_id}, {entry['file_name']}: not in {images_dir}")
+                continue
+            found.append((path, Drawn(f"{self.path} image id {image_id} ({entry['file_name']})",
+                                      lambda image_id=image_id: self.draw(image_id))))
+        return found, lonely
+
+    def draw(self, image_id: int) -> np.ndarray:
+        """(H, W) uint8 class ids of one image (see the module's rules)."""
+        entry = self.coco.imgs[image_id]
+        height, width = int(entry["height"]), int(entry["width"])
+        label = np.full((height, width), 0 if self.uncovered == "background" else IGNORE_INDEX, np.uint8)
+        class_of = self.class_of()
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        ignored_crowd = self.crowd == "ignore"
+        order = sorted(annotations, key=lambda a: (ignored_crowd and bool(a.get("iscrowd", 0)),  # ignored crowds last
+                                                   -float(a.get("area") or self._area(a)), a["id"]))
+        for annotation in order:
+            where = f"{self.path} annotation id {annotation['id']} (image {entry['file_name']})"
+            if annotation.get("category_id") not in class_of:
+                raise DataError(f"{where}: category {annotation.get('category_id')!r} is not one of the file's "
+                                f"categories {self.category_ids}")
+            segmentation = annotation.get("segmentation")
+            if isinstance(segmentation, list):
+                self._check_polygons(segmentation, height, width, where)
+            elif isinstance(segmentation, dict):
+                if list(segmentation.get("size", [])) != [height, width]:
+                    raise DataError(f"{where}: an RLE of size {segmentation.get('size')}, the image is "
+                                    f"{height}x{width}")
+            else:
+                raise DataError(f"{where}: no \"segmentation\" (polygons or RLE)")
+            try:
+                mask = self.coco.annToMask(annotation).astype(bool)
+            except Exception as e:  # a malformed RLE string
+                raise DataError(f"{where}: cannot draw its segmentation ({type(e).__name__}: {e})") from None
+            crowd = bool(annotation.get("iscrowd", 0))
+            label[mask] = IGNORE_INDEX if crowd and self.crowd == "ignore" else class_of[annotation["category_id"]]
+        return label
+
+    @staticmethod
+    def _check_polygons(polygons, height, width, where):
+        for polygon in polygons:
+            if len(polygon) < 6 or len(polygon) % 2:
+                raise DataError(f"{where}: a polygon of {len(polygon)} numbers; expected x, y pairs, 3 at least")
+            xs, ys = np.asarray(polygon[0::2], float), np.asarray(polygon[1::2], float)
+            outside = (xs < -1) | (xs > width + 1) | (ys < -1) | (ys > height + 1)  # a pixel of slack at the edges
+            if outside.any():
+                i = int(np.argmax(outside))
+                raise DataError(f"{where}: polygon point ({xs[i]:g}, {ys[i]:g}) is outside the {width}x{height} image")
+
+    def _area(self, annotation) -> float:
+        return float(self.coco.annToMask(annotation).sum())
+
+
+def coco_rules(manifest: dict, path: Path) -> dict:
+    """The manifest's "uncovered" and "crowd" choices, checked."""
+    rules = {}
+    for key, allowed in COCO_RULES.items():
+        value = manifest.get(key, allowed[0])
+        if value not in allowed:
+            raise DataError(f"{path}: key {key!r} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        rules[key] = value
+    return rules
+
+
+# ---- LabelMe ----------------------------------------------------------------------------------------------
+
+LABELME_IGNORE, LABELME_AREA_SHAPES, LABELME_NO_AREA = "__ignore__", ("polygon", "rectangle", "circle"), \
+    ("line", "linestrip", "point", "points")
+
+
+def is_labelme(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(content, dict) and "shapes" in content and ("imagePath" in content or "imageData" in content)
+
+
+def read_labelme(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a LabelMe JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
+        raise DataError(f"{path}: not a LabelMe JSON file (no \"shapes\" list)")
+    return content
+
+
+def labelme_labels(files: list[Path]) -> list[str]:
+    """Every label the files use, sorted (the ignore label left out)."""
+    labels = {str(shape.get("label")) for f in files for shape in read_labelme(f)["shapes"]
+              if shape.get("shape_type", "polygon") not in LABELME_NO_AREA}
+    return sorted(labels - {LABELME_IGNORE})
+
+
+def labelme_classes(folder: Path, files: list[Path], manifest_classes) -> tuple[str, ...]:
+    """The class names: the manifest's, labels.txt's (labelme2voc's: __ignore__, _background_, ...), or
+    "background" and the labels found, sorted."""
+    if manifest_classes:
+        return tuple(manifest_classes)
+    labels_file = folder / "labels.txt"
+    if labels_file.is_file():
+        names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+        names = [n for n in names if n != LABELME_IGNORE]
+        if not names:
+            raise DataError(f"{labels_file}: no class names")
+        return tuple("background" if n == "_background_" else n for n in names)
+    return ("background", *labelme_labels(files))
+
+
+def labelme_pairs(files: list[Path], class_names: tuple[str, ...]) -> tuple[list, list[str]]:
+    """((image, Drawn), ...) for LabelMe files whose image is beside them or inside them, and the rest."""
+    found, lonely = [], []
+    for path in files:
+        content = read_labelme(path)
+        image = path.parent / content["imagePath"] if content.get("imagePath") else None
+        if image is not None and image.is_file():
+            source = image
+        elif content.get("imageData"):
+            source = EmbeddedImage(path)
+        else:
+            lonely.append(f"{path}: its image {content.get('imagePath')!r} is not beside it, and it holds no imageData")
+            continue
+        found.append((source, Drawn(str(path), lambda path=path: draw_labelme(path, class_names))))
+    return found, lonely
+
+
+class EmbeddedImage:
+    """The image inside a LabelMe file (its base64 `imageData`), read like an image file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read_bytes(self) -> bytes:
+        try:
+            return base64.b64decode(read_labelme(self.path)["imageData"], validate=True)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{self.path}: its imageData is not base64 ({e})") from None
+
+    def __str__(self):
+        return f"{self.path} (imageData)"
+
+
+
+def shape_polygon(shape: dict, where: str) -> list[float] | None:
+    """A LabelMe shape as one polygon [x0, y0, ...] (labelme2coco's conversion), None for shapes with no area."""
+    kind = shape.get("shape_type") or "polygon"
+    points = shape.get("points") or []
+    if kind in LABELME_NO_AREA:
+        return None
+    if kind not in LABELME_AREA_SHAPES:
+        raise DataError(f"{where}: shape type {kind!r}; expected one of {', '.join(LABELME_AREA_SHAPES)} "
+                        f"(or {', '.join(LABELME_NO_AREA)}, which cover no pixel)")
+    if kind == "rectangle":
+        if len(points) != 2:
+            raise DataError(f"{where}: a rectangle needs 2 points, got {len(points)}")
+        (x1, y1), (x2, y2) = points
+        x1, x2 = sorted((x1, x2))
+        y1, y2 = sorted((y1, y2))
+        return [x1, y1, x2, y1, x2, y2, x1, y2]
+    if kind == "circle":
+        if len(points) != 2:
+            raise DataError(f"{where}: a circle needs its centre and a point on it, got {len(points)} points")
+        (cx, cy), (px, py) = points
+        r = math.hypot(px - cx, py - cy)
+        n = max(int(math.pi / math.acos(1 - 1 / r)), 12) if r > 1 else 12
+        angles = [2 * math.pi * i / n for i in range(n)]
+        return [v for a in angles for v in (cx + r * math.sin(a), cy + r * math.cos(a))]
+    if len(points) < 3:
+        raise DataError(f"{where}: a polygon of {len(points)} points; 3 at least")
+    return [float(v) for point in points for v in point]
+
+
+def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
+    content = read_labelme(path)
+    try:
+        height, width = int(content["imageHeight"]), int(content["imageWidth"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: no imageHeight / imageWidth") from None
+    ids = {name: i for i, name in enumerate(class_names)}
+    label = np.full((height, width), ids.get("background", IGNORE_INDEX), np.uint8)
+    for number, shape in enumerate(content["shapes"]):
+        name = str(shape.get("label"))
+        where = f"{path} shape {number} ({name!r})"
+        polygon = shape_polygon(shape, where)
+        if polygon is None:
+            continue
+        if name != LABELME_IGNORE and name not in ids:
+            raise DataError(f"{where}: label {name!r} is not a class ({', '.join(class_names)}); add it to "
+                            f"labels.txt or the manifest's \"classes\"")
+        CocoFile._check_polygons([polygon], height, width, where)
+        label[polygon_mask([polygon], height, width)] = IGNORE_INDEX if name == LABELME_IGNORE else ids[name]
+    return label
+
+
+# ---- CVAT's Segmentation mask 1.1 -------------------------------------------------------------------------
+
+def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+    """CVAT's / Datumaro's labelmap.txt: `name:r,g,b:parts:actions` per line -> (names, colours)."""
+    names, colours = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        try:
+            colour = tuple(int(v) for v in fields[1].split(","))
+            assert len(colour) == 3 and all(0 <= v <= 255 for v in colour)
+        except (IndexError, ValueError, AssertionError):
+            raise DataError(f"{path} line {number}: expected 'name:r,g,b::', got {line.strip()!r}") from None
+        names.append(fields[0])
+        colours.append(colour)
+    if not names:
+        raise DataError(f"{path}: no labels")
+    if len(set(colours)) < len(colours):
+        raise DataError(f"{path}: two labels share a colour")
+    return tuple(names), tuple(colours)
+
+
+def open_annotation(annotation) -> Image.Image:
+    """A pair's annotation: drawn from vector annotations, or decoded from its file."""
+    return annotation.render() if isinstance(annotation, Drawn) else decode(annotation)

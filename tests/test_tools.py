@@ -1,0 +1,220 @@
+"""Labelling tools' exports (COCO, LabelMe, CVAT masks) read as data sets: the same small data set in each
+format gives identical label tensors, the rules of data/tools.py hold, and bad files get one line."""
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DataError, build_dataset
+from helpers import random_image
+
+mask_api = pytest.importorskip("pycocotools.mask")
+
+H, W = 40, 56
+CLASSES = ["background", "cat", "dog"]
+COLOURS = [(0, 0, 0), (250, 50, 83), (61, 245, 61)]
+# Per image, LabelMe shapes (label, type, points); the COCO file holds the same as polygons.
+SHAPES = [
+    [("cat", "polygon", [[4, 4], [30, 6], [16, 30]]), ("dog", "rectangle", [[34, 10], [50, 35]])],
+    [("dog", "circle", [[28, 20], [28, 32]]), ("cat", "polygon", [[20, 14], [36, 14], [36, 26], [20, 26]])],
+    [("cat", "rectangle", [[0, 0], [40.5, 39.5]]), ("dog", "polygon", [[10, 10], [20, 10], [15, 25]])],
+]
+
+
+def labelme2coco_polygon(kind, points):
+    """labelme's published labelme2coco conversion of a shape to one polygon, written out for the test."""
+    if kind == "rectangle":
+        (x1, y1), (x2, y2) = points
+        x1, x2 = sorted([x1, x2])
+        y1, y2 = sorted([y1, y2])
+        return [x1, y1, x2, y1, x2, y2, x1, y2]
+    if kind == "circle":
+        (x1, y1), (x2, y2) = points
+        r = math.hypot(x2 - x1, y2 - y1)
+        n = max(int(math.pi / math.acos(1 - 1 / r)), 12)
+        return [v for i in range(n) for v in (x1 + r * math.sin(2 * math.pi / n * i),
+                                              y1 + r * math.cos(2 * math.pi / n * i))]
+    return [float(v) for p in points for v in p]
+
+
+def truth(image_shapes):
+    """The label map pycocotools' masks give, largest shape drawn first (the COCO rule)."""
+    label = np.zeros((H, W), np.uint8)
+    masks = [(mask_api.decode(mask_api.merge(mask_api.frPyObjects([labelme2coco_polygon(kind, pts)], H, W))),
+              CLASSES.index(name)) for name, kind, pts in image_shapes]
+    for mask, class_id in sorted(masks, key=lambda m: -int(m[0].sum())):
+        label[mask.astype(bool)] = class_id
+    return label
+
+
+def coco_json(images, shapes, *, extra_annotations=()):
+    annotations = []
+    for image_id, image_shapes in enumerate(shapes, 1):
+        for name, kind, points in image_shapes:
+            polygon = labelme2coco_polygon(kind, points)
+            area = float(mask_api.area(mask_api.merge(mask_api.frPyObjects([polygon], H, W))))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": CLASSES.index(name),
+                                "segmentation": [polygon], "area": area, "iscrowd": 0, "bbox": [0, 0, 1, 1]})
+    annotations += list(extra_annotations)
+    return {"images": [{"id": i, "file_name": name, "height": H, "width": W} for i, name in enumerate(images, 1)],
+            "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES) if i],
+            "annotations": annotations}
+
+
+def write_all_formats(root, shapes=SHAPES):
+    names = [f"img{i}.png" for i in range(len(shapes))]
+    pictures = [random_image(H, W, seed=i) for i in range(len(shapes))]
+    labels = [truth(s) for s in shapes]
+    # 1. index PNGs, mmseg's layout with a manifest
+    for sub in ("img_dir", "ann_dir"):
+        (root / "index" / sub).mkdir(parents=True)
+    for name, picture, label in zip(names, pictures, labels):
+        picture.save(root / "index" / "img_dir" / name)
+        Image.fromarray(label).save(root / "index" / "ann_dir" / name)
+    (root / "index" / "dataset.json").write_text(json.dumps({"classes": CLASSES}))
+    # 2. COCO as CVAT exports it: images/ + annotations/instances_default.json
+    (root / "coco" / "images").mkdir(parents=True)
+    (root / "coco" / "annotations").mkdir()
+    for name, picture in zip(names, pictures):
+        picture.save(root / "coco" / "images" / name)
+    (root / "coco" / "annotations" / "instances_default.json").write_text(json.dumps(coco_json(names, shapes)))
+    # 3. Roboflow: train/_annotations.coco.json beside the images
+    (root / "roboflow" / "train").mkdir(parents=True)
+    for name, picture in zip(names, pictures):
+        picture.save(root / "roboflow" / "train" / name)
+    (root / "roboflow" / "train" / "_annotations.coco.json").write_text(json.dumps(coco_json(names, shapes)))
+    # 4. LabelMe: one JSON per image; the last one holds its image (imageData) instead of pointing to a file
+    (root / "labelme").mkdir()
+    (root / "labelme" / "labels.txt").write_text("__ignore__\n_background_\ncat\ndog\n")
+    for i, (name, picture, image_shapes) in enumerate(zip(names, pictures, shapes)):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        embedded = i == len(names) - 1
+        if not embedded:
+            picture.save(root / "labelme" / name)
+        document = {"version": "5.4.1", "flags": {}, "imagePath": name, "imageHeight": H, "imageWidth": W,
+                    "imageData": base64.b64encode(buffer.getvalue()).decode() if embedded else None,
+                    "shapes": [{"label": label, "points": pts, "shape_type": kind, "group_id": None, "flags": {}}
+                               for label, kind, pts in image_shapes]}
+        (root / "labelme" / name.replace(".png", ".json")).write_text(json.dumps(document))
+    # 5. CVAT's Segmentation mask 1.1: colour masks and labelmap.txt
+    cvat = root / "cvat"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (cvat / sub).mkdir(parents=True)
+    (cvat / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(
+        f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(CLASSES, COLOURS)))
+    for name, picture, label in zip(names, pictures, labels):
+        picture.save(cvat / "JPEGImages" / name)
+        Image.fromarray(np.asarray(COLOURS, np.uint8)[label]).save(cvat / "SegmentationClass" / name)
+    (cvat / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(n[:-4] for n in names) + "\n")
+    return labels
+
+
+def read_labels(folder):
+    dataset = build_dataset(str(folder), "train", test_size=0)
+    return dataset.class_names, [dataset.load(i)[1] for i in range(len(dataset))], dataset.samples.layout
+
+
+def test_every_export_of_the_same_data_gives_identical_label_tensors(tmp_path, capsys):
+    from data.__main__ import main as doctor
+    labels = write_all_formats(tmp_path)
+    names, expected, _ = read_labels(tmp_path / "index")
+    assert names == CLASSES and [t.numpy().tolist() for t in expected] == [lb.tolist() for lb in labels]
+    assert all(len(np.unique(lb)) == 3 for lb in labels)  # every class in every image: nothing hides
+    for fmt, layout in (("coco", "COCO annotations"), ("roboflow", "COCO annotations"),
+                        ("labelme", "LabelMe folder"), ("cvat", "CVAT Segmentation mask 1.1 export")):
+        names, got, found = read_labels(tmp_path / fmt)
+        assert found == layout and names == CLASSES, fmt
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected), fmt
+        assert doctor([str(tmp_path / fmt)]) == 0
+        assert layout in capsys.readouterr().out
+
+
+def test_coco_rules_rle_crowd_uncovered_and_overlap_order(tmp_path):
+    hand = np.zeros((H, W), np.uint8, order="F")
+    hand[5:15, 7:30] = 1
+    hand[20, 3] = 1  # a lone pixel: RLE is exact
+    rle = mask_api.encode(np.asfortranarray(hand))
+    rle["counts"] = rle["counts"].decode()
+    crowd = {"id": 90, "image_id": 1, "category_id": 2, "iscrowd": 1, "area": float(hand.sum()), "bbox": [0, 0, 1, 1],
+             "segmentation": {"size": [H, W], "counts": rle["counts"]}}
+    shapes = [[("cat", "rectangle", [[2, 2], [50, 38]]), ("dog", "rectangle", [[10, 10], [20, 20]])]]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    random_image(H, W).save(tmp_path / "images" / "img0.png")
+    document = coco_json(["img0.png"], shapes, extra_annotations=[crowd])
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(document))
+    labels = build_dataset(str(tmp_path), "train", test_size=0).load(0)[1].numpy()
+    dog = labelme2coco_polygon("rectangle", [[10, 10], [20, 20]])
+    small = mask_api.decode(mask_api.frPyObjects([dog], H, W))[..., 0]
+    assert (labels[hand == 1] == 255).all()  # the crowd region, drawn exactly from its RLE, is ignored
+    assert (labels[(small == 1) & (hand == 0)] == 2).all()  # the smaller dog lies on the larger cat
+    (tmp_path / "dataset.json").write_text(json.dumps({"uncovered": "ignore", "crowd": "label"}))
+    dataset = build_dataset(str(tmp_path), "train", test_size=0)
+    labels = dataset.load(0)[1].numpy()
+    assert dataset.class_names == ["cat", "dog"]  # no background class: categories from 0
+    assert labels[0, 0] == 255 and (labels[hand == 1] == 1).all()  # uncovered ignored; the crowd is a dog
+    (tmp_path / "dataset.json").write_text(json.dumps({"crowd": "sometimes"}))
+    with pytest.raises(DataError, match=r"dataset.json: key 'crowd' must be one of 'ignore', 'label'"):
+        build_dataset(str(tmp_path), "train", test_size=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0]["segmentation"][0].__setitem__(0, 300.0),
+     r"instances_train.json annotation id 1 \(image img0.png\): polygon point \(300, 4\) is outside the 56x40 image"),
+    (lambda d: d["annotations"][1].__setitem__("category_id", 7),
+     r"annotation id 2 \(image img0.png\): category 7 is not one of the file's categories \[1, 2\]"),
+    (lambda d: d["images"].append({"id": 9, "file_name": "gone.png", "height": H, "width": W}),
+     r"instances_train.json: image id 9, gone.png: not in .*images"),
+])
+def test_a_bad_coco_file_is_one_line_naming_file_and_annotation(change, message, tmp_path, capsys):
+    import train
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    for i in range(2):
+        random_image(H, W, seed=i).save(tmp_path / "images" / f"img{i}.png")
+    document = coco_json(["img0.png", "img1.png"], SHAPES[:2])
+    change(document)
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(document))
+    code = train.main(["--data", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-plots",
+                       "--size", "32"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1
+    assert __import__("re").search(message, errors[0]), errors[0]
+
+
+def test_labelme_rules_ignore_label_later_shapes_on_top_and_unknown_labels(tmp_path):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    random_image(H, W).save(folder / "a.png")
+    shapes = [{"label": "cat", "shape_type": "rectangle", "points": [[0, 0], [30, 30]]},
+              {"label": "dog", "shape_type": "rectangle", "points": [[0, 0], [10, 10]]},
+              {"label": "__ignore__", "shape_type": "polygon", "points": [[40, 0], [50, 0], [50, 10]]},
+              {"label": "cat", "shape_type": "line", "points": [[0, 39], [55, 39]]}]
+    document = {"imagePath": "a.png", "imageData": None, "imageHeight": H, "imageWidth": W, "shapes": shapes}
+    (folder / "a.json").write_text(json.dumps(document))
+    dataset = build_dataset(str(folder), "train", test_size=0)
+    labels = dataset.load(0)[1].numpy()
+    assert dataset.class_names == ["background", "cat", "dog"]  # sorted labels after the background
+    assert labels[5, 5] == 2 and labels[20, 20] == 1 and labels[2, 47] == 255 and labels[39, 30] == 0
+    shapes.append({"label": "cow", "shape_type": "polygon", "points": [[0, 0], [5, 0], [5, 5]]})
+    (folder / "a.json").write_text(json.dumps(document))
+    (folder / "labels.txt").write_text("_background_\ncat\ndog\n")
+    with pytest.raises(DataError, match=r"a.json shape 4 \('cow'\): label 'cow' is not a class"):
+        build_dataset(str(folder), "train", test_size=0).load(0)
+
+
+def test_one_sample_in_one_split_cannot_be_held_out_and_says_so(tmp_path):
+    (tmp_path / "lm").mkdir()
+    random_image(H, W).save(tmp_path / "lm" / "a.png")
+    (tmp_path / "lm" / "a.json").write_text(json.dumps({"imagePath": "a.png", "imageHeight": H, "imageWidth": W,
+                                                         "shapes": []}))
+    with pytest.raises(DataError, match=r"lm: 1 sample in one split cannot be divided into training and validation"):
+        build_dataset(str(tmp_path / "lm"), "train", train=True)  # was datasets' raw ValueError
