@@ -11,10 +11,21 @@ For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <
 x.jpg) keep their extension in the output names (x_png_mask.png, x_jpg_mask.png). Every output is
 written atomically; an image whose three outputs exist is kept unless --overwrite. An image that fails
 (unreadable, out of memory, ...) is reported and the others go on; the exit status is then 1.
+
+For labelling tools, to correct the predictions instead of drawing from nothing (pre-labelling):
+  --format coco     predictions.coco.json: COCO instances, one annotation per class present in an image,
+                    its region as a compressed RLE (exact), category id = class id + 1, file_name the image's
+                    path under the input folder
+  --format labelme  labelme/<stem>.json: LabelMe polygons, one per connected region, traced along the
+                    pixel boundaries and simplified within --polygon-tolerance pixels, largest first
+Both read back as data (train.py --data): a folder with predictions.coco.json as
+annotations/instances_<split>.json, or the labelme/ folder, where the images lie beside the JSON files
+it points to.
 """
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -67,6 +78,11 @@ def get_args(argv=None):
     p.add_argument("--alpha", type=bounded(float, 0.0, 1.0), default=0.5,
                    help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--format", nargs="+", choices=["coco", "labelme"], default=[],
+                   help="also write the predictions for labelling tools: COCO RLE, LabelMe polygons")
+    p.add_argument("--polygon-tolerance", type=bounded(float, 0.0, 100.0), default=0.5,
+                   help="--format labelme: the polygons' largest distance from the pixel boundary, in pixels "
+                        "(0: every boundary corner, exact)")
     p.add_argument("--trust-code", action="store_true",
                    help="import the code from outside this project that the checkpoint names as a part of its model")
     args = p.parse_args(argv)
@@ -130,6 +146,39 @@ def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, a
     atomic_write(output_path(stem, "_overlay.png"),
                  lambda tmp: overlay(image, label_map, colours, names, alpha).save(tmp, format="PNG"))
     atomic_write(output_path(stem, ".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def write_formats(formats: list[str], files: list[tuple[Path, Path]], out: Path, names: dict, *,
+                  tolerance: float) -> None:
+    """The predictions of every image, read back from its _mask.png, in labelling tools' formats."""
+    from data.tools import coco_annotations, coco_categories, labelme_document
+    class_names = [names[i] for i in sorted(names)]
+    images, annotations = [], []
+    for image_id, (path, relative) in enumerate(files, 1):
+        stem = out / relative
+        label_map = np.asarray(Image.open(output_path(stem, "_mask.png")))
+        if "coco" in formats:
+            images.append({"id": image_id, "file_name": str(relative.parent / path.name),
+                           "height": label_map.shape[0], "width": label_map.shape[1]})
+            annotations += coco_annotations(label_map, image_id, first_id=len(annotations) + 1)
+        if "labelme" in formats:  # labels.txt (labelme2voc's) keeps the class ids
+            write_labels_file(out / "labelme" / "labels.txt", class_names)
+            target = output_path(out / "labelme" / relative, ".json")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            document = labelme_document(label_map, os.path.relpath(path.resolve(), target.parent.resolve()),
+                                        class_names, tolerance=tolerance)
+            atomic_write(target, lambda tmp, d=document: Path(tmp).write_text(json.dumps(d, indent=1)))
+    if "coco" in formats:
+        document = {"info": {"description": "SegFormer predictions"}, "images": images, "annotations": annotations,
+                    "categories": coco_categories(class_names)}
+        atomic_write(out / "predictions.coco.json", lambda tmp: Path(tmp).write_text(json.dumps(document)))
+    print(f"labelling formats ({', '.join(formats)}): " + ", ".join(
+        str(p) for p, f in ((out / "predictions.coco.json", "coco"), (out / "labelme", "labelme")) if f in formats))
+
+
+def write_labels_file(path: Path, class_names: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(["__ignore__", *class_names]) + "\n"))
 
 
 def output_path(stem: Path, suffix: str) -> Path:
@@ -210,6 +259,12 @@ def main(args) -> int:
         else:
             written += 1
 
+    if args.format and not failed:
+        try:
+            write_formats(args.format, files, out, names, tolerance=args.polygon_tolerance)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
     print(f"{written} image(s) segmented into {out}/", end="")
     print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")
     print(f"; {len(failed)} failed:" if failed else "")

@@ -266,13 +266,17 @@ def labelme_files(folder: Path) -> list[Path]:
 
 
 def labelme_layout(root: Path, manifest: dict) -> Layout | None:
-    """LabelMe folders: one JSON per image, in <split>/ folders or all at the root (one split)."""
-    splits = {name: labelme_files(root / name) for name in subfolders(root)}
+    """LabelMe folders: one JSON per image, in <split>/ folders (train, val, ...) or anywhere below the
+    root (one split)."""
+    split_names = {name for names in SPLIT_ALIASES.values() for name in names}
+    splits = {name: labelme_files(root / name) for name in subfolders(root) if name in split_names}
     splits = {name: files for name, files in splits.items() if files}
-    if not splits and labelme_files(root):
-        splits = {"all": labelme_files(root)}
     if not splits:
-        return None
+        folders = sorted({p.parent for p in root.rglob("*.json") if not p.name.startswith(".")})
+        files = [f for folder in folders for f in labelme_files(folder)]
+        if not files:
+            return None
+        splits = {"all": files}
     classes = labelme_classes(root, [f for files in splits.values() for f in files], manifest.get("classes"))
     order = "the manifest" if manifest.get("classes") else "labels.txt" if (root / "labels.txt").is_file() else \
         "background, then the labels sorted"

@@ -339,3 +339,57 @@ def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, in
 def open_annotation(annotation) -> Image.Image:
     """A pair's annotation: drawn from vector annotations, or decoded from its file."""
     return annotation.render() if isinstance(annotation, Drawn) else decode(annotation)
+
+
+# ---- predictions out, for pre-labelling ---------------------------------------------------------------------
+
+def coco_categories(class_names) -> list[dict]:
+    """Every class as a COCO category, id = class id + 1 (COCO counts from 1)."""
+    return [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(class_names)]
+
+
+def coco_annotations(label_map: np.ndarray, image_id: int, first_id: int) -> list[dict]:
+    """One annotation per class present: its whole region as a compressed RLE (exact), with area and box."""
+    _, coco_mask = _pycocotools()
+    annotations = []
+    for class_id in np.unique(label_map):
+        if class_id == IGNORE_INDEX:
+            continue
+        rle = coco_mask.encode(np.asfortranarray(label_map == class_id, dtype=np.uint8))
+        annotations.append({"id": first_id + len(annotations), "image_id": image_id,
+                            "category_id": int(class_id) + 1, "iscrowd": 0,
+                            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+                            "area": float(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)]})
+    return annotations
+
+
+def labelme_document(label_map: np.ndarray, image_path: str, class_names, *, tolerance: float = 0.0) -> dict:
+    """A LabelMe file of a label map: each connected region's outline as a polygon (scikit-image's marching
+    squares, simplified by Douglas-Peucker within `tolerance` pixels), the largest outline first, so that a
+    region inside another one's outline, drawn later, stays itself when LabelMe (or data/tools.py) paints
+    them in order: the holes of a region are the regions drawn over it."""
+    try:
+        from skimage.measure import approximate_polygon, find_contours, label as components
+    except ImportError:
+        raise DataError("LabelMe polygons are traced by scikit-image: pip install scikit-image (or the project's "
+                        "[labelling] extra)") from None
+    height, width = label_map.shape
+    shapes = []
+    for class_id in np.unique(label_map):
+        if class_id == IGNORE_INDEX:
+            continue
+        regions = components(label_map == class_id, connectivity=1)
+        for region in range(1, regions.max() + 1):
+            mask = np.pad(regions == region, 1)  # closed outlines along the image's border too
+            outline = max(find_contours(mask.astype(np.float32), 0.5), key=len) - 1  # (N, 2) rows, cols
+            outline = approximate_polygon(outline, tolerance) if tolerance else outline
+            points = np.clip(outline[:, ::-1] + 0.5, 0, [width, height])  # pixel centres -> LabelMe's x, y
+            if len(points) >= 4:  # a closed outline repeats its first point
+                x, y = points[:, 0], points[:, 1]
+                area = abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2  # inside the outline
+                shapes.append((area, {"label": class_names[int(class_id)],
+                                                 "points": points[:-1].round(2).tolist(),
+                                                 "group_id": None, "shape_type": "polygon", "flags": {}}))
+    shapes.sort(key=lambda item: -item[0])
+    return {"version": "5.4.1", "flags": {}, "shapes": [shape for _, shape in shapes], "imagePath": image_path,
+            "imageData": None, "imageHeight": height, "imageWidth": width}
