@@ -8,7 +8,8 @@
     python infer.py --onnx exported/model.onnx photo.jpg --out predictions/         # the same CLI, through ORT
 
 The graphs (batch, height and width are dynamic: one file serves every image size):
-  default      pixel_values (B, 3, H, W) float32, normalised as the image processor does
+  default      pixel_values (B, 3, H, W) float32, normalised as the image processor does (a model of
+               several bands: (B, C, H, W), normalised per band as its preprocessor_config.json says)
                -> logits (B, K, ceil(H/4), ceil(W/4))
   --label-map  image (B, 3, H, W) uint8 RGB -> label_map (B, H, W) int64: the processor's resize to
                size x size (bilinear, antialiased) and normalisation, the model, the upsampling of the
@@ -133,7 +134,7 @@ def export_onnx(model: SegFormer, path: str | Path, *, label_map_size: int | Non
         graph, example, names = LabelMapGraph(model, label_map_size).eval(), \
             torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), (["image"], ["label_map"])
     else:  # a batch of 2 in the example: a batch of 1 would be specialised
-        graph, example, names = model, torch.randn(2, 3, 96, 128), (["pixel_values"], ["logits"])
+        graph, example, names = model, torch.randn(2, model.config.in_channels, 96, 128), (["pixel_values"], ["logits"])
     translations = None if portable else attention_as_onnxruntime_operator()
     log = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -242,7 +243,7 @@ def mask_agreement(reference: Path, candidate: Path, inputs: list[torch.Tensor])
 
 def write_sidecars(spec, out: Path) -> None:
     """What a service needs beside the graph: the preprocessing, the class names, the colours."""
-    write_preprocessor_config(out, size=spec.size, reduce_labels=spec.reduce_labels)
+    write_preprocessor_config(out, size=spec.size, reduce_labels=spec.reduce_labels, bands=spec.bands)
     write_json({str(i): name for i, name in spec.id2label.items()}, out / "id2label.json")
     write_json([list(c) for c in spec.palette], out / "palette.json")
 
@@ -282,6 +283,10 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
     size = spec.size
     if size < MIN_SIDE:
         raise ConfigError(f"--size {size}: at least {MIN_SIDE}")
+    if spec.bands is not None and (label_map or int8):
+        raise ConfigError(f"{checkpoint} reads {spec.bands.count}-band images at full precision: --label-map and "
+                          f"--int8 take 8-bit RGB images; export the logits graph (without them), which takes the "
+                          f"bands normalised as preprocessor_config.json says")
     if int8 and label_map:
         raise ConfigError("--int8 goes with the logits graph (export without --label-map)")
     if calibration_folder and int8 != "static":
@@ -297,12 +302,14 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
     program = export_any(model, path, label_map_size=size if label_map else None, portable=portable)
     if not label_map:
         try:
-            worst = check_logits(model, path, [(1, 3, size, size), (2, 3, 320, 480)])
+            bands = model.config.in_channels
+            worst = check_logits(model, path, [(1, bands, size, size), (2, bands, 320, 480)])
         except Exception as e:  # a graph that runs at the traced size only, an operator ORT lacks
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{path}: ONNX Runtime cannot run the graph of {model.config.describe()} at every size "
                               f"({first})") from None
-        print(f"ONNX Runtime vs eager, 1x3x{size}x{size} and 2x3x320x480: max |logits difference| {worst:.2e}")
+        print(f"ONNX Runtime vs eager, 1x{bands}x{size}x{size} and 2x{bands}x320x480: max |logits difference| "
+              f"{worst:.2e}")
         if worst > 1e-4:
             raise ExportError(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
     write_sidecars(spec, out)

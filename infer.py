@@ -40,6 +40,7 @@ from segformer import SegFormer
 from segformer.checkpoint import atomic_write, describe, writable_folder
 from segformer.device import check_device
 from segformer.errors import UserError
+from segformer.bands import display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
 from segformer.images import is_image_file, load_image
 from segformer.inference import Predictor
 from segformer.visual import overlay
@@ -186,13 +187,23 @@ def output_path(stem: Path, suffix: str) -> Path:
 
 
 def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha) -> str | None:
-    """Segment one image and write its outputs; what went wrong, in one line naming the file, or None."""
+    """Segment one image and write its outputs; what went wrong, in one line naming the file, or None.
+    A model of several bands reads the file at full precision and draws its overlay on the first three,
+    stretched; a GeoTIFF's mask is also written as <stem>_mask.tif with its georeferencing (rasterio)."""
     try:
-        image = load_image(path)
+        pixels = load_image(path) if predictor.bands is None else read_bands(path)
+        if predictor.bands is not None:
+            to_band_tensor(pixels, str(path), predictor.bands.count)  # the band count, checked
     except UserError as e:  # unreadable, not an image, missing: the message names the file
         return one_line(e)
     try:
-        save_outputs(path, image, predictor(image), stem, colours=colours, names=names, alpha=alpha)
+        prediction = predictor(pixels)
+        image = pixels if predictor.bands is None else display_rgb(pixels)
+        save_outputs(path, image, prediction, stem, colours=colours, names=names, alpha=alpha)
+        where = georeference(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        if where is not None:  # a GeoTIFF: the mask where the image lies, for GIS tools
+            label_map = prediction.label_map.cpu().numpy()
+            atomic_write(output_path(stem, "_mask.tif"), lambda tmp: write_geotiff(label_map, Path(tmp), where))
     except Exception as e:  # out of memory (a RuntimeError), an unwritable output, ...
         return f"{path}: {type(e).__name__}: {one_line(e)}"
     return None
@@ -237,7 +248,7 @@ def main(args) -> int:
     predictor = Predictor(model, size=spec.size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device="cpu" if args.onnx else args.device,
                           amp=args.amp, channels_last=args.channels_last and not args.onnx,
-                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb)
+                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb, bands=spec.bands)
     names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
     try:
         out = writable_folder(args.out or "predictions")

@@ -59,7 +59,8 @@ def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, t
     classes differ), or fresh weights of --model (b0..b5 or a config.json) with the parts the flags name.
     Parts named by a file (a checkpoint, a config.json) that are code from outside this project are imported
     with --trust-code, or where the same names were given on the command line."""
-    labels = dict(num_labels=spec.num_labels, id2label=spec.id2label)
+    labels = dict(num_labels=spec.num_labels, id2label=spec.id2label,
+                  in_channels=spec.bands.count if spec.bands else 3)  # 3-band weights are adapted to other bands
     typed = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
     options = dict(fold_decoder=config.fold_decoder) | (
         {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate is not None else {})
@@ -319,8 +320,8 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
         best_from_ema = name == "best" and run.config.ema_best
         model = ema if best_from_ema else merged(run.raw_model) if run.config.lora_rank else run.raw_model
         save_checkpoint(path, model=model, state=state, config=run.config, size=run.spec.size,
-                        reduce_labels=run.spec.reduce_labels, palette=run.spec.palette, card=card,
-                        ema=None if best_from_ema else ema)
+                        reduce_labels=run.spec.reduce_labels, palette=run.spec.palette, bands=run.spec.bands,
+                        card=card, ema=None if best_from_ema else ema)
     return path
 
 

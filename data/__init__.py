@@ -10,6 +10,9 @@ mappings, joint image/mask transforms identical to the reference image processor
     pixel_values, labels = batch_to_device(next(iter(loader)), "cpu")  # normalised float (2, 3, 128, 128), int64
 """
 
+from dataclasses import replace
+
+from segformer.bands import Bands, band_statistics, to_band_tensor
 from segformer.errors import DataError
 
 from .dataset import SegmentationDataset, batch_to_device, build_loader, collate
@@ -51,8 +54,18 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
         spec, _ = decide_labels(data=samples.labels, id2label=dict(enumerate(class_names)) if class_names else None,
                                 id2label_origin="class_names", num_labels=num_labels, reduce_labels=reduce_labels,
                                 size=size)
+    if isinstance(spec.bands, int):  # a band count alone: the statistics of these images
+        spec = replace(spec, bands=measure_bands(samples, spec.bands))
     transform = build_transform(train=train, recipe=recipe, size=spec.size, eval_mode=eval_mode)
     return SegmentationDataset(samples, spec, transform, train=train, seed=seed, skip_bad=skip_bad)
+
+
+def measure_bands(samples: Samples, count: int, *, limit: int = 64) -> Bands:
+    """Per-band mean and std of up to `limit` images of `samples` (evenly spread), in stored units."""
+    step = max(1, len(samples) // limit)
+    picked = list(range(0, len(samples), step))[:limit]
+    return band_statistics(to_band_tensor(samples[i][0], samples.name(i), count).permute(1, 2, 0).numpy()
+                           for i in picked)
 
 
 __all__ = ["build_dataset", "build_loader", "batch_to_device", "collate", "decide_labels", "SegmentationDataset",

@@ -18,7 +18,7 @@ from pathlib import Path
 from segformer.errors import UserError
 from segformer.labels import read_id2label
 
-from . import layouts
+from . import layouts, measure_bands
 from .sources import open_source
 from .spec import decide_labels
 from .stats import collect, median_frequency_weights
@@ -66,6 +66,13 @@ def report(args, split: str) -> dict:
     sizes = stats.sizes.most_common(5)
     print("   image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes)
           + (f", ... {len(stats.sizes) - 5} more sizes" if len(stats.sizes) > 5 else ""))
+    bands = samples.labels.bands
+    if bands is not None and len(samples):  # full-precision bands: their statistics, for dataset.json
+        count = bands if isinstance(bands, int) else bands.count
+        measured = measure_bands(samples, count, limit=256)
+        print(f"   bands: {count} (stored as {samples[0][0].dtype}); measured over {min(len(samples), 256)} images: "
+              f"\"mean\": {[round(m, 4) for m in measured.mean]}, \"std\": {[round(s, 4) for s in measured.std]}"
+              + ("" if isinstance(bands, int) else f" (dataset.json says {list(bands.mean)}, {list(bands.std)})"))
     labelled = int(stats.pixels.sum())
     total = labelled + stats.ignored
     print(f"   pixels: {labelled:,} labelled, {stats.ignored:,} ignored ({100 * stats.ignored / max(total, 1):.1f}%)")

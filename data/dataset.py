@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from segformer.errors import DataError
+from segformer.bands import to_band_tensor
 from segformer.images import to_tensor
 
 from .mapping import IDENTITY, IGNORE_INDEX, LabelMapping
@@ -66,6 +67,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     stored values to them), transformed, as bytes (see the module's docstring)."""
 
     def __init__(self, samples, spec, transform, *, train: bool, seed: int = 0, skip_bad: bool = False):
+        if isinstance(spec.bands, int):
+            raise ValueError("the spec's bands need their statistics (data.build_dataset computes them)")
         self.samples, self.spec, self.transform, self.train = samples, spec, transform, train
         self.class_names, self.num_labels, self.mapping = list(spec.class_names), spec.num_labels, spec.mapping
         self.seed, self.skip_bad = seed, skip_bad
@@ -91,7 +94,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return {"skipped": name, "reason": str(e)}
         with torch.random.fork_rng(devices=[]):  # the global generator is restored afterwards
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
-            image, labels = self.transform(image, labels)  # uint8 image, labels as stored
+            image, labels = self.transform(image, labels)  # uint8 image (float: bands), labels as stored
+        if self.spec.bands is not None:  # full-precision bands: normalised here, per band
+            image = self.spec.bands.normalize(image)
         pad_to = getattr(self.transform, "pad_to", None)  # a smaller crop is padded, to the mean colour later
         if pad_to is None:
             return {"pixel_values": image, "labels": labels}
@@ -100,9 +105,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return {"pixel_values": image, "labels": labels, "valid": torch.tensor(valid)}
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded, checked and mapped sample: uint8 (3, H, W) image, (H, W) class ids (255 ignored)."""
+        """Decoded, checked and mapped sample: uint8 (3, H, W) image (float (C, H, W) stored values where the
+        spec has bands), (H, W) class ids (255 ignored)."""
         image, annotation, name = self.samples[index]
-        image = to_tensor(image)
+        bands = self.spec.bands
+        image = to_tensor(image) if bands is None else to_band_tensor(image, name, bands.count)
         labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
         if image.shape[-2:] != labels.shape:
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "

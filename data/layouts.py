@@ -23,11 +23,13 @@ every image stem (and every annotation stem) shares, starting with `_` or `-` (`
 `_leftImg8bit` / `_gtFine_labelIds`), is taken off first; a manifest can name the suffixes.
 """
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from segformer.bands import Bands
 from segformer.checkpoint import read_json_object
 from segformer.errors import DataError
 from segformer.images import IMAGE_SUFFIXES, is_image_file
@@ -53,6 +55,7 @@ class Layout:
     mapping: LabelMapping = field(default_factory=lambda: IDENTITY)
     known: bool = True  # the layout fixes its label convention (else `mapping` is a guess, said)
     assumed: bool = True  # class_names are the layout's defaults, which an explicit --num-labels/--id2label wins over
+    bands: "Bands | int | None" = None  # images at full precision with this many bands (int: statistics to compute)
 
     def split(self, name: str, root: Path):
         """(pairs, unpaired, single) of the split asked for; a layout with one split serves every name."""
@@ -299,7 +302,7 @@ def detect(root: Path, manifest_path: Path | None = None) -> Layout | None:
     manifest = read_manifest(manifest_path) if manifest_path else {}
     suffixes = {k: manifest[k] for k in ("image_suffix", "annotation_suffix") if k in manifest}
     if manifest.get("splits"):
-        layout = manifest_layout(manifest, manifest_path.parent, suffixes)
+        layout = manifest_layout(manifest, manifest_path.parent, suffixes, manifest_path)
     elif (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         layout = cityscapes_layout(root, suffixes)
     elif (voc_root := find_voc_root(root)) and (voc_root / "labelmap.txt").is_file():
@@ -329,7 +332,8 @@ def detect(root: Path, manifest_path: Path | None = None) -> Layout | None:
 
 MANIFEST_KEYS = {
     "classes": "list of class names; class id = position",
-    "splits": 'object: split name -> {"images": dir, "annotations": dir} or {"list": file}',
+    "splits": 'object: split name -> {"images": dir, "annotations": dir}, {"list": file}, {"images": dir, '
+              '"coco": file} or {"labelme": dir}',
     "image_suffix": "ending taken off image stems before pairing",
     "annotation_suffix": "ending taken off annotation stems before pairing",
     "annotation_format": '"index" (pixel value = raw label) or "rgb" (colour masks, decoded with "palette")',
@@ -339,6 +343,9 @@ MANIFEST_KEYS = {
     "label_map": '{"<raw value>": class id or 255}, applied to raw values',
     "unknown_colors": '"error" (default) or "ignore": a colour of an rgb mask not in the palette',
     "name": "the data set's name (model cards)",
+    "bands": "int: the images' band count, read at full precision (16-bit, multi-band, TIFF); see segformer/bands.py",
+    "mean": "[one per band]: the bands' mean in stored units (the dataset doctor computes it)",
+    "std": "[one per band]: the bands' standard deviation in stored units",
     "uncovered": 'COCO: pixels no annotation covers are "background" (class 0, the default) or "ignore"',
     "crowd": 'COCO: crowd regions are "ignore"d (the default) or "label"led with their category',
 }
@@ -396,12 +403,30 @@ def read_manifest(path: Path) -> dict:
                               + (f" 0..{len(classes) - 1}" if classes else "") + " or 255")
         checked[int(raw)] = class_id
     manifest["label_map"] = checked
+    bands = manifest.get("bands")
+    if bands is not None and (not isinstance(bands, int) or isinstance(bands, bool) or not 1 <= bands <= 64):
+        fail("bands", f"must be the images' band count, 1..64, got {bands!r}")
+    for key in ("mean", "std"):
+        values = manifest.get(key)
+        if values is None:
+            continue
+        if bands is None:
+            fail(key, 'goes with "bands" (the images\' band count)')
+        if not (isinstance(values, list) and len(values) == bands and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            fail(key, f"must be a list of {bands} numbers, one per band, got {values!r}")
+        if key == "std" and any(v <= 0 for v in values):
+            fail(key, f"must be positive, got {values!r}")
+    if ("mean" in manifest) != ("std" in manifest):
+        fail("mean" if "mean" not in manifest else "std", 'is needed with "std" / "mean": give both, or neither '
+             "(the run computes them from the training images)")
     splits = manifest.get("splits", {})
     if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
         fail("splits", 'must be an object: split name -> {"images": dir, "annotations": dir} or {"list": file}')
     for name, spec in splits.items():
-        if set(spec) not in ({"images", "annotations"}, {"list"}):
-            fail(f"splits.{name}", f'must hold "images" and "annotations", or "list"; got {sorted(spec)}')
+        if set(spec) not in ({"images", "annotations"}, {"list"}, {"images", "coco"}, {"labelme"}):
+            fail(f"splits.{name}", f'must hold "images" and "annotations", "list", "images" and "coco" (a COCO '
+                                   f'JSON), or "labelme" (a folder of LabelMe files); got {sorted(spec)}')
         for key, relative in spec.items():
             if not (Path(path).parent / str(relative)).exists():
                 fail(f"splits.{name}.{key}", f"names {relative!r}, which does not exist in {Path(path).parent}")
@@ -425,9 +450,26 @@ def _list_pairs(list_file: Path, base: Path):
     return pairs
 
 
-def manifest_layout(manifest: dict, base: Path, suffixes: dict) -> Layout:
+def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> Layout:
+    """The splits a manifest names: folder pairs, lists, COCO files with their images, LabelMe folders (one
+    kind of labelling tool's files per manifest; their classes are the files', as in data/tools.py)."""
+    specs = manifest["splits"]
+    kinds = {kind for spec in specs.values() for kind in ("coco", "labelme") if kind in spec}
+    if len(kinds) > 1 or (kinds and any(not set(spec) & kinds for spec in specs.values())):
+        raise DataError(f"{path}: key 'splits' mixes kinds of annotations; give every split the same kind")
+    if kinds == {"coco"}:
+        files = {name: base / spec["coco"] for name, spec in specs.items()}
+        layout = coco_layout(base, manifest, path, files, lambda split: base / specs[split]["images"])
+        return replace(layout, name=f"COCO annotations named by {path.name}")
+    if kinds == {"labelme"}:
+        files = {name: labelme_files(base / spec["labelme"]) for name, spec in specs.items()}
+        classes = labelme_classes(base, [f for split in files.values() for f in split], manifest.get("classes"))
+        mapping = replace(IDENTITY, name=f"LabelMe labels -> classes ({LABELME_IGNORE} ignored)")
+        return Layout(f"LabelMe folders named by {path.name}",
+                      {name: (lambda f=split: labelme_pairs(f, classes)) for name, split in files.items()},
+                      class_names=classes, mapping=mapping, assumed=False)
     splits = {}
-    for name, spec in manifest["splits"].items():
+    for name, spec in specs.items():
         if "list" in spec:
             splits[name] = _list_pairs(base / spec["list"], base)
         else:
@@ -450,6 +492,9 @@ def refine(layout: Layout, manifest: dict, path: Path) -> Layout:
             palette=palette if manifest.get("annotation_format") == "rgb" else None,
             unknown_colours=manifest.get("unknown_colors", "error"))
     name = f"{layout.name} described by {path.name}" if "splits" not in manifest else f"{path}"
-    return replace(layout, name=name, class_names=tuple(classes) if classes else layout.class_names,
+    bands = manifest.get("bands")
+    if bands is not None and "mean" in manifest:
+        bands = Bands(bands, tuple(map(float, manifest["mean"])), tuple(map(float, manifest["std"])))
+    return replace(layout, name=name, bands=bands, class_names=tuple(classes) if classes else layout.class_names,
                    palette=palette or layout.palette, mapping=mapping, assumed=layout.assumed and not classes,
                    known=layout.known or "reduce_labels" in manifest or "splits" in manifest)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from segformer.bands import read_bands
 from segformer.errors import DataError
 from segformer.images import decode, displayed_size
 
@@ -113,10 +114,11 @@ class Samples:
 
 
 class FilePairs:
-    """(image file, annotation file) pairs."""
+    """(image file, annotation file) pairs. `raw`: images are read at full precision with every band
+    ((H, W, C) arrays, segformer/bands.py), not as 8-bit RGB."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]]):
-        self.pairs = pairs
+    def __init__(self, pairs: list[tuple[Path, Path]], *, raw: bool = False):
+        self.pairs, self.raw = pairs, raw
 
     def __len__(self):
         return len(self.pairs)
@@ -126,10 +128,15 @@ class FilePairs:
 
     def __getitem__(self, i):
         image, annotation = self.pairs[i]  # files; or, from labelling tools, a Drawn annotation (data/tools.py)
-        return decode(_read(image), str(image)), open_annotation(annotation), str(image)
+        data = _read(image)
+        pixels = read_bands(data, str(image)) if self.raw else decode(data, str(image))
+        return pixels, open_annotation(annotation), str(image)
 
     def peek(self, i):
         image, annotation = self.pairs[i]
+        if self.raw:  # TIFFs of many bands: PIL cannot read their header
+            height, width = read_bands(_read(image), str(image)).shape[:2]
+            return open_annotation(annotation), (width, height), str(image)
         return open_annotation(annotation), displayed_size(_read(image), str(image)), str(image)
 
 
@@ -219,10 +226,10 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         if unpaired and strict:
             raise DataError(f"{len(unpaired)} unpaired files (an image without annotation or the reverse): "
                             + ", ".join(unpaired[:10]) + (" ..." if len(unpaired) > 10 else ""))
-        data = FilePairs(pairs)
+        data = FilePairs(pairs, raw=layout.bands is not None)
         labels = SourceLabels(source, layout.name, class_names=layout.class_names, palette=layout.palette,
                               mapping=layout.mapping, known=layout.known,
-                              assumed=layout.assumed and layout.class_names is not None)
+                              assumed=layout.assumed and layout.class_names is not None, bands=layout.bands)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
         description = "save_to_disk dataset"
@@ -261,6 +268,8 @@ def _manifest_labels(path: Path, source: str, description: str) -> SourceLabels:
     if manifest.get("splits"):
         raise DataError(f"{path}: key 'splits' describes folders; this source is not one")
     refined = layouts.refine(layouts.Layout(description, {}, mapping=IDENTITY, known=False), manifest, path)
+    if refined.bands is not None:
+        raise DataError(f"{path}: key 'bands' applies to image files in folders; this source is not one")
     return SourceLabels(source, refined.name, class_names=refined.class_names, palette=refined.palette,
                         mapping=refined.mapping, known=refined.known)
 

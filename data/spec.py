@@ -22,6 +22,8 @@ mmseg's custom datasets default to reduce_zero_label=False), said in one line.
 
 from dataclasses import dataclass
 
+from segformer.bands import Bands  # noqa: F401 (the annotations' type)
+
 from segformer.errors import ConfigError
 from segformer.labels import default_name, is_default_names
 from segformer.metrics import predicted_classes
@@ -41,6 +43,7 @@ class SourceLabels:
     known: bool = False  # the source states its label convention
     assumed: bool = False  # class_names are a layout's defaults: an explicit choice wins over them
     native_size: int | None = None  # the size its images are made at (the synthetic scenes: 128)
+    bands: "Bands | int | None" = None  # full-precision images of this many bands (int: statistics to compute)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class LabelSpec:
     size: int
     mapping: LabelMapping | None = None
     convention_stated: bool = True  # False: the reduction is a guess, worth checking against the annotations
+    bands: "Bands | int | None" = None  # images at full precision, normalised per band (None: 8-bit RGB)
 
     @property
     def num_labels(self) -> int:
@@ -160,7 +164,27 @@ def decide_labels(*, data: SourceLabels | None = None, checkpoint=None, pretrain
         (data.native_size if data is not None else None) or default_size
     mapping = data.mapping.with_reduce_labels(reduce_labels) if data is not None else None
     return LabelSpec(class_names=names, reduce_labels=reduce_labels, palette=colours, size=size, mapping=mapping,
-                     convention_stated=stated or not from_data), lines
+                     convention_stated=stated or not from_data, bands=decide_bands(data, checkpoint)), lines
+
+
+def decide_bands(data: SourceLabels | None, checkpoint) -> "Bands | int | None":
+    """The images' bands: a checkpoint's statistics (what its model was trained on), else the data's
+    (a count alone: to be computed from the training images); None: 8-bit RGB. They must agree in number."""
+    trained = checkpoint.bands if checkpoint is not None else None
+    given = data.bands if data is not None else None
+    if checkpoint is not None and data is not None and (trained is None) != (given is None):
+        raise ConfigError(f"the checkpoint {checkpoint.source} reads "
+                          + (f"{trained.count}-band images at full precision" if trained else "8-bit RGB images")
+                          + f", the data {data.source} holds " + ("8-bit RGB images" if given is None else
+                                                                  f"{count(given)}-band images (\"bands\")"))
+    if trained is not None and given is not None and trained.count != count(given):
+        raise ConfigError(f"the checkpoint {checkpoint.source} reads {trained.count}-band images, the data "
+                          f"{data.source} has {count(given)} bands")
+    return trained if trained is not None else given
+
+
+def count(bands) -> int:
+    return bands if isinstance(bands, int) else bands.count
 
 
 DISAGREEMENT_ADVICE = {

@@ -19,6 +19,10 @@ annotations): `SegmentationDataset` hands both on as bytes, to be normalised whe
 zeros *after* normalisation (the mean colour), which `normalize_batch` does, knowing the crop's own size
 (`valid`); the mask is padded here, with 255.
 
+Images of several bands at full precision (segformer/bands.py) come as float (C, H, W) in stored units:
+they take the geometric steps only (resize, crop, flip), no colour jitter or photometric distortion,
+and the dataset normalises them per band.
+
 Random transforms draw only from torch's global generator; `SegmentationDataset` seeds it per sample
 inside `torch.random.fork_rng`, which makes every augmentation repeatable. The guide's ColorJitter stays
 with the workers (on PIL, 8-bit): its hue shift has no exact equivalent on the device.
@@ -79,6 +83,8 @@ class GuideTrainTransform:
     def __call__(self, image, mask):
         H, W = image.shape[-2:]
         size = (self.size, self.size)
+        if image.dtype != torch.uint8:  # full-precision bands: no colour jitter, the resize only
+            return resize_image(image, size), resize_mask(mask, size)
         if H * W > self.size * self.size:
             image = on_pil(resize_image(image, size), self.jitter)
         else:
@@ -111,7 +117,7 @@ class PaperTrainTransform:
         if torch.rand(()) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         # 4. Photometric distortion, 5. pad the mask to the crop size with 255 (the image: see pad_to).
-        image = photometric_distortion(image)
+        image = photometric_distortion(image) if image.dtype == torch.uint8 else image  # colours: 8-bit RGB only
         pad_h, pad_w = self.size - image.shape[-2], self.size - image.shape[-1]
         if pad_h or pad_w:
             mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
@@ -160,8 +166,9 @@ def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
 
 def normalize_batch(pixel_values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) batches of `SegmentationDataset` -> the model's float input: normalised as the
-    image processor does, and zero (the mean colour) beyond each sample's `valid` (h, w)."""
-    x = normalize(pixel_values)
+    image processor does, and zero (the mean colour) beyond each sample's `valid` (h, w). Float batches
+    (images of several bands, segformer/bands.py) come normalised per band by the dataset."""
+    x = normalize(pixel_values) if pixel_values.dtype == torch.uint8 else pixel_values.clone()
     if valid is not None:
         for i, (h, w) in enumerate(valid.tolist()):
             x[i, :, h:], x[i, :, :, w:] = 0.0, 0.0

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from . import layouts
+from .bands import Bands
 from .config import SegFormerConfig
 from .errors import CheckpointError, ConfigError, UserError
 
@@ -173,16 +174,20 @@ def _download(repo_id: str) -> tuple[Path, Path | None]:
     raise CheckpointError(f"{repo_id}: the repository holds none of {', '.join(WEIGHT_FILES)}")
 
 
-def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels: bool) -> None:
+def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels: bool, bands=None) -> None:
     """The `preprocessor_config.json` of `SegformerImageProcessor` for the size a model was trained
-    at, so that inference (ours, or transformers' AutoImageProcessor) feeds it the same input."""
+    at, so that inference (ours, or transformers' AutoImageProcessor) feeds it the same input. `bands`
+    (segformer.bands.Bands): full-precision images, normalised per band in stored units (no rescale)."""
     from .preprocess import IMAGENET_MEAN, IMAGENET_STD  # here: loading a model needs no torchvision
+    normalisation = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                     "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+    if bands is not None:
+        normalisation = {"do_rescale": False, "rescale_factor": 1.0, "do_normalize": True,
+                         "image_mean": list(bands.mean), "image_std": list(bands.std), "num_bands": bands.count}
     write_json({
         "image_processor_type": "SegformerImageProcessor",
         "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,  # bilinear
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
-        "do_reduce_labels": reduce_labels,
+        **normalisation, "do_reduce_labels": reduce_labels,
     }, Path(directory) / "preprocessor_config.json")
 
 
@@ -230,6 +235,7 @@ class CheckpointFacts:
     reduce_labels: bool | None  # its do_reduce_labels (older files: reduce_labels)
     palette: tuple | None  # palette.json: the class colours of the data it was trained on
     training_args: Path | None  # training_args.json: a checkpoint of this project's train.py
+    bands: "Bands | None" = None  # full-precision images of several bands (preprocessor_config.json); None: RGB
 
     @property
     def conflict(self) -> str | None:
@@ -274,7 +280,15 @@ def read_side_files(folder: Path) -> dict:
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge")
     reduce_labels = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))  # older: reduce_labels
-    return dict(size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
+    bands = None
+    if preprocessor.get("do_rescale") is False and "num_bands" in preprocessor:  # ours, for full-precision bands
+        try:
+            bands = Bands(int(preprocessor["num_bands"]), tuple(map(float, preprocessor["image_mean"])),
+                          tuple(map(float, preprocessor["image_std"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'preprocessor_config.json'}: bands without a valid image_mean / "
+                                  f"image_std ({e})") from None
+    return dict(bands=bands, size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
                 reduce_labels=reduce_labels if isinstance(reduce_labels, bool) else None,
                 palette=_read_palette(folder / "palette.json"),
                 training_args=folder / "training_args.json" if (folder / "training_args.json").is_file() else None)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .bands import Bands, to_band_tensor
 from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
@@ -217,7 +218,8 @@ class Predictor:
 
     def __init__(self, model, *, size: int = 512, mode: str = "resize", window: int = 512, stride: int = 341,
                  tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True, device=None, amp: str = "off",
-                 batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512):
+                 batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512,
+                 bands: Bands | None = None):
         if mode not in ("resize", "aspect", "slide"):
             raise ValueError(f"mode must be 'resize', 'aspect' or 'slide', got {mode!r}")
         if amp not in AMP_DTYPES:
@@ -236,15 +238,18 @@ class Predictor:
         self.flip = tta and flip
         self.amp, self.batch_size, self.channels_last = amp, batch_size, channels_last
         self.memory = memory_mb * 2**20
+        self.bands = bands  # full-precision images of several bands, normalised per band; None: 8-bit RGB
+        self.normalize = bands.normalize if bands is not None else normalize
         self.views_per_image = len(self.scales) * (2 if self.flip else 1)
 
     @torch.no_grad()
     def __call__(self, images, *, probabilities: bool = False):
-        """One image (PIL, any mode, or uint8 (3, H, W) tensor) -> Prediction; a list -> list.
+        """One image (PIL, any mode, or uint8 (3, H, W) tensor; with `bands`, an (H, W, C) array of stored
+        values as segformer.bands.read_bands gives, or a float (C, H, W) tensor) -> Prediction; a list -> list.
         In "resize" mode a list runs through the model `batch_size` images at a time. probabilities=True
         also returns the (K, H, W) class probabilities, which take K x H x W floats."""
         single = not isinstance(images, (list, tuple))
-        images = [to_tensor(image).to(self.device) for image in ([images] if single else images)]
+        images = [self.to_tensor(image).to(self.device) for image in ([images] if single else images)]
         results = []
         batch_size = self.batch_size if self.mode == "resize" else 1  # other modes: an image at a time
         for start in range(0, len(images), batch_size):
@@ -258,6 +263,16 @@ class Predictor:
                         view.windows.close()
                 results.append(Prediction(label_map, probs, self.id2label))
         return results[0] if single else results
+
+    def to_tensor(self, image) -> torch.Tensor:
+        if self.bands is None:
+            return to_tensor(image)
+        if isinstance(image, np.ndarray):
+            return to_band_tensor(image, "an image", self.bands.count)
+        if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == self.bands.count:
+            return image.float()
+        raise TypeError(f"expected an (H, W, {self.bands.count}) array or a ({self.bands.count}, H, W) tensor of "
+                        f"stored values, got {type(image).__name__}")
 
     def views(self, images: list[torch.Tensor]) -> list[list]:
         """For each image, its views (every scale, and flipped where asked): their low-resolution results."""
@@ -274,7 +289,7 @@ class Predictor:
         sizes = [tuple(image.shape[-2:]) for image in images]
         if self.mode == "slide":  # normalised a window at a time: no float copy of a large image
             return [self.slide(x, size, flipped) for x, size in zip(scaled, sizes)]
-        inputs = [normalize(x) for x in scaled]
+        inputs = [self.normalize(x) for x in scaled]
         if self.mode == "resize":  # one input size for all: one batch
             batch = self.forward(torch.stack(inputs))  # (B, K, size/4, size/4)
             return [ResizedView(logits, size, flipped) for logits, size in zip(batch, sizes)]
@@ -305,7 +320,7 @@ class Predictor:
             for c in range(max(Wp - win + stride - 1, 0) // stride + 1):
                 y2, x2 = min(r * stride + win, Hp), min(c * stride + win, Wp)
                 y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
-                crop = normalize(image[:, y1:min(y2, Hs), x1:min(x2, Ws)])
+                crop = self.normalize(image[:, y1:min(y2, Hs), x1:min(x2, Ws)])
                 crop = F.pad(crop, (0, x2 - x1 - crop.shape[-1], 0, y2 - y1 - crop.shape[-2]))
                 windows.append((y1, y2, x1, x2), self.forward(crop[None])[0])
         return SlideView(windows, (Hp, Wp), (Hs, Ws), size, flipped, image.device)

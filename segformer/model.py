@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, components, layouts
+from .bands import adapt_input_conv
 from .config import PARTS, SegFormerConfig
 from .errors import CheckpointError
 
@@ -77,7 +78,8 @@ class SegFormer(nn.Module):
         ADE20K's 150 labels. Both are logged in one line. Missing, unexpected or mis-shaped weights raise
         an error naming them, and so does a config.json that disagrees with the weights on the number of
         classes (unless `num_labels` asks for the weights' own). Other keyword arguments replace config
-        fields (e.g. `drop_path_rate=0.0`), but not the parts: a checkpoint loads into the model it holds,
+        fields (e.g. `drop_path_rate=0.0`; `in_channels=4` adapts 3-band weights to 4-band images, said),
+        but not the parts: a checkpoint loads into the model it holds,
         whose parts its config.json names; code from outside this project is imported only with
         `trust_code=True` (segformer/components.py)."""
         facts = source if isinstance(source, checkpoint.CheckpointFacts) else checkpoint.describe(source)
@@ -111,6 +113,14 @@ class SegFormer(nn.Module):
             notes.append(f"the classifier is re-initialised for {num_labels} labels (the checkpoint's has {head})")
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.classifier.")}
             missing_ok = "decoder.classifier."
+        key = "encoder.stages.0.patch_embed.proj.weight"
+        stored = state_dict[key].shape[1] if key in state_dict else facts.config.in_channels
+        if changes.get("in_channels", stored) != stored:  # e.g. RGB weights for 4-band images
+            state_dict[key] = adapt_input_conv(state_dict[key], changes["in_channels"])
+            how = "the RGB filters summed" if changes["in_channels"] == 1 else \
+                f"the RGB filters repeated, x 3/{changes['in_channels']}"
+            notes.append(f"the first patch embedding is adapted from {stored} to {changes['in_channels']} input "
+                         f"bands (timm's adapt_input_conv: {how})")
         model = cls(replace(facts.config, **changes))
         model.load_native_state_dict(state_dict, source=str(facts.weights), missing_ok=missing_ok)
         if dropped:

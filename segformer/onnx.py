@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .bands import Bands  # noqa: F401 (the annotation's type)
 from .checkpoint import read_side_files
 from .errors import CheckpointError
 
@@ -27,6 +28,7 @@ class ExportFacts:
     reduce_labels: bool | None
     palette: tuple | None
     training_args: Path | None = None
+    bands: "Bands | None" = None  # full-precision images of several bands (preprocessor_config.json)
     conflict = None  # the graph's outputs are its classes
 
 

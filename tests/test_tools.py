@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -113,6 +114,17 @@ def write_all_formats(root, shapes=SHAPES):
         picture.save(cvat / "JPEGImages" / name)
         Image.fromarray(np.asarray(COLOURS, np.uint8)[label]).save(cvat / "SegmentationClass" / name)
     (cvat / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(n[:-4] for n in names) + "\n")
+    # 6. and 7. the same files where no layout would find them, named by a dataset.json
+    named = root / "named"
+    (named / "pictures").mkdir(parents=True)
+    for name, picture in zip(names, pictures):
+        picture.save(named / "pictures" / name)
+    (named / "export.json").write_text(json.dumps(coco_json(names, shapes)))
+    splits = {"train": {"images": "pictures", "coco": "export.json"}}
+    (named / "dataset.json").write_text(json.dumps({"splits": splits}))
+    shutil.copytree(root / "labelme", root / "named_labelme" / "drawn")
+    (root / "named_labelme" / "dataset.json").write_text(json.dumps({"classes": CLASSES,
+                                                                      "splits": {"train": {"labelme": "drawn"}}}))
     return labels
 
 
@@ -128,9 +140,10 @@ def test_every_export_of_the_same_data_gives_identical_label_tensors(tmp_path, c
     assert names == CLASSES and [t.numpy().tolist() for t in expected] == [lb.tolist() for lb in labels]
     assert all(len(np.unique(lb)) == 3 for lb in labels)  # every class in every image: nothing hides
     for fmt, layout in (("coco", "COCO annotations"), ("roboflow", "COCO annotations"),
-                        ("labelme", "LabelMe folder"), ("cvat", "CVAT Segmentation mask 1.1 export")):
+                        ("labelme", "LabelMe folder"), ("cvat", "CVAT Segmentation mask 1.1 export"),
+                        ("named", "dataset.json"), ("named_labelme", "dataset.json")):
         names, got, found = read_labels(tmp_path / fmt)
-        assert found == layout and names == CLASSES, fmt
+        assert found.endswith(layout) and names == CLASSES, fmt
         assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected), fmt
         assert doctor([str(tmp_path / fmt)]) == 0
         assert layout in capsys.readouterr().out

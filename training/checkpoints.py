@@ -152,10 +152,11 @@ def _writing(path: Path, previous: str):
 
 
 def save_checkpoint(directory: Path, *, model, state: dict, config, size: int, reduce_labels: bool = False,
-                    palette=None, card: str | None = None, ema=None) -> None:
-    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `size` and
-    `reduce_labels` go into preprocessor_config.json, the class colours `palette` into palette.json. `ema`:
-    the moving average of the weights, as a model of its own in `ema/`, which every tool loads."""
+                    palette=None, bands=None, card: str | None = None, ema=None) -> None:
+    """Write a checkpoint directory: all files under a temporary name, fsynced, then put in place. `size`,
+    `reduce_labels` and the images' `bands` (segformer/bands.py) go into preprocessor_config.json, the class
+    colours `palette` into palette.json. `ema`: the moving average of the weights, as a model of its own in
+    `ema/`, which every tool loads."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     previous = last_checkpoint(directory.parent)
     intact = (f"the previous {directory.name} is intact" if directory.exists() else
@@ -166,7 +167,7 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, size: int, r
         with _writing(directory / "model.safetensors", intact):
             model.save_pretrained(tmp)  # atomic, fsynced writes
         with _writing(directory / "preprocessor_config.json", intact):
-            write_preprocessor_config(tmp, size=size, reduce_labels=reduce_labels)
+            write_preprocessor_config(tmp, size=size, reduce_labels=reduce_labels, bands=bands)
         with _writing(directory / "training_state.pt", intact):
             write_torch(state, tmp / "training_state.pt")
         with _writing(directory / "training_args.json", intact):
@@ -181,7 +182,7 @@ def save_checkpoint(directory: Path, *, model, state: dict, config, size: int, r
         if ema is not None:  # the moving average: a checkpoint of its own, which every tool loads
             with _writing(directory / "ema" / "model.safetensors", intact):
                 ema.save_pretrained(tmp / "ema")
-                write_preprocessor_config(tmp / "ema", size=size, reduce_labels=reduce_labels)
+                write_preprocessor_config(tmp / "ema", size=size, reduce_labels=reduce_labels, bands=bands)
                 if colours:
                     write_json(colours, tmp / "ema" / "palette.json")
             fsync_dir(tmp / "ema")

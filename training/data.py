@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from data import build_dataset, build_loader, decide_labels, open_source
+from data import build_dataset, build_loader, decide_labels, measure_bands, open_source
 from data.stats import collect, median_frequency_weights, problems, read_class_weights, zero_share
 from segformer.checkpoint import CheckpointFacts, describe
 from segformer.device import resolve_amp
@@ -56,6 +56,11 @@ def open_data(config: TrainConfig, *, resumed: CheckpointFacts | None, rank: int
                           f"training samples (e.g. {min(overlap)}): --train-split {config.train_split} and "
                           f"--eval-split {config.eval_split} must not share images")
     spec, notes = decide_run_labels(config, train_samples, resumed=resumed)
+    if isinstance(spec.bands, int):  # full-precision bands without statistics: measured once, then recorded
+        bands = broadcast(measure_bands(train_samples, spec.bands) if rank == 0 else None, world_size)
+        spec = replace(spec, bands=bands)
+        notes.append(f"bands: the data's {bands.describe()}, measured on the training images; put \"mean\" and "
+                     f"\"std\" in its dataset.json to fix them")
     check_loss_options(config, spec)
     config = resolve_for_run(config, spec=spec, world_size=world_size, device=device)
     if rank == 0:

@@ -1,0 +1,138 @@
+"""Images that are not 8-bit RGB: a 4-band 16-bit TIFF data set read at full precision, trained, fine-tuned
+from 3-band weights, segmented (GeoTIFF masks with their georeferencing) and exported."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DataError, build_dataset
+from helpers import read_log, run_training
+from segformer import SegFormer
+from segformer.bands import adapt_input_conv, read_bands
+
+tifffile = pytest.importorskip("tifffile")
+
+CLASSES = ["water", "field", "forest"]
+
+
+def write_multiband(root, *, bands=4, train=8, val=4, manifest=None):
+    """img_dir/ + ann_dir/ of 64x64 uint16 TIFFs whose first three bands tell the classes apart (values far
+    above 255: an 8-bit squash would lose them) and a fourth that is constant."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(count):
+            label = np.zeros((64, 64), np.uint8)
+            label[:, 32:] = 1
+            label[int(rng.integers(0, 40)):, :20] = 2
+            planes = [1000 + 30000 * (label == k) + rng.normal(0, 500, label.shape) for k in range(3)]
+            image = np.stack(planes + [np.full(label.shape, 20000.0)] * (bands - 3), -1).clip(0, 65535)
+            tifffile.imwrite(root / "img_dir" / split / f"tile{i}.tif", image.astype(np.uint16))
+            Image.fromarray(label).save(root / "ann_dir" / split / f"tile{i}.png")
+    (root / "dataset.json").write_text(json.dumps({"classes": CLASSES, "bands": bands, **(manifest or {})}))
+    return root
+
+
+QUICK = ["--size", "64", "--batch-size", "4", "--warmup-steps", "0", "--eval-every", "100", "--save-every", "100",
+         "--no-plots", "--log-every", "1", "--train-split", "train", "--eval-split", "val"]
+
+
+def test_adapted_first_convolution_keeps_the_response_to_grey_images(tmp_path, caplog):
+    weight = torch.randn(32, 3, 7, 7)
+    assert torch.equal(adapt_input_conv(weight, 1), weight.sum(1, keepdim=True))
+    assert torch.allclose(adapt_input_conv(weight, 6).sum(1), weight.sum(1), atol=1e-6)  # a multiple of 3: exact
+    assert adapt_input_conv(weight, 4).shape == (32, 4, 7, 7)
+    model = SegFormer.from_variant("b0", num_labels=3).eval()
+    model.save_pretrained(tmp_path / "rgb")
+    with caplog.at_level(logging.WARNING, logger="segformer"):
+        six = SegFormer.from_pretrained(tmp_path / "rgb", in_channels=6).eval()
+    assert "adapted from 3 to 6 input bands" in caplog.text
+    grey = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(six(grey.repeat(1, 6, 1, 1)), model(grey.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_sixteen_bit_bands_are_read_at_full_precision_and_normalised_per_band(tmp_path, capsys):
+    from data.__main__ import main as doctor
+    root = write_multiband(tmp_path / "tiles")
+    stored = tifffile.imread(root / "img_dir" / "train" / "tile0.tif")
+    assert stored.dtype == np.uint16 and stored.max() > 30000
+    assert np.array_equal(read_bands(root / "img_dir" / "train" / "tile0.tif"), stored)
+    dataset = build_dataset(str(root), "train", train=False, size=64)
+    bands = dataset.spec.bands
+    assert bands.count == 4 and bands.std[3] == 1.0  # measured on these images; the constant band unscaled
+    raw, _ = dataset.load(0)
+    assert torch.equal(raw, torch.from_numpy(stored.transpose(2, 0, 1).astype(np.float32)))  # no 8-bit squash
+    sample = dataset[0]["pixel_values"]
+    expected = (raw - torch.tensor(bands.mean).view(4, 1, 1)) / torch.tensor(bands.std).view(4, 1, 1)
+    assert sample.dtype == torch.float32 and torch.allclose(sample, expected, atol=1e-4)
+    assert doctor([str(root)]) == 0
+    assert 'bands: 4 (stored as uint16); measured over 8 images: "mean": [' in capsys.readouterr().out
+
+
+def test_a_four_band_tiff_set_trains_fine_tunes_from_rgb_infers_geotiff_and_exports(tmp_path, caplog):
+    import export
+    import infer
+    root = write_multiband(tmp_path / "tiles")
+    run_training(tmp_path / "run", "--data", str(root), "--max-steps", "6", "--lr", "1e-3", base=QUICK)
+    losses = [r["loss"] for r in read_log(tmp_path / "run") if "mean_iou" not in r and "loss" in r]
+    assert losses[-1] < losses[0]
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "config.json").read_text())["num_channels"] == 4
+    preprocessor = json.loads((best / "preprocessor_config.json").read_text())
+    assert preprocessor["do_rescale"] is False and len(preprocessor["image_mean"]) == 4
+
+    SegFormer.from_variant("b0", num_labels=3).save_pretrained(tmp_path / "rgb")
+    with caplog.at_level(logging.WARNING, logger="segformer"):
+        run_training(tmp_path / "ft", "--data", str(root), "--pretrained", str(tmp_path / "rgb"), "--max-steps", "1",
+                     base=QUICK)
+    assert "adapted from 3 to 4 input bands" in caplog.text
+
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import from_origin
+    image = tifffile.imread(root / "img_dir" / "val" / "tile0.tif")
+    where = dict(crs="EPSG:32633", transform=from_origin(500000, 4500000, 10, 10))
+    with rasterio.open(tmp_path / "scene.tif", "w", driver="GTiff", height=64, width=64, count=4, dtype="uint16",
+                       **where) as dst:
+        dst.write(image.transpose(2, 0, 1))
+    assert infer.main(infer.get_args(["--checkpoint", str(best), str(tmp_path / "scene.tif"),
+                                      "--out", str(tmp_path / "pred")])) == 0
+    mask = np.asarray(Image.open(tmp_path / "pred" / "scene_mask.png"))
+    with rasterio.open(tmp_path / "pred" / "scene_mask.tif") as geo:
+        assert geo.crs.to_string() == "EPSG:32633" and geo.transform == where["transform"]
+        assert np.array_equal(geo.read(1), mask)
+    assert Image.open(tmp_path / "pred" / "scene_overlay.png").size[1] == 64  # (and a legend beside it)
+
+    export.export_checkpoint(str(best), tmp_path / "onnx")  # checks the graph against the model itself
+    assert infer.main(infer.get_args(["--onnx", str(tmp_path / "onnx" / "model.onnx"), str(tmp_path / "scene.tif"),
+                                      "--out", str(tmp_path / "pred_onnx")])) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pred_onnx" / "scene_mask.png")), mask)
+    with pytest.raises(export.ConfigError, match=r"reads 4-band images at full precision: --label-map"):
+        export.export_checkpoint(str(best), tmp_path / "onnx2", label_map=True)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"bands": 0}, r"dataset.json: key 'bands' must be the images' band count, 1..64, got 0"),
+    ({"mean": [1, 2, 3, 4]}, r"dataset.json: key 'std' is needed with \"std\" / \"mean\""),
+    ({"mean": [1, 2], "std": [1, 2]}, r"dataset.json: key 'mean' must be a list of 4 numbers"),
+    ({"bands": 3}, r"tile0.tif: 4 band\(s\), the data set says 3"),
+])
+def test_bad_band_settings_are_one_line_naming_key_or_file(manifest, message, tmp_path):
+    root = write_multiband(tmp_path / "tiles", train=2, val=1, manifest=manifest)
+    with pytest.raises(DataError, match=message):
+        dataset = build_dataset(str(root), "train", size=64)
+        dataset.load(0)
+
+
+def test_an_rgb_checkpoint_is_not_evaluated_on_band_data(tmp_path):
+    import train
+    root = write_multiband(tmp_path / "tiles", train=2, val=1)
+    SegFormer.from_variant("b0", num_labels=3).save_pretrained(tmp_path / "rgb")
+    with pytest.raises(train.ConfigError, match=r"reads 8-bit RGB images, the data .* holds 4-band images"):
+        train.execute(["--eval-only", "--checkpoint", str(tmp_path / "rgb"), "--data", str(root),
+                       "--eval-split", "val", "--size", "64"])
