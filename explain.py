@@ -33,6 +33,7 @@ from data.spec import decide_labels
 from segformer import SegFormer
 from segformer.checkpoint import describe, writable_folder
 from segformer.errors import UserError
+from segformer.bands import display_rgb, read_bands, to_band_tensor
 from segformer.images import load_image, to_tensor
 from segformer.metrics import logits_to_predictions
 from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
@@ -54,9 +55,14 @@ def principal_colours(features: torch.Tensor, basis: torch.Tensor | None = None)
 
 
 @torch.no_grad()
-def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, int]) -> dict:
-    """Every intermediate the panels draw, from the model's own computation (`forward_intermediates`)."""
-    x = normalize(resize_image(to_tensor(image), (size, size)))[None]  # (1, 3, size, size)
+def tour(model: SegFormer, image: Image.Image, *, size: int, pixel: tuple[int, int], bands=None,
+         pixels=None) -> dict:
+    """Every intermediate the panels draw, from the model's own computation (`forward_intermediates`). A
+    model of several bands (`bands`) sees the image's stored values `pixels`; `image` is what is drawn."""
+    if bands is None:
+        x = normalize(resize_image(to_tensor(image), (size, size)))[None]  # (1, 3, size, size)
+    else:
+        x = bands.normalize(resize_image(to_band_tensor(pixels, "the image", bands.count), (size, size)))[None]
     row, col = (min(max(p, 0), size - 1) for p in (round(pixel[0] * size / image.height),
                                                      round(pixel[1] * size / image.width)))
     steps = model.forward_intermediates(x, attention=True)
@@ -95,8 +101,11 @@ def missing_parts(model: SegFormer) -> list[str]:
 def panels(model: SegFormer, image: Image.Image, result: dict, colours: list, size: int) -> dict:
     """name -> (title, (H, W, 3) float image or (H, W) map, and what to draw on it)."""
     shown = {}
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    picture = (result["input"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    if result["input"].shape[0] == 3:  # RGB: the normalisation undone
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        picture = (result["input"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    else:  # bands: the drawn image at the input size
+        picture = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
     grey = picture.mean(2)
     shown["input"] = (f"input {size}x{size}\n(after the processor's resize)", picture, result["query"], size, None)
     for i, features in enumerate(result["stages"]):
@@ -192,7 +201,10 @@ def main(argv=None) -> int:
         facts = describe(args.checkpoint)
         spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
         model = SegFormer.from_pretrained(facts, trust_code=args.trust_code).eval()
-        image = load_image(args.image)
+        pixels = read_bands(args.image) if spec.bands is not None else None  # full precision, every band
+        image = load_image(args.image) if spec.bands is None else display_rgb(pixels)
+        if spec.bands is not None:
+            to_band_tensor(pixels, args.image, spec.bands.count)  # the band count, checked
     except UserError as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -203,7 +215,7 @@ def main(argv=None) -> int:
         return 2
     for line in missing_parts(model):
         print(f"note: {line}")
-    result = tour(model, image, size=size, pixel=pixel)
+    result = tour(model, image, size=size, pixel=pixel, bands=spec.bands, pixels=pixels)
     names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
     try:
         out = writable_folder(args.out)

@@ -1,5 +1,5 @@
 """Images that are not 8-bit RGB: a 4-band 16-bit TIFF data set read at full precision, trained, fine-tuned
-from 3-band weights, segmented (GeoTIFF masks with their georeferencing) and exported."""
+from 3-band weights, segmented (GeoTIFF masks with their georeferencing), toured and exported."""
 
 import json
 import logging
@@ -107,6 +107,8 @@ def test_a_four_band_tiff_set_trains_fine_tunes_from_rgb_infers_geotiff_and_expo
         assert geo.crs.to_string() == "EPSG:32633" and geo.transform == where["transform"]
         assert np.array_equal(geo.read(1), mask)
     assert Image.open(tmp_path / "pred" / "scene_overlay.png").size[1] == 64  # (and a legend beside it)
+    import explain
+    assert explain.main(["--checkpoint", str(best), str(tmp_path / "scene.tif"), "--out", str(tmp_path / "tour")]) == 0
 
     export.export_checkpoint(str(best), tmp_path / "onnx")  # checks the graph against the model itself
     assert infer.main(infer.get_args(["--onnx", str(tmp_path / "onnx" / "model.onnx"), str(tmp_path / "scene.tif"),
