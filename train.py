@@ -44,12 +44,12 @@ from training.config import Command, ConfigError, TrainConfig, parse_command_lin
 from training.data import build_eval_loader, open_data, open_split
 from training.distributed import (any_process, cleanup, gather_rng_states, seed_everything,
                                   set_rng_states, setup_distributed)
-from training.evaluation import Evaluation, evaluate
+from training.evaluation import Evaluation, Report, evaluate
 from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
 from training.loop import Diverged, Meter, StopRequest, due, groups_of, non_finite_tensor, sample_list
 from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, open_log, read_log,
-                             write_evaluation)
+                             write_evaluation, write_report)
 
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
@@ -490,14 +490,27 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     config = replace(config, size=spec.size, reduce_labels=spec.reduce_labels, amp=resolve_amp(config.amp, device))
     model = SegFormer.from_pretrained(facts, trust_code=command.trust_code).to(device)
     eval_set = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
-    metrics = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(spec.predicted_classes),
-                       device=device, autocast=lambda: autocast(device.type, config.amp)).metrics
+    classes = spec.predicted_classes
+    report = Report(len(classes), device=device) if command.report else None
+    evaluation = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
+                          autocast=lambda: autocast(device.type, config.amp), report=report)
+    metrics = evaluation.metrics
+    if report is not None:
+        metrics = {**metrics, **report.boundary.compute(), "per_image_mean_iou": report.per_image_mean_iou()}
     if rank == 0:
         for note in notes:
             print(note)
         print(f"{command.checkpoint} on {config.data} {config.eval_split} ({len(eval_set)} images, {config.eval_mode}, "
               f"size {spec.size}, {'reduced' if spec.reduce_labels else 'raw'} labels):")
-        print(class_table(metrics, spec.predicted_classes))
+        print(class_table(metrics, classes))
+        if report is not None:
+            about = {"checkpoint": str(command.checkpoint), "data": str(config.data), "split": config.eval_split,
+                     "eval_mode": config.eval_mode, "size": spec.size}
+            write_report(Path(command.report), metrics, evaluation.confusion, report, classes,
+                         sample_names=samples.name, colours=spec.palette, about=about)
+            print(f"mean of the images' own mean IoU {metrics['per_image_mean_iou']:.4f} (data set: "
+                  f"{metrics['mean_iou']:.4f}); mean F1 {metrics['mean_f1']:.4f}, mean Boundary IoU "
+                  f"{metrics['mean_boundary_iou']:.4f}; the report: {command.report}/report.json")
     return metrics
 
 

@@ -99,10 +99,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = self.spec.bands.normalize(image)
         pad_to = getattr(self.transform, "pad_to", None)  # a smaller crop is padded, to the mean colour later
         if pad_to is None:
-            return {"pixel_values": image, "labels": labels}
+            return {"pixel_values": image, "labels": labels, "index": index}
         valid = tuple(image.shape[-2:])
         image = F.pad(image, (0, pad_to - valid[1], 0, pad_to - valid[0]))
-        return {"pixel_values": image, "labels": labels, "valid": torch.tensor(valid)}
+        return {"pixel_values": image, "labels": labels, "valid": torch.tensor(valid), "index": index}
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded, checked and mapped sample: uint8 (3, H, W) image (float (C, H, W) stored values where the
@@ -156,6 +156,8 @@ def collate(samples: list[dict]) -> dict:
         batch["labels"] = torch.stack([s["labels"] for s in kept])
         if "valid" in kept[0]:
             batch["valid"] = torch.stack([s["valid"] for s in kept])
+        if "index" in kept[0]:  # which samples: the evaluation report names them
+            batch["indices"] = [s["index"] for s in kept]
     return batch
 
 

@@ -1,10 +1,24 @@
-"""Mean IoU from an integer confusion matrix that stays on the device of the predictions.
+"""Mean IoU from an integer confusion matrix that stays on the device of the predictions, and the metrics
+beside it: precision, recall, F1 (Dice), frequency-weighted IoU, and Boundary IoU.
 
 Same semantics as the `evaluate` library's `mean_iou` (what the guide reports): pixels labelled
 `ignore_index` are left out; per class, IoU = |pred & label| / |pred | label| and accuracy =
 |pred & label| / |label|; a class absent from both predictions and labels has IoU NaN, a class
 predicted but never labelled has IoU 0 (and accuracy NaN); the means are nanmeans.
+
+Precision, recall and F1 follow torchmetrics' Multiclass{Precision,Recall,F1Score}(ignore_index=...):
+per class TP / (TP + FP), TP / (TP + FN) and 2TP / (2TP + FP + FN), 0 where the denominator is 0;
+their "macro" means skip the classes absent from both labels and predictions (NaN per class here).
+Frequency-weighted IoU weighs each class's IoU by its share of the labelled pixels.
+
+Boundary IoU (Cheng et al., CVPR 2021; the authors' `mask_to_boundary` and `boundary_iou`): a mask's
+boundary band is the mask minus its erosion by d pixels (a 3x3 erosion d times, zeros beyond the image,
+which equals one (2d+1)x(2d+1) square erosion), d = 2% of the image diagonal (at least 1); per class, the
+intersection and union of the label's and the prediction's bands are summed over the data set, and
+ignored pixels count in neither band.
 """
+
+import math
 
 import numpy as np
 import torch
@@ -69,10 +83,71 @@ class ConfusionMatrix:
         union = labelled + predicted - intersection
         iou = (intersection / union).numpy()  # torch: 0/0 -> NaN (absent from both), no warning
         accuracy = (intersection / labelled).numpy()
+        present = (union > 0).numpy()  # in the labels or the predictions
+
+        def zero_division(numerator, denominator):  # torchmetrics: 0 where 0/0; NaN for absent classes
+            values = torch.where(denominator > 0, numerator / denominator.clamp(min=1), 0.0).numpy()
+            return np.where(present, values, np.nan)
+        precision, recall = zero_division(intersection, predicted), zero_division(intersection, labelled)
+        f1 = zero_division(2 * intersection, labelled + predicted)
+        frequency = (labelled / labelled.sum()).numpy()
         return {
             "mean_iou": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
             "mean_accuracy": float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else float("nan"),
             "overall_accuracy": float(intersection.sum() / labelled.sum()),
+            "frequency_weighted_iou": float(np.nansum(frequency * np.nan_to_num(iou))),
+            "mean_precision": nanmean(precision), "mean_recall": nanmean(recall), "mean_f1": nanmean(f1),
             "per_category_iou": iou,
             "per_category_accuracy": accuracy,
+            "per_category_precision": precision, "per_category_recall": recall, "per_category_f1": f1,
         }
+
+
+def nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+
+
+def boundary_band(masks: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, H, W) bool masks -> their boundary bands: each mask minus its erosion by a (2d+1) square, with
+    zeros beyond the image (so a mask's pixels within d of the image's edge are boundary too)."""
+    outside = F.pad((~masks).float()[:, None], (d, d, d, d), value=1.0)  # 1: not in the mask
+    eroded = F.max_pool2d(outside, kernel_size=2 * d + 1, stride=1)[:, 0] == 0
+    return masks & ~eroded
+
+
+def boundary_width(height: int, width: int, ratio: float = 0.02) -> int:
+    """The band's width d of the authors' code: ratio x the image diagonal, rounded, at least 1."""
+    return max(1, round(ratio * math.hypot(height, width)))
+
+
+class BoundaryIoU:
+    """Per-class Boundary IoU over a data set (see the module's docstring), counted on the device."""
+
+    def __init__(self, num_labels: int, ignore_index: int = 255, ratio: float = 0.02, device=None,
+                 classes_at_once: int = 16):
+        self.num_labels, self.ignore_index, self.ratio, self.chunk = num_labels, ignore_index, ratio, classes_at_once
+        self.counts = torch.zeros(2, num_labels, dtype=torch.int64, device=device)  # intersection, union
+
+    @torch.no_grad()
+    def update(self, predictions: torch.Tensor, references: torch.Tensor) -> None:
+        """(B, H, W) predictions and labels of one size."""
+        d = boundary_width(*references.shape[-2:], self.ratio)
+        for prediction, reference in zip(predictions, references):
+            valid = reference != self.ignore_index
+            classes = torch.unique(torch.cat([prediction[valid], reference[valid]]))
+            classes = classes[(classes >= 0) & (classes < self.num_labels)]
+            for start in range(0, len(classes), self.chunk):  # a few classes' bands at a time: bounded memory
+                chunk = classes[start:start + self.chunk]
+                label_band = boundary_band(reference[None] == chunk[:, None, None], d) & valid
+                predicted_band = boundary_band(prediction[None] == chunk[:, None, None], d) & valid
+                self.counts[0, chunk] += (label_band & predicted_band).flatten(1).sum(1)
+                self.counts[1, chunk] += (label_band | predicted_band).flatten(1).sum(1)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.counts)
+
+    def compute(self) -> dict:
+        intersection, union = self.counts.double().cpu()
+        iou = (intersection / union).numpy()  # NaN: no band of the class anywhere
+        return {"mean_boundary_iou": nanmean(iou), "per_category_boundary_iou": iou}

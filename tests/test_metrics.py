@@ -102,3 +102,75 @@ def test_two_process_sum_equals_one_process(tmp_path):
     for seed in range(4):
         single.update(*random_batch(seed))
     assert torch.equal(torch.load(tmp_path / "counts.pt"), single.counts)
+
+
+# ---- precision, recall, F1 (torchmetrics), frequency-weighted IoU, Boundary IoU (the authors' algorithm) ------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_recall_f1_match_torchmetrics_with_ignore_index(seed):
+    tm = pytest.importorskip("torchmetrics.classification")
+    predictions, references = random_batch(seed)
+    references[0] = 255  # an image with nothing labelled
+    confusion = ConfusionMatrix(num_labels=6)
+    confusion.update(predictions, references)
+    metrics = confusion.compute()
+    present = ~np.isnan(metrics["per_category_iou"])
+    assert not present[3] and present[5]  # absent from both: NaN here; predicted, never labelled: counted
+    for name, reference in (("precision", tm.MulticlassPrecision), ("recall", tm.MulticlassRecall),
+                            ("f1", tm.MulticlassF1Score)):
+        per_class = reference(6, average=None, ignore_index=255)(predictions, references).numpy()
+        macro = reference(6, average="macro", ignore_index=255)(predictions, references).item()
+        np.testing.assert_allclose(metrics[f"per_category_{name}"][present], per_class[present], atol=1e-6)
+        assert np.isnan(metrics[f"per_category_{name}"][3])
+        assert metrics[f"mean_{name}"] == pytest.approx(macro, abs=1e-6)
+    labelled = confusion.matrix.sum(1).double().numpy()
+    expected = np.nansum(labelled / labelled.sum() * np.nan_to_num(metrics["per_category_iou"]))
+    assert metrics["frequency_weighted_iou"] == pytest.approx(expected)
+
+
+def mask_to_boundary(mask: np.ndarray, d: int) -> np.ndarray:
+    """The Boundary IoU authors' mask_to_boundary (cv2: pad 1 with 0, erode 3x3 d times, crop, subtract),
+    with scipy's erosion, zeros beyond the image."""
+    from scipy import ndimage
+    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3)), iterations=d, border_value=0)
+
+
+def boundary_iou_by_hand(predictions, references, num_labels, ratio=0.02):
+    intersection, union = np.zeros(num_labels), np.zeros(num_labels)
+    for prediction, reference in zip(predictions.numpy(), references.numpy()):
+        d = max(1, round(ratio * np.hypot(*reference.shape)))
+        valid = reference != 255
+        for c in range(num_labels):
+            label_band = mask_to_boundary(reference == c, d) & valid
+            predicted_band = mask_to_boundary(prediction == c, d) & valid
+            intersection[c] += (label_band & predicted_band).sum()
+            union[c] += (label_band | predicted_band).sum()
+    with np.errstate(invalid="ignore"):
+        return intersection / union
+
+
+def test_boundary_iou_matches_the_authors_algorithm_on_random_and_crafted_maps():
+    from segformer.metrics import BoundaryIoU, boundary_band
+    square = torch.zeros(1, 60, 60, dtype=torch.bool)
+    square[0, 10:50, 10:50] = True
+    band = boundary_band(square, 3)[0]
+    assert band.sum() == 40 * 40 - 34 * 34 and not band[20:40, 20:40].any()  # a ring 3 pixels wide
+    edge = torch.ones(1, 20, 20, dtype=torch.bool)
+    assert boundary_band(edge, 2)[0].sum() == 400 - 16 * 16  # the image's border is a boundary too
+    for seed in range(3):
+        predictions, references = random_batch(seed, shape=(2, 48, 64))
+        g = torch.Generator().manual_seed(seed)
+        blocks = torch.randint(0, 6, (2, 6, 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+        predictions = torch.where(torch.rand(blocks.shape, generator=g) < 0.9, blocks, predictions)  # regions
+        references = torch.where(references == 255, references, blocks)
+        metric = BoundaryIoU(6, classes_at_once=2)
+        metric.update(predictions, references)
+        expected = boundary_iou_by_hand(predictions, references, 6)
+        np.testing.assert_allclose(metric.compute()["per_category_boundary_iou"], expected, equal_nan=True)
+    perfect = BoundaryIoU(6)
+    perfect.update(references, references)
+    values = perfect.compute()["per_category_boundary_iou"]
+    assert np.all(values[~np.isnan(values)] == 1.0)
+    empty = BoundaryIoU(6)
+    empty.update(predictions, torch.full_like(references, 255))  # nothing labelled: no band anywhere
+    assert np.isnan(empty.compute()["mean_boundary_iou"])

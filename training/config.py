@@ -299,6 +299,7 @@ class Command:
     overwrite: bool = False
     eval_only: bool = False
     checkpoint: str | None = None  # what --eval-only evaluates
+    report: str | None = None  # --eval-only's report folder
     given: frozenset = frozenset()  # the settings given on the command line
     trust_code: bool = False  # import the code from outside this project that a file names as a part
 
@@ -371,6 +372,9 @@ def build_parser(description: str, settings=None, recipes=None, *, evaluation: b
                                                                       "print the per-class table")
         actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
                                                                  "size, label reduction and labels come with it)")
+        actions.add_argument("--report", metavar="DIR", help="--eval-only: also write the evaluation report there "
+                                                             "(per class and per image, Boundary IoU, the worst "
+                                                             "images, report.json)")
     return parser
 
 
@@ -409,6 +413,8 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
         raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
         raise ConfigError("--resume and --eval-only do not go together")
+    if args.get("report") and not eval_only:
+        raise ConfigError("--report goes with --eval-only --checkpoint <dir|file|hub id>")
     if "model" in given and given["model"] not in VARIANTS and not Path(given["model"]).is_file():
         raise ConfigError(f"--model {given['model']}: expected one of {', '.join(VARIANTS)}, or a config.json file")
 
@@ -439,7 +445,7 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
     config = replace(base, **given)
     config = replace(config, **resolve_paths(config))
     return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
-                   eval_only=eval_only, checkpoint=checkpoint, given=frozenset(given),
+                   eval_only=eval_only, checkpoint=checkpoint, report=args.get("report"), given=frozenset(given),
                    trust_code=args.get("trust_code", False))
 
 

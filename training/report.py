@@ -286,3 +286,105 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the evaluation report (train.py --eval-only --report DIR) ---------------------------------------------
+
+REPORT_SCALARS = ("mean_iou", "mean_accuracy", "overall_accuracy", "frequency_weighted_iou", "mean_precision",
+                  "mean_recall", "mean_f1", "mean_boundary_iou")
+PER_CLASS = ("iou", "accuracy", "precision", "recall", "f1", "boundary_iou")
+
+
+def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, class_names: list[str], *,
+                 sample_names, colours, about: dict) -> dict:
+    """report.json (everything), per_class.csv, per_image.csv, confusion.{npy,csv,png}, worst.png (the
+    report's worst images: image | truth | prediction | errors) and README.md (the results as a model card's
+    section). `sample_names(index)` names an image; `about` says what was evaluated. Returns report.json's
+    content."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_evaluation(directory, matrix, class_names, metrics)  # the confusion matrix; per_class.csv, rewritten below
+    names = [spreadsheet_safe(name.strip()) for name in class_names]
+    labelled = matrix.sum(1)
+    per_class = [{"class": class_names[i].strip(), "labelled_pixels": int(labelled[i]),
+                  **{key: _json_number(metrics[f"per_category_{key}"][i]) for key in PER_CLASS}}
+                 for i in range(len(class_names))]
+    per_image = [{"image": sample_names(row["index"]), "labelled_pixels": row["pixels"],
+                  "accuracy": _json_number(row["accuracy"]), "mean_iou": _json_number(row["mean_iou"]),
+                  "iou": [_json_number(v) for v in row["iou"]]} for row in report.rows]
+    worst = report.worst_images()
+    content = {**about, "images": len(report.rows),
+               "metrics": {key: _json_number(metrics[key]) for key in REPORT_SCALARS},
+               "per_image_mean_iou": _json_number(report.per_image_mean_iou()),
+               "boundary_width": f"{report.boundary.ratio:g} of each image's diagonal",
+               "per_class": per_class, "per_image": per_image,
+               "worst_images": [sample_names(index) for index, *_ in worst]}  # their IoU: per_image
+    atomic_write(directory / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
+
+    def write_csv(name, rows):
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+        atomic_write(directory / name, write)
+    write_csv("per_class.csv", [["class", *PER_CLASS, "labelled_pixels"]]
+              + [[names[i], *(_number(metrics[f"per_category_{key}"][i]) for key in PER_CLASS), int(labelled[i])]
+                 for i in range(len(names))])
+    write_csv("per_image.csv", [["image", "labelled_pixels", "accuracy", "mean_iou", *(f"iou {n}" for n in names)]]
+              + [[spreadsheet_safe(row["image"]), row["labelled_pixels"], _number(row["accuracy"]),
+                  _number(row["mean_iou"]), *map(_number, row["iou"])] for row in per_image])
+    draw_worst(worst, colours, sample_names, directory / "worst.png")
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(report_card(content)))
+    return content
+
+
+def _json_number(x):
+    return None if x is None or math.isnan(float(x)) else round(float(x), 6)
+
+
+def draw_worst(worst, colours, sample_names, path: Path) -> bool:
+    """One row per image, worst first: the image, its labels, the prediction, and the errors (red: wrong,
+    grey: ignored)."""
+    plt = pyplot()
+    if plt is None or not worst:
+        return False
+    palette = np.asarray(list(colours) + [(0, 0, 0)] * 256, dtype=np.uint8)[:256]
+    palette[255] = (128, 128, 128)
+    figure, axes = plt.subplots(len(worst), 4, figsize=(12, 3 * len(worst)), squeeze=False)
+    for row, (index, miou, image, labels, prediction) in zip(axes, worst):
+        picture = image.permute(1, 2, 0).numpy()
+        labels, prediction = labels.numpy(), prediction.numpy()
+        errors = np.zeros((*labels.shape, 3), np.uint8)
+        errors[(labels != prediction) & (labels != 255)] = (220, 30, 30)
+        errors[labels == 255] = (128, 128, 128)
+        ignored = labels == 255
+        for axis, shown, title in zip(row, (picture, blend(picture, np.where(ignored, 255, labels), palette),
+                                            blend(picture, prediction, palette), errors),
+                                      (f"{sample_names(index)[-40:]}: mean IoU {miou:.3f}", "labels",
+                                       "prediction", "errors (red), ignored (grey)")):
+            axis.imshow(shown)
+            axis.set_title(title, fontsize=8)
+            axis.axis("off")
+    save_figure(plt, figure, path)
+    return True
+
+
+def report_card(content: dict) -> str:
+    """The report as a model card's results section (markdown)."""
+    m = content["metrics"]
+    lines = [f"## Evaluation: {content.get('data')} {content.get('split')} ({content['images']} images)", "",
+             f"`{content.get('checkpoint')}`, {content.get('eval_mode')} evaluation at {content.get('size')}.", "",
+             "| mean IoU | per-image mean IoU | FW IoU | mean F1 | mean precision | mean recall | mean Boundary IoU "
+             "| overall accuracy |", "|---|---|---|---|---|---|---|---|",
+             "| " + " | ".join(_fmt4(v) for v in (m["mean_iou"], content["per_image_mean_iou"],
+                                                  m["frequency_weighted_iou"], m["mean_f1"], m["mean_precision"],
+                                                  m["mean_recall"], m["mean_boundary_iou"], m["overall_accuracy"]))
+             + " |", "", "| class | IoU | accuracy | precision | recall | F1 | Boundary IoU |",
+             "|---|---|---|---|---|---|---|"]
+    for row in content["per_class"]:
+        if row["iou"] is not None:
+            lines.append(f"| {row['class']} | " + " | ".join(_fmt4(row[key]) for key in PER_CLASS) + " |")
+    lines += ["", "Worst images (by their own mean IoU): " + ", ".join(f"`{n}`" for n in content["worst_images"]), ""]
+    return "\n".join(lines)
+
+
+def _fmt4(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

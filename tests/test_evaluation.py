@@ -1,0 +1,72 @@
+"""The evaluation report (train.py --eval-only --report): what it writes, each image's own numbers, the
+worst images, and the same report from two processes as from one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from helpers import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = ["--eval-split", "validation[:6]", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_training(out, "--max-steps", "3", "--eval-every", "100", "--save-every", "3")
+    return out / "checkpoint-3"
+
+
+def report(checkpoint, out, *extra):
+    metrics = train.execute(["--eval-only", "--checkpoint", str(checkpoint), *EVAL, "--report", str(out), *extra])
+    return metrics, json.loads((out / "report.json").read_text())
+
+
+def test_the_report_holds_every_metric_per_class_and_per_image(checkpoint, tmp_path, capsys):
+    metrics, content = report(checkpoint, tmp_path / "report")
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {
+        "report.json", "per_class.csv", "per_image.csv", "worst.png", "README.md", "confusion.csv"}
+    plain = train.execute(["--eval-only", "--checkpoint", str(checkpoint), *EVAL])
+    assert content["metrics"]["mean_iou"] == pytest.approx(plain["mean_iou"], abs=1e-6)  # one code path
+    assert set(content["metrics"]) == {"mean_iou", "mean_accuracy", "overall_accuracy", "frequency_weighted_iou",
+                                       "mean_precision", "mean_recall", "mean_f1", "mean_boundary_iou"}
+    rows = content["per_image"]
+    assert [r["image"] for r in rows] == [f"synthetic-validation-{i:05d}" for i in range(6)]
+    own = [r["mean_iou"] for r in rows]
+    assert content["per_image_mean_iou"] == pytest.approx(sum(own) / len(own), abs=1e-5)
+    for i in (1, 4):  # an image's own numbers are the data set's numbers of that image alone
+        alone = train.execute(["--eval-only", "--checkpoint", str(checkpoint),
+                               "--eval-split", f"validation[{i}:{i + 1}]"])
+        assert rows[i]["mean_iou"] == pytest.approx(alone["mean_iou"], abs=1e-5)
+        assert rows[i]["accuracy"] == pytest.approx(alone["overall_accuracy"], abs=1e-5)
+    by_score = sorted(rows, key=lambda r: r["mean_iou"])
+    assert content["worst_images"] == [r["image"] for r in by_score]  # all six (k = 8), the worst first
+    lines = (tmp_path / "report" / "per_image.csv").read_text().splitlines()
+    assert len(lines) == 7 and lines[0].startswith("image,labelled_pixels,accuracy,mean_iou,iou sky")
+    card = (tmp_path / "report" / "README.md").read_text()
+    assert "| class | IoU | accuracy | precision | recall | F1 | Boundary IoU |" in card
+    assert "mean of the images' own mean IoU" in capsys.readouterr().out
+
+
+def test_two_processes_write_the_report_one_process_writes(checkpoint, tmp_path):
+    _, single = report(checkpoint, tmp_path / "one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), "--eval-only", "--checkpoint", str(checkpoint), *EVAL, "--device", "cpu",
+               "--report", str(tmp_path / "two")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert double["per_image"] == single["per_image"] and double["worst_images"] == single["worst_images"]
+    for key, value in single["metrics"].items():
+        assert double["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    assert double["per_class"] == single["per_class"]
+
+
+def test_report_needs_eval_only(tmp_path, capsys):
+    assert train.main(["--report", str(tmp_path)]) == 2
+    assert "--report goes with --eval-only" in capsys.readouterr().err
