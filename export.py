@@ -20,6 +20,10 @@ build): one kernel where standard operators take a matrix product, a softmax and
 over stage 1's 16384 x 256 attention matrix, 4-7% faster for the whole model under ONNX Runtime.
 `--portable` writes standard ONNX operators only (opset 20), for TensorRT, OpenVINO and other runtimes.
 
+A checkpoint calibrated by `train.py --eval-only --calibrate` (calibration.json) has its temperature in the
+logits graph: the classifier's weights divided by it, so the graph's logits are the calibrated ones (the
+label map graph's argmax does not change).
+
 Written beside the graph: preprocessor_config.json (input size, normalisation, label reduction),
 id2label.json (class names), palette.json where the checkpoint has one. Checked after writing: ONNX
 Runtime against our eager model at two input shapes. With --int8, model.int8.onnx and the agreement of its
@@ -296,6 +300,16 @@ def export_checkpoint(checkpoint: str, out: Path, *, label_map: bool = False, si
         if int8 == "static":
             calibration = check_images(calibration_folder, size, count=CALIBRATION_COUNT, split="train")
         inputs = check_images(check_folder, size)
+    if facts.temperature and not label_map:  # calibration.json: logits / T, baked into the classifier
+        classifier = getattr(model.decoder, "classifier", None)
+        if not isinstance(classifier, torch.nn.Conv2d):
+            raise ExportError(f"{checkpoint}: its decoder {model.config.decoder} has no `classifier` convolution to "
+                              f"divide by the temperature of calibration.json; move that file aside to export")
+        with torch.no_grad():
+            classifier.weight /= facts.temperature
+            if classifier.bias is not None:
+                classifier.bias /= facts.temperature
+        print(f"the logits are divided by the temperature {facts.temperature:.4g} of calibration.json (in the graph)")
     path = writable_folder(out) / "model.onnx"
     print(f"exporting {checkpoint} ({model.config.describe()}, {model.config.num_labels} classes) "
           f"to {path} ...")

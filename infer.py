@@ -79,6 +79,9 @@ def get_args(argv=None):
     p.add_argument("--alpha", type=bounded(float, 0.0, 1.0), default=0.5,
                    help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--confidence", action="store_true",
+                   help="also write <stem>_confidence.png (each pixel's top probability x 255) and give each "
+                        "segment a score (its mean top probability); computed a chunk of classes at a time")
     p.add_argument("--format", nargs="+", choices=["coco", "labelme"], default=[],
                    help="also write the predictions for labelling tools: COCO RLE, LabelMe polygons")
     p.add_argument("--polygon-tolerance", type=bounded(float, 0.0, 100.0), default=0.5,
@@ -136,12 +139,18 @@ def demo_inputs(folder: Path, count: int = 4) -> list[str]:
 
 
 def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, alpha) -> None:
-    """The mask, overlay and segments of one image, each written atomically (complete or absent)."""
+    """The mask, overlay and segments of one image (and the confidence map where it was computed), each
+    written atomically (complete or absent)."""
     label_map = prediction.label_map.cpu().numpy()
     mask = Image.fromarray(label_map.astype(np.uint8 if len(names) <= 256 else np.uint16))
     total = label_map.size
-    segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6)}
+    top = prediction.confidence["max"].cpu().numpy() if prediction.confidence is not None else None
+    segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6),
+                 **({"score": round(float(top[label_map == c].mean()), 6)} if top is not None else {})}
                 for c, n in zip(*np.unique(label_map, return_counts=True))]
+    if top is not None:
+        picture = Image.fromarray((top * 255).round().astype(np.uint8))
+        atomic_write(output_path(stem, "_confidence.png"), lambda tmp: picture.save(tmp, format="PNG"))
     record = {"image": str(path), "size": [image.width, image.height], "segments": segments}
     atomic_write(output_path(stem, "_mask.png"), lambda tmp: mask.save(tmp, format="PNG"))
     atomic_write(output_path(stem, "_overlay.png"),
@@ -186,7 +195,7 @@ def output_path(stem: Path, suffix: str) -> Path:
     return stem.with_name(stem.name + suffix)
 
 
-def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha) -> str | None:
+def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, confidence: bool = False) -> str | None:
     """Segment one image and write its outputs; what went wrong, in one line naming the file, or None.
     A model of several bands reads the file at full precision and draws its overlay on the first three,
     stretched; a GeoTIFF's mask is also written as <stem>_mask.tif with its georeferencing (rasterio)."""
@@ -197,7 +206,7 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha) -> 
     except UserError as e:  # unreadable, not an image, missing: the message names the file
         return one_line(e)
     try:
-        prediction = predictor(pixels)
+        prediction = predictor(pixels, confidence=confidence)
         image = pixels if predictor.bands is None else display_rgb(pixels)
         save_outputs(path, image, prediction, stem, colours=colours, names=names, alpha=alpha)
         where = georeference(path) if path.suffix.lower() in (".tif", ".tiff") else None
@@ -248,7 +257,8 @@ def main(args) -> int:
     predictor = Predictor(model, size=spec.size, mode=args.mode, window=args.window, stride=args.stride,
                           tta=args.tta, scales=args.scales, device="cpu" if args.onnx else args.device,
                           amp=args.amp, channels_last=args.channels_last and not args.onnx,
-                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb, bands=spec.bands)
+                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb, bands=spec.bands,
+                          temperature=facts.temperature)
     names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
     try:
         out = writable_folder(args.out or "predictions")
@@ -263,7 +273,8 @@ def main(args) -> int:
         if not args.overwrite and all(output_path(stem, s).exists() for s in ("_mask.png", "_overlay.png", ".json")):
             kept.append(path)
             continue
-        problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha)
+        problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha,
+                              confidence=args.confidence)
         if problem:  # reported, and the other images go on
             failed.append(problem)
             tqdm.write(f"error: {problem}", file=sys.stderr)

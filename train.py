@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from data import DataError, batch_to_device, build_dataset, decide_labels
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
-from segformer.checkpoint import CheckpointFacts, describe, read_model_config
+from segformer.calibration import CALIBRATION_FILE
+from segformer.checkpoint import CheckpointFacts, describe, read_model_config, write_json
 from segformer.components import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast, resolve_amp
@@ -491,19 +492,35 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     model = SegFormer.from_pretrained(facts, trust_code=command.trust_code).to(device)
     eval_set = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
     classes = spec.predicted_classes
-    report = Report(len(classes), device=device) if command.report else None
+    folder = facts.weights.parent
+    if command.calibrate and not Path(command.checkpoint).is_dir():
+        raise ConfigError(f"--calibrate saves calibration.json beside the checkpoint: {command.checkpoint} is not a "
+                          f"local checkpoint folder")
+    report = Report(len(classes), device=device) if command.report or command.calibrate else None
     evaluation = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
                           autocast=lambda: autocast(device.type, config.amp), report=report)
     metrics = evaluation.metrics
     if report is not None:
         metrics = {**metrics, **report.boundary.compute(), "per_image_mean_iou": report.per_image_mean_iou()}
+        fitted = report.calibration.fit() if command.calibrate and len(classes) > 1 else facts.temperature
+        metrics["calibration"] = {"before": report.calibration.at(1.0)} | (
+            {"after": report.calibration.at(fitted)} if fitted else {})
     if rank == 0:
         for note in notes:
             print(note)
         print(f"{command.checkpoint} on {config.data} {config.eval_split} ({len(eval_set)} images, {config.eval_mode}, "
               f"size {spec.size}, {'reduced' if spec.reduce_labels else 'raw'} labels):")
         print(class_table(metrics, classes))
-        if report is not None:
+        if command.calibrate and "after" in metrics["calibration"]:
+            before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
+            write_json({"temperature": after["temperature"], "fitted_on": f"{config.data} {config.eval_split}",
+                        "ece_before": before["ece"], "ece_after": after["ece"], "nll_before": before["nll"],
+                        "nll_after": after["nll"]}, folder / CALIBRATION_FILE)
+            print(f"temperature {after['temperature']:.3f} (lowest NLL on {config.eval_split}): ECE "
+                  f"{before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, Brier "
+                  f"{before['brier']:.4f} -> {after['brier']:.4f}; saved in {folder / CALIBRATION_FILE}, which "
+                  f"infer.py and export.py apply")
+        if command.report:
             about = {"checkpoint": str(command.checkpoint), "data": str(config.data), "split": config.eval_split,
                      "eval_mode": config.eval_mode, "size": spec.size}
             write_report(Path(command.report), metrics, evaluation.confusion, report, classes,

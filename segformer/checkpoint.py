@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save
 
 from . import layouts
 from .bands import Bands
+from .calibration import read_temperature
 from .config import SegFormerConfig
 from .errors import CheckpointError, ConfigError, UserError
 
@@ -236,6 +237,7 @@ class CheckpointFacts:
     palette: tuple | None  # palette.json: the class colours of the data it was trained on
     training_args: Path | None  # training_args.json: a checkpoint of this project's train.py
     bands: "Bands | None" = None  # full-precision images of several bands (preprocessor_config.json); None: RGB
+    temperature: float | None = None  # calibration.json: the logits' temperature fitted on validation data
 
     @property
     def conflict(self) -> str | None:
@@ -288,7 +290,8 @@ def read_side_files(folder: Path) -> dict:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{folder / 'preprocessor_config.json'}: bands without a valid image_mean / "
                                   f"image_std ({e})") from None
-    return dict(bands=bands, size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
+    return dict(bands=bands, temperature=read_temperature(folder),
+                size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
                 reduce_labels=reduce_labels if isinstance(reduce_labels, bool) else None,
                 palette=_read_palette(folder / "palette.json"),
                 training_args=folder / "training_args.json" if (folder / "training_args.json").is_file() else None)

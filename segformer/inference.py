@@ -50,15 +50,20 @@ class Prediction:
     label_map: torch.Tensor  # (H, W) int64
     probabilities: torch.Tensor | None  # (K, H, W) float, when asked for
     id2label: dict[int, str] = field(repr=False)
+    confidence: dict | None = None  # "max", "margin", "entropy": (H, W) float maps, when asked for
 
     @property
     def segments(self) -> list[dict]:
-        """One {"label", "score", "mask"} per class present, in ascending class id (the pipeline's)."""
+        """One {"label", "score", "mask"} per class present, in ascending class id (the pipeline's); the
+        score is the segment's mean top probability where the confidence was computed, else None."""
         labels = self.label_map.cpu().numpy()
+        top = self.confidence["max"].cpu().numpy() if self.confidence is not None else None
         out = []
         for class_id in map(int, np.unique(labels)):
-            mask = Image.fromarray(((labels == class_id) * 255).astype(np.uint8))
-            out.append({"label": self.id2label.get(class_id, default_name(class_id)), "score": None, "mask": mask})
+            inside = labels == class_id
+            score = round(float(top[inside].mean()), 6) if top is not None else None
+            mask = Image.fromarray((inside * 255).astype(np.uint8))
+            out.append({"label": self.id2label.get(class_id, default_name(class_id)), "score": score, "mask": mask})
         return out
 
 
@@ -143,19 +148,25 @@ class SlideView:
 
 # ---- combining the views, a class chunk at a time ----------------------------------------------------------
 
-def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int, probabilities: bool):
-    """(label map (H, W), probabilities (K', H, W) or None) of an image from its views, a chunk of
-    classes at a time, in about `memory` bytes. K' is 2 for the binary head (background and the label)."""
+def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int, probabilities: bool,
+            confidence: bool = False):
+    """(label map (H, W), probabilities (K', H, W) or None, confidence or None) of an image from its views,
+    a chunk of classes at a time, in about `memory` bytes. K' is 2 for the binary head (background and the
+    label). The confidence: the top probability, its margin over the second, the entropy (nats)."""
     H, W = size
     device, plane = views[0].device, 4 * H * W  # bytes of one (H, W) float map
     if num_labels == 1:  # the binary head: 1 where the (averaged) sigmoid is above one half
         logits = [view.classes(0, 1)[0] for view in views]
-        if len(views) == 1 and not probabilities:
-            return (logits[0] > 0).long(), None
+        if len(views) == 1 and not probabilities and not confidence:
+            return (logits[0] > 0).long(), None, None
         p = sum(x.sigmoid() for x in logits) / len(views)
-        return (p > 0.5).long(), torch.stack([1 - p, p]) if probabilities else None
-    tta = len(views) > 1 or probabilities
-    fixed = plane * (1 + 0.5 + (len(views) if tta else 0))  # best value, int16 label map, a log-sum-exp per view
+        sure = None
+        if confidence:
+            q = torch.stack([1 - p, p]).clamp(min=1e-12)
+            sure = {"max": torch.maximum(p, 1 - p), "margin": (2 * p - 1).abs(), "entropy": -(q * q.log()).sum(0)}
+        return (p > 0.5).long(), torch.stack([1 - p, p]) if probabilities else None, sure
+    tta = len(views) > 1 or probabilities or confidence
+    fixed = plane * (1 + 0.5 + (len(views) if tta else 0) + (2 if confidence else 0))  # + second best, entropy
     chunk = int(max(1, min(num_labels, (memory - fixed) // (2 * plane))))  # two (chunk, H, W) maps at a time
     chunks = [(first, min(first + chunk, num_labels)) for first in range(0, num_labels, chunk)]
     best = torch.full((H, W), -float("inf"), device=device)
@@ -165,7 +176,7 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
         for first, last in chunks:
             keep_best(views[0].classes(first, last), first, best, label_map)
         del best
-        return label_map.long(), None
+        return label_map.long(), None, None
     # A view's softmax is exp(x - L), L = log sum_k exp(x_k) each pixel's log-sum-exp over all classes:
     # its maximum m first, then the sum of exp(x_k - m), class after class (the same arithmetic whatever
     # the chunk size). One plane per view.
@@ -182,6 +193,8 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
         log_sums.append(total.log_().add_(maximum))
         del maximum, exponentials
     full = torch.empty((num_labels, H, W), device=device) if probabilities else None
+    second = torch.full((H, W), -float("inf"), device=device) if confidence else None
+    entropy = torch.zeros((H, W), device=device) if confidence else None
     for first, last in chunks:
         averaged = None
         for view, log_sum in zip(views, log_sums):  # the softmax of each view, summed
@@ -191,10 +204,16 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
         averaged /= len(views)
         if full is not None:
             full[first:last] = averaged
+        if confidence:  # the runner-up before `best` moves on, and -sum p log p
+            top = averaged.topk(min(2, last - first), dim=0).values
+            runner_up = top[1] if len(top) > 1 else torch.full_like(best, -float("inf"))
+            second = torch.maximum(torch.minimum(best, top[0]), torch.maximum(second, runner_up))
+            entropy -= (averaged * averaged.clamp(min=1e-12).log()).sum(0)
         keep_best(averaged, first, best, label_map)
         del averaged
-    del log_sums, best
-    return label_map.long(), full
+    sure = {"max": best, "margin": best - second, "entropy": entropy} if confidence else None
+    del log_sums
+    return label_map.long(), full, sure
 
 
 def keep_best(scores: torch.Tensor, first: int, best: torch.Tensor, label_map: torch.Tensor) -> None:
@@ -219,7 +238,7 @@ class Predictor:
     def __init__(self, model, *, size: int = 512, mode: str = "resize", window: int = 512, stride: int = 341,
                  tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True, device=None, amp: str = "off",
                  batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512,
-                 bands: Bands | None = None):
+                 bands: Bands | None = None, temperature: float | None = None):
         if mode not in ("resize", "aspect", "slide"):
             raise ValueError(f"mode must be 'resize', 'aspect' or 'slide', got {mode!r}")
         if amp not in AMP_DTYPES:
@@ -239,15 +258,18 @@ class Predictor:
         self.amp, self.batch_size, self.channels_last = amp, batch_size, channels_last
         self.memory = memory_mb * 2**20
         self.bands = bands  # full-precision images of several bands, normalised per band; None: 8-bit RGB
+        self.temperature = temperature  # the logits are divided by it (segformer/calibration.py); None: 1
         self.normalize = bands.normalize if bands is not None else normalize
         self.views_per_image = len(self.scales) * (2 if self.flip else 1)
 
     @torch.no_grad()
-    def __call__(self, images, *, probabilities: bool = False):
+    def __call__(self, images, *, probabilities: bool = False, confidence: bool = False):
         """One image (PIL, any mode, or uint8 (3, H, W) tensor; with `bands`, an (H, W, C) array of stored
         values as segformer.bands.read_bands gives, or a float (C, H, W) tensor) -> Prediction; a list -> list.
         In "resize" mode a list runs through the model `batch_size` images at a time. probabilities=True
-        also returns the (K, H, W) class probabilities, which take K x H x W floats."""
+        also returns the (K, H, W) class probabilities, which take K x H x W floats; confidence=True the
+        (H, W) maps of the top probability, its margin over the second and the entropy, computed a chunk of
+        classes at a time (no K x H x W array), and each segment's score: its mean top probability."""
         single = not isinstance(images, (list, tuple))
         images = [self.to_tensor(image).to(self.device) for image in ([images] if single else images)]
         results = []
@@ -256,12 +278,12 @@ class Predictor:
             batch = images[start:start + batch_size]
             for image, views in zip(batch, self.views(batch)):
                 H, W = image.shape[-2:]
-                label_map, probs = combine(views, self.num_labels, (H, W), memory=self.memory // 2,
-                                           probabilities=probabilities)
+                label_map, probs, sure = combine(views, self.num_labels, (H, W), memory=self.memory // 2,
+                                                 probabilities=probabilities, confidence=confidence)
                 for view in views:
                     if isinstance(view, SlideView):
                         view.windows.close()
-                results.append(Prediction(label_map, probs, self.id2label))
+                results.append(Prediction(label_map, probs, self.id2label, sure))
         return results[0] if single else results
 
     def to_tensor(self, image) -> torch.Tensor:
@@ -306,7 +328,8 @@ class Predictor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device.type, self.amp):
-            return self.model(x).float()
+            logits = self.model(x).float()
+        return logits / self.temperature if self.temperature else logits
 
     def slide(self, image: torch.Tensor, size: tuple[int, int], flipped: bool) -> SlideView:
         """mmseg's slide_inference on a uint8 (3, Hs, Ws) image: window x window crops every `stride`

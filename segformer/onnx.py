@@ -29,6 +29,7 @@ class ExportFacts:
     palette: tuple | None
     training_args: Path | None = None
     bands: "Bands | None" = None  # full-precision images of several bands (preprocessor_config.json)
+    temperature: float | None = None  # (the export divides the logits by it in the graph: not applied again)
     conflict = None  # the graph's outputs are its classes
 
 

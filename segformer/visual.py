@@ -33,8 +33,14 @@ def palette(num_labels: int, id2label: dict[int, str] | None = None) -> list[tup
 def blend(image: np.ndarray, label_map: np.ndarray, colours, alpha: float = 0.5) -> np.ndarray:
     """(..., H, W, 3) uint8 images and (..., H, W) class ids -> the images with each pixel's class colour
     blended in at opacity `alpha`, uint8."""
-    colour_of = np.asarray(colours, dtype=np.uint8)[label_map]
-    return ((1 - alpha) * image.astype(np.float32) + alpha * colour_of).round().astype(np.uint8)
+    palette = np.asarray(colours, dtype=np.uint8)
+    out = np.empty(np.broadcast_shapes(image.shape, (*label_map.shape, 3)), dtype=np.uint8)
+    for top in range(0, out.shape[-3], 256):  # a band of rows at a time: no float copy of a large photo
+        rows = slice(top, top + 256)
+        colour_of = palette[label_map[..., rows, :]]
+        out[..., rows, :, :] = ((1 - alpha) * image[..., rows, :, :].astype(np.float32)
+                                + alpha * colour_of).round().astype(np.uint8)
+    return out
 
 
 def overlay(image: Image.Image, label_map: np.ndarray, colours, names: dict, alpha: float = 0.5) -> Image.Image:

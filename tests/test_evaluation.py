@@ -70,3 +70,31 @@ def test_two_processes_write_the_report_one_process_writes(checkpoint, tmp_path)
 def test_report_needs_eval_only(tmp_path, capsys):
     assert train.main(["--report", str(tmp_path)]) == 2
     assert "--report goes with --eval-only" in capsys.readouterr().err
+
+
+def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tmp_path, capsys):
+    import shutil
+    import export
+    from segformer import SegFormer
+    from segformer.checkpoint import describe
+    from segformer.onnx import OnnxModel
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint, model_dir)
+    metrics, content = report(model_dir, tmp_path / "report", "--calibrate")
+    before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
+    saved = json.loads((model_dir / "calibration.json").read_text())
+    assert saved["temperature"] == pytest.approx(after["temperature"]) and after["nll"] <= before["nll"]
+    assert content["calibration"]["after"]["ece"] == pytest.approx(after["ece"], abs=1e-6)
+    assert (tmp_path / "report" / "reliability.png").is_file()
+    assert "temperature" in capsys.readouterr().out
+    assert describe(model_dir).temperature == pytest.approx(saved["temperature"])
+    export.export_checkpoint(str(model_dir), tmp_path / "onnx")
+    x = __import__("torch").randn(1, 3, 64, 64)
+    eager = SegFormer.from_pretrained(model_dir).eval()
+    with __import__("torch").no_grad():
+        expected = eager(x) / saved["temperature"]
+    got = OnnxModel(tmp_path / "onnx" / "model.onnx")(x)
+    assert (got - expected).abs().max().item() < 1e-4  # the graph's logits are the calibrated ones
+    weights = str(model_dir / "model.safetensors")
+    assert train.main(["--eval-only", "--checkpoint", weights, *EVAL, "--calibrate"]) == 2
+    assert "--calibrate saves calibration.json beside the checkpoint" in capsys.readouterr().err

@@ -253,3 +253,45 @@ print(label_map.shape[0], label_map.shape[1], int(peak_mb() - before))
     H, W, grown_mb = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                              check=True).stdout.split())
     assert (H, W) == (1500, 2000) and grown_mb < 400
+
+
+# ---- confidence: the top probability, its margin and the entropy, a few classes at a time ------------------
+
+@pytest.mark.parametrize("mode, tta", [("resize", False), ("slide", True)])
+def test_confidence_maps_equal_those_of_the_full_probabilities(small_model, mode, tta):
+    image = random_image(70, 150, seed=4)
+    options = dict(size=64, mode=mode, window=64, stride=40, tta=tta, scales=(0.75, 1.0), device="cpu")
+    whole = Predictor(small_model, memory_mb=4096, **options)(image, probabilities=True)
+    chunked = Predictor(small_model, memory_mb=1e-3, **options)(image, confidence=True)  # two classes at a time
+    p = whole.probabilities
+    top2 = p.topk(2, dim=0).values
+    assert torch.equal(chunked.label_map, whole.label_map)
+    assert torch.allclose(chunked.confidence["max"], top2[0], atol=1e-6)
+    assert torch.allclose(chunked.confidence["margin"], top2[0] - top2[1], atol=1e-6)
+    assert torch.allclose(chunked.confidence["entropy"], -(p * p.clamp(min=1e-12).log()).sum(0), atol=1e-5)
+    labels = chunked.label_map.numpy()
+    for segment in chunked.segments:  # the pipeline's score: here, the segment's mean top probability
+        inside = labels == [k for k, v in small_model.id2label.items() if v == segment["label"]][0]
+        assert segment["score"] == pytest.approx(float(top2[0].numpy()[inside].mean()), abs=1e-5)
+    assert Predictor(small_model, size=64, device="cpu")(image).segments[0]["score"] is None
+
+
+def test_a_temperature_divides_the_logits_and_keeps_the_label_map(small_model):
+    image = random_image(64, 80, seed=1)
+    plain = Predictor(small_model, size=64, device="cpu")(image, probabilities=True)
+    cooled = Predictor(small_model, size=64, device="cpu", temperature=2.0)(image, probabilities=True)
+    assert torch.equal(plain.label_map, cooled.label_map)
+    logits = plain.probabilities.clamp(min=1e-30).log()  # log-softmax: the logits up to a constant per pixel
+    assert torch.allclose(cooled.probabilities, (logits / 2).softmax(0), atol=1e-5)
+
+
+def test_infer_writes_the_confidence_map_and_segment_scores(small_model, tmp_path):
+    small_model.save_pretrained(tmp_path / "model")
+    random_image(48, 64, seed=3).save(tmp_path / "photo.png")
+    args = ["--checkpoint", str(tmp_path / "model"), str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"),
+            "--size", "64", "--confidence"]
+    assert infer.main(infer.get_args(args)) == 0
+    top = np.asarray(Image.open(tmp_path / "out" / "photo_confidence.png"))
+    assert top.shape == (48, 64) and top.min() >= 255 // 5  # the top of 5 probabilities is at least 1/5
+    segments = json.loads((tmp_path / "out" / "photo.json").read_text())["segments"]
+    assert all(0.2 <= s["score"] <= 1 for s in segments)

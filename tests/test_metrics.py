@@ -174,3 +174,29 @@ def test_boundary_iou_matches_the_authors_algorithm_on_random_and_crafted_maps()
     empty = BoundaryIoU(6)
     empty.update(predictions, torch.full_like(references, 255))  # nothing labelled: no band anywhere
     assert np.isnan(empty.compute()["mean_boundary_iou"])
+
+
+# ---- calibration: ECE (torchmetrics), NLL, Brier score, at every temperature --------------------------------
+
+def test_calibration_matches_torchmetrics_cross_entropy_and_brier_at_any_temperature():
+    tm = pytest.importorskip("torchmetrics.classification")
+    from segformer.calibration import Calibration
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 24, 32, generator=g) * 3
+    labels = torch.where(torch.rand(2, 24, 32, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 5, (2, 24, 32),
+                                                                                                 generator=g))
+    labels[0, :4] = 255
+    calibration = Calibration(5, temperatures=(0.5, 1.0, 2.0))
+    calibration.update(logits[:1], labels[:1], pixels_at_once=100)  # in pieces: the same sums
+    calibration.update(logits[1:], labels[1:])
+    for t in (0.5, 1.0, 2.0):
+        got = calibration.at(t)
+        p = (logits / t).softmax(1)
+        ece = tm.MulticlassCalibrationError(5, n_bins=15, norm="l1", ignore_index=255)(p, labels).item()
+        nll = torch.nn.functional.cross_entropy(logits / t, labels, ignore_index=255).item()
+        keep = labels != 255
+        one_hot = torch.nn.functional.one_hot(labels.clamp(max=4), 5).permute(0, 3, 1, 2).float()
+        brier = ((p - one_hot) ** 2).sum(1)[keep].mean().item()
+        assert got["ece"] == pytest.approx(ece, abs=1e-5), t
+        assert got["nll"] == pytest.approx(nll, abs=1e-5) and got["brier"] == pytest.approx(brier, abs=1e-5)
+    assert calibration.fit() == min((0.5, 1.0, 2.0), key=lambda t: calibration.at(t)["nll"])

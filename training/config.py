@@ -300,6 +300,7 @@ class Command:
     eval_only: bool = False
     checkpoint: str | None = None  # what --eval-only evaluates
     report: str | None = None  # --eval-only's report folder
+    calibrate: bool = False  # --eval-only: fit the logits' temperature, saved beside the checkpoint
     given: frozenset = frozenset()  # the settings given on the command line
     trust_code: bool = False  # import the code from outside this project that a file names as a part
 
@@ -375,6 +376,10 @@ def build_parser(description: str, settings=None, recipes=None, *, evaluation: b
         actions.add_argument("--report", metavar="DIR", help="--eval-only: also write the evaluation report there "
                                                              "(per class and per image, Boundary IoU, the worst "
                                                              "images, report.json)")
+        actions.add_argument("--calibrate", action="store_true",
+                             help="--eval-only: fit the temperature of the logits on --eval-split (lowest NLL) and "
+                                  "save it beside the checkpoint (calibration.json), which infer.py and export.py "
+                                  "apply; the report shows ECE, NLL and Brier score before and after")
     return parser
 
 
@@ -413,8 +418,9 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
         raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
         raise ConfigError("--resume and --eval-only do not go together")
-    if args.get("report") and not eval_only:
-        raise ConfigError("--report goes with --eval-only --checkpoint <dir|file|hub id>")
+    for flag in ("report", "calibrate"):
+        if args.get(flag) and not eval_only:
+            raise ConfigError(f"--{flag} goes with --eval-only --checkpoint <dir|file|hub id>")
     if "model" in given and given["model"] not in VARIANTS and not Path(given["model"]).is_file():
         raise ConfigError(f"--model {given['model']}: expected one of {', '.join(VARIANTS)}, or a config.json file")
 
@@ -445,7 +451,8 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
     config = replace(base, **given)
     config = replace(config, **resolve_paths(config))
     return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
-                   eval_only=eval_only, checkpoint=checkpoint, report=args.get("report"), given=frozenset(given),
+                   eval_only=eval_only, checkpoint=checkpoint, report=args.get("report"),
+                   calibrate=args.get("calibrate", False), given=frozenset(given),
                    trust_code=args.get("trust_code", False))
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX, DataError, batch_to_device
+from segformer.calibration import Calibration
 from segformer.metrics import BoundaryIoU, ConfusionMatrix, logits_to_predictions, nanmean
 
 
@@ -49,6 +50,9 @@ def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0,
         pixel_values, labels = batch_to_device(batch, device)
         with autocast():
             logits = model(pixel_values)
+        if report is not None and logits.shape[1] > 1:  # the report's calibration: the logits at the labels' size
+            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            report.calibration.update(logits, labels)
         predictions = logits_to_predictions(logits.float(), labels.shape[-2:])
         confusion.update(predictions, labels)
         if report is not None:
@@ -70,11 +74,13 @@ def evaluate(model, loader, *, num_labels: int, device, autocast, show: int = 0,
 class Report:
     """What the evaluation report adds to the data set's confusion matrix, counted from the same
     predictions: per image, its labelled pixels, accuracy and IoU per class (NaN: absent from both); per
-    class, Boundary IoU; the `worst` images by their own mean IoU, kept with their labels and predictions."""
+    class, Boundary IoU; the `worst` images by their own mean IoU, kept with their labels and predictions;
+    the pixel probabilities' calibration (segformer/calibration.py) at a grid of temperatures."""
 
     def __init__(self, num_labels: int, *, device, worst: int = 8, boundary_ratio: float = 0.02):
         self.num_labels, self.keep = num_labels, worst
         self.boundary = BoundaryIoU(num_labels, ignore_index=IGNORE_INDEX, ratio=boundary_ratio, device=device)
+        self.calibration = Calibration(num_labels, ignore_index=IGNORE_INDEX, device=device)
         self.rows = []  # one dict per image
         self.worst = []  # heap of (-mean IoU, index, image, labels, prediction): the worst `keep` images
 
@@ -101,6 +107,7 @@ class Report:
     def all_reduce(self) -> None:
         """Every process's images on every process (the rows are few numbers each; the gallery k images)."""
         self.boundary.all_reduce()
+        self.calibration.all_reduce()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.rows, self.worst))

@@ -317,7 +317,10 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
                "per_image_mean_iou": _json_number(report.per_image_mean_iou()),
                "boundary_width": f"{report.boundary.ratio:g} of each image's diagonal",
                "per_class": per_class, "per_image": per_image,
-               "worst_images": [sample_names(index) for index, *_ in worst]}  # their IoU: per_image
+               "worst_images": [sample_names(index) for index, *_ in worst],  # their IoU: per_image
+               "calibration": {when: {key: [_json_number(v) for v in value] if isinstance(value, list)
+                                      else _json_number(value) for key, value in values.items()}
+                               for when, values in metrics.get("calibration", {}).items()}}
     atomic_write(directory / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
 
     def write_csv(name, rows):
@@ -332,8 +335,34 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
               + [[spreadsheet_safe(row["image"]), row["labelled_pixels"], _number(row["accuracy"]),
                   _number(row["mean_iou"]), *map(_number, row["iou"])] for row in per_image])
     draw_worst(worst, colours, sample_names, directory / "worst.png")
+    draw_reliability(content["calibration"], directory / "reliability.png")
     atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(report_card(content)))
     return content
+
+
+def draw_reliability(calibration: dict, path: Path) -> bool:
+    """The reliability diagram: each confidence bin's accuracy against its mean confidence (the diagonal:
+    calibrated), before and after temperature scaling, and how many pixels each bin holds."""
+    plt = pyplot()
+    if plt is None or not calibration:
+        return False
+    figure, (axis, counts) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for when, style in (("before", "o-"), ("after", "s--")):
+        if when not in calibration:
+            continue
+        c = calibration[when]
+        shown = [(x, y) for x, y in zip(c["bin_confidence"], c["bin_accuracy"]) if x is not None and y is not None]
+        label = f"{when}: T = {c['temperature']:.3g}, ECE {c['ece']:.4f}"
+        axis.plot([x for x, _ in shown], [y for _, y in shown], style, label=label)
+        counts.bar(np.arange(15) + (0.2 if when == "after" else -0.2), c["bin_pixels"], width=0.4, label=when)
+    axis.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    axis.set(xlabel="confidence (top probability)", ylabel="accuracy", title="reliability (15 bins)", xlim=(0, 1),
+             ylim=(0, 1))
+    counts.set(xlabel="bin", ylabel="pixels", title="pixels per confidence bin", yscale="log")
+    for a in (axis, counts):
+        a.legend(fontsize=8)
+    save_figure(plt, figure, path)
+    return True
 
 
 def _json_number(x):
@@ -383,6 +412,10 @@ def report_card(content: dict) -> str:
         if row["iou"] is not None:
             lines.append(f"| {row['class']} | " + " | ".join(_fmt4(row[key]) for key in PER_CLASS) + " |")
     lines += ["", "Worst images (by their own mean IoU): " + ", ".join(f"`{n}`" for n in content["worst_images"]), ""]
+    for when, c in content.get("calibration", {}).items():
+        lines.append(f"Calibration {when} (temperature {c['temperature']:.3g}): ECE {_fmt4(c['ece'])}, NLL "
+                     f"{_fmt4(c['nll'])}, Brier {_fmt4(c['brier'])}  ")
+    lines.append("")
     return "\n".join(lines)
 
 
