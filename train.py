@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data import DataError, batch_to_device, build_dataset, decide_labels
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
+from data.corruptions import SEVERITIES, Corruption, parse_corruptions
 from segformer.calibration import CALIBRATION_FILE
 from segformer.checkpoint import CheckpointFacts, describe, read_model_config, write_json
 from segformer.components import resolve, resolve_all, untrusted_parts
@@ -50,7 +51,7 @@ from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_
 from training.hub import HubPusher, model_card
 from training.loop import Diverged, Meter, StopRequest, due, groups_of, non_finite_tensor, sample_list
 from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, open_log, read_log,
-                             write_evaluation, write_report)
+                             robustness_table, write_evaluation, write_report)
 
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
@@ -505,6 +506,11 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
         fitted = report.calibration.fit() if command.calibrate and len(classes) > 1 else facts.temperature
         metrics["calibration"] = {"before": report.calibration.at(1.0)} | (
             {"after": report.calibration.at(fitted)} if fitted else {})
+    if command.corruptions:
+        if spec.bands is not None:
+            raise ConfigError("--corruptions: the corruptions are made for 8-bit RGB photos, not images of bands")
+        metrics["robustness"] = robustness(command, config, spec, samples, model, device, rank=rank,
+                                           clean=metrics["mean_iou"])
     if rank == 0:
         for note in notes:
             print(note)
@@ -525,10 +531,32 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
                      "eval_mode": config.eval_mode, "size": spec.size}
             write_report(Path(command.report), metrics, evaluation.confusion, report, classes,
                          sample_names=samples.name, colours=spec.palette, about=about)
+            if "robustness" in metrics:
+                print(robustness_table(metrics["robustness"]))
             print(f"mean of the images' own mean IoU {metrics['per_image_mean_iou']:.4f} (data set: "
                   f"{metrics['mean_iou']:.4f}); mean F1 {metrics['mean_f1']:.4f}, mean Boundary IoU "
                   f"{metrics['mean_boundary_iou']:.4f}; the report: {command.report}/report.json")
     return metrics
+
+
+def robustness(command: Command, config: TrainConfig, spec, samples, model, device, *, rank: int,
+               clean: float) -> dict:
+    """Mean IoU under each corruption at each severity (data/corruptions.py), the same evaluation on the
+    corrupted images; their mean (mean corruption mIoU) and its ratio to the clean mIoU (relative
+    robustness)."""
+    names = parse_corruptions(command.corruptions)
+    table = {}
+    for name in tqdm(names, desc="corruptions", disable=rank != 0):
+        table[name] = []
+        for severity in SEVERITIES:
+            corrupted = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode,
+                                      skip_bad=config.skip_bad, corruption=Corruption(name, severity))
+            result = evaluate(model, build_eval_loader(config, corrupted), num_labels=len(spec.predicted_classes),
+                              device=device, autocast=lambda: autocast(device.type, config.amp))
+            table[name].append(result.metrics["mean_iou"])
+    values = [v for row in table.values() for v in row]
+    mean = sum(values) / len(values)
+    return {"clean_miou": clean, "miou": table, "mean_corruption_miou": mean, "relative_robustness": mean / clean}
 
 
 # ---- entry points -------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
                   reduce_labels: bool | None = None, size: int | None = None, recipe: str = "guide",
                   eval_mode: str = "resize", test_size: float | None = None, split_seed: int = 0,
                   image_column: str = "image", annotation_column: str = "annotation",
-                  dataset_config: str | None = None, seed: int = 0, skip_bad: bool = False) -> SegmentationDataset:
+                  dataset_config: str | None = None, seed: int = 0, skip_bad: bool = False,
+                  corruption=None) -> SegmentationDataset:
     """A dataset yielding what the guide's transformed dataset yields, as bytes (see `data.dataset`).
 
     source: "synthetic", a dataset folder, a `save_to_disk` directory, parquet file(s) (a glob is
@@ -43,7 +44,8 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
         transform (`eval_mode` "resize", the processor's square squash, or "aspect", the paper's).
     test_size: hold out this fraction of `split` by `train_test_split(test_size, seed=split_seed)`
         and take its train part when `train`, its test part otherwise (the guide uses 0.2).
-    seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising.
+    seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising; corruption: a
+        `data.corruptions.Corruption` applied to every image as decoded (the robustness evaluation).
     """
     samples = source if isinstance(source, Samples) else open_source(
         source, split, train=train, test_size=test_size, split_seed=split_seed, image_column=image_column,
@@ -57,7 +59,8 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
     if isinstance(spec.bands, int):  # a band count alone: the statistics of these images
         spec = replace(spec, bands=measure_bands(samples, spec.bands))
     transform = build_transform(train=train, recipe=recipe, size=spec.size, eval_mode=eval_mode)
-    return SegmentationDataset(samples, spec, transform, train=train, seed=seed, skip_bad=skip_bad)
+    return SegmentationDataset(samples, spec, transform, train=train, seed=seed, skip_bad=skip_bad,
+                               corruption=corruption)
 
 
 def measure_bands(samples: Samples, count: int, *, limit: int = 64) -> Bands:

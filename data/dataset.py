@@ -66,12 +66,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """The samples of one split under a label spec (`data.spec.LabelSpec`: the classes and the mapping of
     stored values to them), transformed, as bytes (see the module's docstring)."""
 
-    def __init__(self, samples, spec, transform, *, train: bool, seed: int = 0, skip_bad: bool = False):
+    def __init__(self, samples, spec, transform, *, train: bool, seed: int = 0, skip_bad: bool = False,
+                 corruption=None):
         if isinstance(spec.bands, int):
             raise ValueError("the spec's bands need their statistics (data.build_dataset computes them)")
         self.samples, self.spec, self.transform, self.train = samples, spec, transform, train
         self.class_names, self.num_labels, self.mapping = list(spec.class_names), spec.num_labels, spec.mapping
         self.seed, self.skip_bad = seed, skip_bad
+        self.corruption = corruption  # data/corruptions.py: applied to each image as decoded (robustness)
         self.skipped = set()  # names of the bad samples skipped by this process
 
     def __len__(self):
@@ -110,6 +112,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, annotation, name = self.samples[index]
         bands = self.spec.bands
         image = to_tensor(image) if bands is None else to_band_tensor(image, name, bands.count)
+        if self.corruption is not None:
+            image = self.corruption(image, index)
         labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
         if image.shape[-2:] != labels.shape:
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "

@@ -98,3 +98,32 @@ def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tm
     weights = str(model_dir / "model.safetensors")
     assert train.main(["--eval-only", "--checkpoint", weights, *EVAL, "--calibrate"]) == 2
     assert "--calibrate saves calibration.json beside the checkpoint" in capsys.readouterr().err
+
+
+def test_corruptions_are_deterministic_and_grow_with_severity():
+    import torch
+    from data.corruptions import ALL, Corruption
+    from helpers import random_image
+    image = torch.from_numpy(__import__("numpy").array(random_image(64, 96, seed=2))).permute(2, 0, 1).contiguous()
+    for name in ALL:
+        outputs = [Corruption(name, s)(image, 7) for s in (1, 5)]
+        assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outputs), name
+        assert torch.equal(outputs[0], Corruption(name, 1)(image, 7)), name  # seeded: the same every time
+        change = [(o.float() - image.float()).abs().mean().item() for o in outputs]
+        assert 0 < change[0] < change[1], (name, change)
+    noisy = [Corruption("gaussian_noise", 3)(image, i) for i in (0, 1)]
+    assert not torch.equal(*noisy)  # each sample its own noise
+
+
+def test_robustness_table_and_heat_map_in_the_report(checkpoint, tmp_path, capsys):
+    metrics, content = report(checkpoint, tmp_path / "report", "--corruptions", "contrast,gaussian_noise")
+    r = content["robustness"]
+    assert list(r["miou"]) == ["contrast", "gaussian_noise"] and all(len(v) == 5 for v in r["miou"].values())
+    values = [v for row in r["miou"].values() for v in row]
+    assert r["mean_corruption_miou"] == pytest.approx(sum(values) / 10)
+    assert r["relative_robustness"] == pytest.approx(r["mean_corruption_miou"] / metrics["mean_iou"])
+    assert (tmp_path / "report" / "robustness.png").is_file()
+    assert "relative robustness" in capsys.readouterr().out
+    assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", str(tmp_path / "x"),
+                       "--corruptions", "fog"]) == 2
+    assert "--corruptions fog: unknown corruption 'fog'" in capsys.readouterr().err

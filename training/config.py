@@ -301,6 +301,7 @@ class Command:
     checkpoint: str | None = None  # what --eval-only evaluates
     report: str | None = None  # --eval-only's report folder
     calibrate: bool = False  # --eval-only: fit the logits' temperature, saved beside the checkpoint
+    corruptions: str | None = None  # --eval-only --report: the robustness evaluation's corruptions
     given: frozenset = frozenset()  # the settings given on the command line
     trust_code: bool = False  # import the code from outside this project that a file names as a part
 
@@ -380,6 +381,10 @@ def build_parser(description: str, settings=None, recipes=None, *, evaluation: b
                              help="--eval-only: fit the temperature of the logits on --eval-split (lowest NLL) and "
                                   "save it beside the checkpoint (calibration.json), which infer.py and export.py "
                                   "apply; the report shows ECE, NLL and Brier score before and after")
+        actions.add_argument("--corruptions", metavar="LIST",
+                             help="--eval-only --report: also evaluate under common corruptions at 5 severities "
+                                  "(data/corruptions.py): all, a family (noise, blur, digital) or names, "
+                                  "comma-separated")
     return parser
 
 
@@ -418,9 +423,17 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
         raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
         raise ConfigError("--resume and --eval-only do not go together")
-    for flag in ("report", "calibrate"):
+    for flag in ("report", "calibrate", "corruptions"):
         if args.get(flag) and not eval_only:
             raise ConfigError(f"--{flag} goes with --eval-only --checkpoint <dir|file|hub id>")
+    if args.get("corruptions") and not args.get("report"):
+        raise ConfigError("--corruptions goes with --report DIR (its table and heat map are written there)")
+    if args.get("corruptions"):
+        from data.corruptions import parse_corruptions
+        try:
+            parse_corruptions(args["corruptions"])
+        except ValueError as e:
+            raise ConfigError(f"--corruptions {args['corruptions']}: {e}") from None
     if "model" in given and given["model"] not in VARIANTS and not Path(given["model"]).is_file():
         raise ConfigError(f"--model {given['model']}: expected one of {', '.join(VARIANTS)}, or a config.json file")
 
@@ -452,7 +465,7 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
     config = replace(config, **resolve_paths(config))
     return Command(config, resume=Path(resume) if resume else None, overwrite=args.get("overwrite", False),
                    eval_only=eval_only, checkpoint=checkpoint, report=args.get("report"),
-                   calibrate=args.get("calibrate", False), given=frozenset(given),
+                   calibrate=args.get("calibrate", False), corruptions=args.get("corruptions"), given=frozenset(given),
                    trust_code=args.get("trust_code", False))
 
 

@@ -298,7 +298,8 @@ PER_CLASS = ("iou", "accuracy", "precision", "recall", "f1", "boundary_iou")
 def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, class_names: list[str], *,
                  sample_names, colours, about: dict) -> dict:
     """report.json (everything), per_class.csv, per_image.csv, confusion.{npy,csv,png}, worst.png (the
-    report's worst images: image | truth | prediction | errors) and README.md (the results as a model card's
+    report's worst images: image | truth | prediction | errors), reliability.png (calibration),
+    robustness.png (where corruptions were evaluated) and README.md (the results as a model card's
     section). `sample_names(index)` names an image; `about` says what was evaluated. Returns report.json's
     content."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,8 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
                "worst_images": [sample_names(index) for index, *_ in worst],  # their IoU: per_image
                "calibration": {when: {key: [_json_number(v) for v in value] if isinstance(value, list)
                                       else _json_number(value) for key, value in values.items()}
-                               for when, values in metrics.get("calibration", {}).items()}}
+                               for when, values in metrics.get("calibration", {}).items()},
+               **({"robustness": metrics["robustness"]} if "robustness" in metrics else {})}
     atomic_write(directory / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
 
     def write_csv(name, rows):
@@ -336,6 +338,8 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
                   _number(row["mean_iou"]), *map(_number, row["iou"])] for row in per_image])
     draw_worst(worst, colours, sample_names, directory / "worst.png")
     draw_reliability(content["calibration"], directory / "reliability.png")
+    if "robustness" in metrics:
+        draw_robustness(metrics["robustness"], directory / "robustness.png")
     atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(report_card(content)))
     return content
 
@@ -361,6 +365,35 @@ def draw_reliability(calibration: dict, path: Path) -> bool:
     counts.set(xlabel="bin", ylabel="pixels", title="pixels per confidence bin", yscale="log")
     for a in (axis, counts):
         a.legend(fontsize=8)
+    save_figure(plt, figure, path)
+    return True
+
+
+def robustness_table(robustness: dict) -> str:
+    """Mean IoU (%) per corruption and severity, their mean, and the summary line."""
+    rows = [f"{'corruption':<20}" + "".join(f"{s:>7}" for s in range(1, 6)) + f"{'mean':>8}"]
+    for name, values in robustness["miou"].items():
+        rows.append(f"{name:<20}" + "".join(f"{100 * v:>7.1f}" for v in values) + f"{100 * sum(values) / 5:>8.1f}")
+    rows.append(f"clean mIoU {100 * robustness['clean_miou']:.1f}; mean corruption mIoU "
+                f"{100 * robustness['mean_corruption_miou']:.1f}; relative robustness "
+                f"{robustness['relative_robustness']:.3f}")
+    return "\n".join(rows)
+
+
+def draw_robustness(robustness: dict, path: Path) -> bool:
+    """The heat map of mean IoU per corruption (rows) and severity (columns)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    names = list(robustness["miou"])
+    values = np.array([robustness["miou"][n] for n in names])
+    figure, axis = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    shown = axis.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        axis.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
+    axis.set(xticks=range(5), xticklabels=range(1, 6), yticks=range(len(names)), yticklabels=names,
+             xlabel="severity", title=f"mean IoU under corruption (clean {100 * robustness['clean_miou']:.1f})")
+    figure.colorbar(shown, ax=axis)
     save_figure(plt, figure, path)
     return True
 
@@ -412,6 +445,13 @@ def report_card(content: dict) -> str:
         if row["iou"] is not None:
             lines.append(f"| {row['class']} | " + " | ".join(_fmt4(row[key]) for key in PER_CLASS) + " |")
     lines += ["", "Worst images (by their own mean IoU): " + ", ".join(f"`{n}`" for n in content["worst_images"]), ""]
+    if "robustness" in content:
+        r = content["robustness"]
+        lines += [f"Robustness: mean corruption mIoU {_fmt4(r['mean_corruption_miou'])}, relative "
+                  f"{_fmt4(r['relative_robustness'])} (clean {_fmt4(r['clean_miou'])})", "",
+                  "| corruption | 1 | 2 | 3 | 4 | 5 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | " + " | ".join(_fmt4(v) for v in values) + " |" for name, values in r["miou"].items()]
+        lines.append("")
     for when, c in content.get("calibration", {}).items():
         lines.append(f"Calibration {when} (temperature {c['temperature']:.3g}): ECE {_fmt4(c['ece'])}, NLL "
                      f"{_fmt4(c['nll'])}, Brier {_fmt4(c['brier'])}  ")
