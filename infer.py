@@ -25,6 +25,7 @@ it points to.
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -80,7 +81,8 @@ def get_args(argv=None):
                    help="overlay opacity of the class colours, 0..1")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--confidence", action="store_true",
-                   help="also write <stem>_confidence.png (each pixel's top probability x 255) and give each "
+                   help="also write <stem>_confidence.png, _margin.png and _entropy.png (each pixel's top "
+                        "probability, its margin over the second, the entropy / log K; x 255) and give each "
                         "segment a score (its mean top probability); computed a chunk of classes at a time")
     p.add_argument("--format", nargs="+", choices=["coco", "labelme"], default=[],
                    help="also write the predictions for labelling tools: COCO RLE, LabelMe polygons")
@@ -148,9 +150,13 @@ def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, a
     segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6),
                  **({"score": round(float(top[label_map == c].mean()), 6)} if top is not None else {})}
                 for c, n in zip(*np.unique(label_map, return_counts=True))]
-    if top is not None:
-        picture = Image.fromarray((top * 255).round().astype(np.uint8))
-        atomic_write(output_path(stem, "_confidence.png"), lambda tmp: picture.save(tmp, format="PNG"))
+    if top is not None:  # 0..255 greys: the top probability, its margin, the entropy over its maximum log K
+        confidence = prediction.confidence
+        scaled = {"_confidence.png": top, "_margin.png": confidence["margin"].cpu().numpy(),
+                  "_entropy.png": confidence["entropy"].cpu().numpy() / math.log(max(len(names), 2))}
+        for suffix, values in scaled.items():
+            picture = Image.fromarray((values.clip(0, 1) * 255).round().astype(np.uint8))
+            atomic_write(output_path(stem, suffix), lambda tmp, p=picture: p.save(tmp, format="PNG"))
     record = {"image": str(path), "size": [image.width, image.height], "segments": segments}
     atomic_write(output_path(stem, "_mask.png"), lambda tmp: mask.save(tmp, format="PNG"))
     atomic_write(output_path(stem, "_overlay.png"),

@@ -293,5 +293,8 @@ def test_infer_writes_the_confidence_map_and_segment_scores(small_model, tmp_pat
     assert infer.main(infer.get_args(args)) == 0
     top = np.asarray(Image.open(tmp_path / "out" / "photo_confidence.png"))
     assert top.shape == (48, 64) and top.min() >= 255 // 5  # the top of 5 probabilities is at least 1/5
+    margin = np.asarray(Image.open(tmp_path / "out" / "photo_margin.png"))
+    entropy = np.asarray(Image.open(tmp_path / "out" / "photo_entropy.png"))
+    assert (margin <= top).all() and entropy.shape == (48, 64) and entropy.max() <= 255
     segments = json.loads((tmp_path / "out" / "photo.json").read_text())["segments"]
     assert all(0.2 <= s["score"] <= 1 for s in segments)
