@@ -423,9 +423,9 @@ def parse_command_line(argv=None, *, description: str = "", settings=None, recip
         raise ConfigError("--checkpoint goes with --eval-only (to start from weights, use --pretrained)")
     if resume and eval_only:
         raise ConfigError("--resume and --eval-only do not go together")
-    for flag in ("report", "calibrate", "corruptions"):
-        if args.get(flag) and not eval_only:
-            raise ConfigError(f"--{flag} goes with --eval-only --checkpoint <dir|file|hub id>")
+    for option in ("report", "calibrate", "corruptions"):
+        if args.get(option) and not eval_only:
+            raise ConfigError(f"--{option} goes with --eval-only --checkpoint <dir|file|hub id>")
     if args.get("corruptions") and not args.get("report"):
         raise ConfigError("--corruptions goes with --report DIR (its table and heat map are written there)")
     if args.get("corruptions"):
