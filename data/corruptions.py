@@ -10,7 +10,8 @@ Pillow's JPEG encoder, and a few lines of torch each for the rest.
 Left out, and why: the `imagecorruptions` package, which Cityscapes-C was made with, no longer runs on
 NumPy 2 and scikit-image 0.19+ (its glass blur, Gaussian blur and fog fail) and needs `pkg_resources`;
 snow, frost and spatter need its texture files and ImageMagick's motion blur; glass blur is a per-pixel
-Python loop (minutes per image); zoom blur and elastic transform were left for later. Motion blur is a
+Python loop (minutes per image). Fog is ImageNet-C's plasma fractal (diamond-square), zoom blur its
+average of zoomed copies. Motion blur is a
 straight-line kernel at a random angle, not ImageMagick's one-sided Gaussian one; brightness shifts the
 value channel of HSV as ImageNet-C does.
 """
@@ -90,6 +91,56 @@ def motion_blur(image, severity, g):
     return _filter(image, kernel / kernel.sum())
 
 
+def zoom_blur(image, severity, g):
+    """The average of the image zoomed about its centre by each factor (bilinear), as ImageNet-C's."""
+    zooms = (torch.arange(1, 1.11, 0.01), torch.arange(1, 1.16, 0.01), torch.arange(1, 1.21, 0.02),
+             torch.arange(1, 1.26, 0.02), torch.arange(1, 1.31, 0.03))[severity - 1]
+    x = _float(image)
+    H, W = x.shape[-2:]
+    total = torch.zeros_like(x)
+    for zoom in zooms.tolist():
+        h, w = max(1, round(H / zoom)), max(1, round(W / zoom))
+        top, left = (H - h) // 2, (W - w) // 2
+        crop = x[None, :, top:top + h, left:left + w]
+        total += F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)[0]
+    return _uint8((x + total) / (len(zooms) + 1))
+
+
+def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size) cloud in [0, 1] by the diamond-square algorithm (ImageNet-C's fog), size a power of 2."""
+    cloud = np.zeros((size, size))
+    step, wibble = size, 100.0
+    while step >= 2:
+        half = step // 2
+        corners = cloud[0:size:step, 0:size:step]
+        means = (corners + np.roll(corners, -1, 0) + np.roll(corners, -1, 1) + np.roll(np.roll(corners, -1, 0), -1, 1))
+        cloud[half:size:step, half:size:step] = means / 4 + rng.uniform(-wibble, wibble, means.shape)  # squares
+        for axis in (0, 1):  # diamonds: the points between two corners, from their four neighbours
+            rows, cols = (slice(half, size, step), slice(0, size, step)) if axis == 0 else \
+                (slice(0, size, step), slice(half, size, step))
+            centres = cloud[half:size:step, half:size:step]
+            corners = cloud[0:size:step, 0:size:step]
+            if axis == 0:
+                total = corners + np.roll(corners, -1, 0) + centres + np.roll(centres, 1, 1)
+            else:
+                total = corners + np.roll(corners, -1, 1) + centres + np.roll(centres, 1, 0)
+            cloud[rows, cols] = total / 4 + rng.uniform(-wibble, wibble, total.shape)
+        step, wibble = half, wibble / decay
+    cloud -= cloud.min()
+    return cloud / max(cloud.max(), 1e-12)
+
+
+def fog(image, severity, g):
+    strength, decay = ((1.5, 2.0), (2.0, 2.0), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))[severity - 1]
+    x = _float(image)
+    H, W = x.shape[-2:]
+    size = 1 << max(H, W, 2).__sub__(1).bit_length()  # the next power of two
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (), generator=g)))
+    cloud = torch.from_numpy(plasma_fractal(size, decay, rng)[:H, :W]).float()
+    peak = x.max()
+    return _uint8((x + strength * cloud) * peak / (peak + strength))
+
+
 def brightness(image, severity, g):
     shift = (0.1, 0.2, 0.3, 0.4, 0.5)[severity - 1]  # added to V of HSV, as ImageNet-C does
     x = _float(image)
@@ -122,7 +173,9 @@ def pixelate(image, severity, g):
 CORRUPTIONS = {  # the four families of ImageNet-C / Cityscapes-C
     "noise": {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
               "speckle_noise": speckle_noise},
-    "blur": {"defocus_blur": defocus_blur, "motion_blur": motion_blur, "gaussian_blur": gaussian_blur},
+    "blur": {"defocus_blur": defocus_blur, "motion_blur": motion_blur, "zoom_blur": zoom_blur,
+             "gaussian_blur": gaussian_blur},
+    "weather": {"fog": fog},
     "digital": {"brightness": brightness, "contrast": contrast, "saturate": saturate,
                 "jpeg_compression": jpeg_compression, "pixelate": pixelate},
 }
@@ -147,7 +200,7 @@ class Corruption:
 
 
 def parse_corruptions(text: str) -> list[str]:
-    """'all', a family (noise, blur, digital) or names, comma-separated -> the corruption names."""
+    """'all', a family (noise, blur, weather, digital) or names, comma-separated -> the corruption names."""
     names = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item == "all":

@@ -125,5 +125,5 @@ def test_robustness_table_and_heat_map_in_the_report(checkpoint, tmp_path, capsy
     assert (tmp_path / "report" / "robustness.png").is_file()
     assert "relative robustness" in capsys.readouterr().out
     assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", str(tmp_path / "x"),
-                       "--corruptions", "fog"]) == 2
-    assert "--corruptions fog: unknown corruption 'fog'" in capsys.readouterr().err
+                       "--corruptions", "snow"]) == 2
+    assert "--corruptions snow: unknown corruption 'snow'" in capsys.readouterr().err
