@@ -28,7 +28,6 @@ mixup/cutmix -> forward -> soft-target cross-entropy -> backward -> AdamW -> sch
 evaluate (and keep the best), checkpoint, stop if asked.
 """
 
-import json
 import math
 import signal
 import sys
@@ -51,14 +50,14 @@ from segformer.classification import ImageClassifier
 from segformer.components import resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
-from segformer.errors import ConfigError, UserError
-from training.checkpoints import (RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note,
-                                  load_training_state, prune_checkpoints, save_checkpoint)
+from segformer.errors import ConfigError
+from training.checkpoints import (check_rewind, last_checkpoint_note, load_training_state, prune_checkpoints,
+                                  save_checkpoint)
 from training.config import Settings, parse_command_line, setting
-from training.distributed import (any_process, cleanup, gather_rng_states, seed_everything, set_rng_states,
-                                  setup_distributed)
-from training.loop import Diverged, Meter, StopRequest, due, groups_of, non_finite_tensor, sample_list
-from training.report import CLASSIFICATION_METRICS, draw_curves, jsonable, open_log, read_log
+from training.distributed import any_process, cleanup, seed_everything, setup_distributed
+from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
+                           run_in_out_folder, sample_list)
+from training.report import CLASSIFICATION_METRICS, draw_curves, jsonable, open_log, read_log, write_record
 
 
 @dataclass(frozen=True)
@@ -282,21 +281,8 @@ def build_run(command, *, rank: int, world_size: int, device: torch.device) -> R
 
 def restore(run: Run, directory: Path, schedule) -> None:
     state = load_training_state(directory)
-    if state["world_size"] != run.world_size:
-        raise ConfigError(f"{directory} was trained on {state['world_size']} processes; resume it on as many")
-    if state.get("samples") not in (None, training_samples(run)):
-        raise ConfigError(f"{run.config.data}: the training split is not the one {directory} was trained on; put the "
-                          f"files back, or start a new run")
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_done"]
+    restore_loop_state(run, state, directory, schedule, samples=training_samples(run))
     run.best_top1 = state["best_miou"]  # the best validation score: top-1 accuracy here
-    for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
-        group["lr"] = base_lr * schedule(run.step)
-    set_rng_states(state["rng"][run.rank])
-    if run.is_main:
-        print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
 
 
 def training_samples(run: Run) -> list:
@@ -361,17 +347,8 @@ def evaluate(run: Run, stop: StopRequest) -> dict | None:
 
 
 def save(run: Run, name: str) -> Path:
-    bad = non_finite_tensor(run.raw_model)
-    if any_process(bad is not None, run.world_size, run.device):
-        raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
-                       f"stopping without saving: {last_checkpoint_note(run.out)}")
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
-             "batches_done": run.batches_done, "best_miou": run.best_top1, "world_size": run.world_size,
-             "rng": gather_rng_states(run.world_size), "samples": training_samples(run)}
+    state = loop_state(run, samples=training_samples(run), best=run.best_top1)
     path = run.out / name
-    if run.log:
-        run.log.flush()
     if run.is_main:
         save_checkpoint(path, model=run.raw_model, state=state, config=run.config, size=run.config.size)
     return path
@@ -379,8 +356,7 @@ def save(run: Run, name: str) -> Path:
 
 def log(run: Run, record: dict) -> None:
     if run.log:
-        run.log.write(json.dumps(record) + "\n")
-        run.log.flush()
+        write_record(run.log, record)
 
 
 def train(run: Run) -> dict:
@@ -447,38 +423,15 @@ def execute(argv=None) -> dict:
     """Everything `main` does, for Python callers; a problem the user can fix is raised as a UserError."""
     command = parse_command_line(argv, description=__doc__, settings=PretrainConfig, recipes=RECIPES)
     rank, world_size, device = setup_distributed(command.config.device)
-    lock = None
     try:
-        out = Path(command.config.out)
-        if rank == 0:
-            lock = RunLock(out)
-            for note in clean_up_after_a_kill(out):
-                print(note)
-            check_output_dir(out, resume=command.resume, overwrite=command.overwrite)
-        run = build_run(command, rank=rank, world_size=world_size, device=device)
-        try:
-            return train(run)
-        finally:
-            run.train_loader.close()
-            run.eval_loader.close()
-            if run.log:
-                run.log.close()
+        return run_in_out_folder(command, build_run, train, rank=rank, world_size=world_size, device=device)
     finally:
-        if lock:
-            lock.release()
         cleanup(world_size)
 
 
 def main(argv=None) -> int:
-    try:
-        result = execute(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted again: stopped without saving this step", file=sys.stderr)
-        return 128 + signal.SIGINT
-    return 128 + result["interrupted"] if result.get("interrupted") else 0
+    """The command line: 0 when done, 128 + the signal when stopped (after saving), a problem as one line."""
+    return exit_status(execute, argv)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Reading order: `build_run` (labels, data, model, optimizer, schedule, restored s
 loop body is the cycle: a step, then log, evaluate (and keep the best), checkpoint, stop if asked.
 """
 
-import json
 import math
-import os
 import signal
 import sys
 from contextlib import nullcontext
@@ -39,19 +37,18 @@ from segformer.checkpoint import CheckpointFacts, describe, read_model_config, w
 from segformer.components import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast, resolve_amp
-from segformer.errors import UserError
-from training.checkpoints import (RunLock, check_output_dir, check_rewind, clean_up_after_a_kill,
-                                  last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint)
+from training.checkpoints import (check_rewind, last_checkpoint_note, load_training_state, prune_checkpoints,
+                                  save_checkpoint)
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 from training.data import build_eval_loader, open_data, open_split
-from training.distributed import (any_process, cleanup, gather_rng_states, seed_everything,
-                                  set_rng_states, setup_distributed)
+from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.evaluation import Evaluation, Report, evaluate
 from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
-from training.loop import Diverged, Meter, StopRequest, due, groups_of, non_finite_tensor, sample_list
+from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
+                           run_in_out_folder, sample_list)
 from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, open_log, read_log,
-                             robustness_table, write_evaluation, write_report)
+                             robustness_table, write_evaluation, write_record, write_report)
 
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
@@ -227,30 +224,12 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
 def restore(run: Run, directory: Path, schedule) -> None:
     """Put the optimizer, schedule, scaler, RNGs and data position back where the checkpoint left them."""
     state = load_training_state(directory)
-    if state["world_size"] != run.world_size:
-        raise ConfigError(f"{directory} was trained on {state['world_size']} processes; resume it on as many "
-                          f"(the data order and per-process batches depend on it), not {run.world_size}")
-    saved, now = state.get("samples"), training_samples(run)
-    if saved is not None and saved != now:
-        change = "other names" if saved[0] == now[0] else f"{now[0]} samples now, {saved[0]} then"
-        raise ConfigError(f"{run.config.data}: the training split is not the one {directory} was trained on "
-                          f"({change}); its saved data position would index another order. Put the files back, or "
-                          f"start a new run from these weights: --pretrained {directory} --out <new folder>")
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_done"]
+    restore_loop_state(run, state, directory, schedule, samples=training_samples(run))
     run.best_miou, run.since_best = state["best_miou"], state.get("since_best", 0)
     if run.config.lora_rank:  # the model with its adapters, onto the same architecture rebuilt as at the start
         run.raw_model.load_state_dict(state["adapted"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    # The rates of the next step come from the schedule of this run, which --max-steps/--epochs may extend.
-    for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
-        group["lr"] = base_lr * schedule(run.step)
-    set_rng_states(state["rng"][run.rank])
-    if run.is_main:
-        print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
 
 
 def training_samples(run: Run) -> list:
@@ -297,23 +276,12 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
 def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     """Save the run as `out/name` (every process takes part: the RNG gather); never weights that are not
     all finite. `metrics`: those of its model card, by default the last evaluation's."""
-    bad = non_finite_tensor(run.raw_model)
-    if any_process(bad is not None, run.world_size, run.device):
-        raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
-                       f"stopping without saving: {last_checkpoint_note(run.out)}")
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
-             "batches_done": run.batches_done, "best_miou": run.best_miou, "world_size": run.world_size,
-             "rng": gather_rng_states(run.world_size), "samples": training_samples(run),
-             "since_best": run.since_best}
+    state = loop_state(run, samples=training_samples(run), best=run.best_miou) | {"since_best": run.since_best}
     if run.config.lora_rank:  # the model with its adapters (model.safetensors holds it merged)
         state["adapted"] = run.raw_model.state_dict()
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
     path = run.out / name
-    if run.log:  # the log on disk reaches at least as far as any checkpoint
-        run.log.flush()
-        os.fsync(run.log.fileno())
     if run.is_main:
         card = model_card(run.config, run.spec.predicted_classes, metrics or run.metrics, step=run.step,
                           variant=run.raw_model.config.variant, parts=run.raw_model.config.parts)
@@ -330,8 +298,7 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
 def log(run: Run, record: dict) -> None:
     """A line of metrics.jsonl (rank 0) and TensorBoard's scalars."""
     if run.log:
-        run.log.write(json.dumps(record) + "\n")
-        run.log.flush()
+        write_record(run.log, record)
     if run.tensorboard:
         run.tensorboard.scalars(record["step"], record, "validation" if "mean_iou" in record else "train")
 
@@ -566,42 +533,18 @@ def execute(argv=None) -> dict:
     the user can fix is raised as a UserError."""
     command = parse_command_line(argv, description=__doc__)
     rank, world_size, device = setup_distributed(command.config.device)
-    lock = None
     try:
         if command.eval_only:
             return evaluate_checkpoint(command, rank=rank, device=device)
-        out = Path(command.config.out)
-        if rank == 0:  # one run per folder; then mend what a killed run left, and never overwrite another run
-            lock = RunLock(out)
-            for note in clean_up_after_a_kill(out):
-                print(note)
-            check_output_dir(out, resume=command.resume, overwrite=command.overwrite)
-        run = build_run(command, rank=rank, world_size=world_size, device=device)
-        try:
-            return train(run)
-        finally:
-            run.train_loader.close()  # the workers end now, not whenever the run is collected
-            run.eval_loader.close()
-            if run.log:
-                run.log.close()
+        return run_in_out_folder(command, build_run, train, rank=rank, world_size=world_size, device=device)
     finally:
-        if lock:
-            lock.release()
         cleanup(world_size)
 
 
 def main(argv=None) -> int:
     """The command line: 0 when done, 128 + the signal when stopped by Ctrl-C or SIGTERM (after saving),
     and a problem the user can fix as one line, with its type's exit code."""
-    try:
-        result = execute(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
-        print("\ninterrupted again: stopped without saving this step", file=sys.stderr)
-        return 128 + signal.SIGINT
-    return 128 + result["interrupted"] if result.get("interrupted") else 0
+    return exit_status(execute, argv)
 
 
 if __name__ == "__main__":

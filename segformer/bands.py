@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
+from .images import file_bytes
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -62,12 +63,7 @@ RGB = Bands(3, tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMA
 def read_bands(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
     """An image file -> (H, W, C) array of its stored values, every band, any depth (uint8, uint16,
     float32, ...): TIFF through tifffile (multi-band, planar or interleaved, GeoTIFF), the rest through PIL."""
-    name = name or (str(data) if isinstance(data, (str, Path)) else "an image")
-    if isinstance(data, (str, Path)):
-        try:
-            data = Path(data).read_bytes()
-        except OSError as e:
-            raise DataError(f"{name}: cannot read ({e.strerror or type(e).__name__})") from None
+    data, name = file_bytes(data, name)
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # a TIFF (BigTIFF too)
         return _read_tiff(data, name)
     try:

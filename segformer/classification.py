@@ -32,9 +32,7 @@ class ImageClassifier(nn.Module):
     def __init__(self, config: SegFormerConfig):
         super().__init__()
         self.config = config
-        parts = components.resolve_all(config)
-        self.encoder = parts["encoder"](config, attention=parts["attention"], mlp=parts["mlp"],
-                                        norm_layer=parts["norm"], act_layer=parts["activation"])
+        self.encoder = components.build_encoder(config)
         self.classifier = nn.Linear(self.encoder.channels[-1], config.num_labels)
         self.apply(_init_weights)
 

@@ -84,3 +84,11 @@ def resolve_all(config: SegFormerConfig, *, trust_code: bool = True, source: str
         raise CheckpointError(f"{source or 'the config'} names code from outside this project ({named}): import it "
                               f"only if you trust the checkpoint, with --trust-code (trust_code=True in Python)")
     return {part: resolve(part, getattr(config, part)) for part in PARTS}
+
+
+def build_encoder(config: SegFormerConfig, parts: dict[str, type] | None = None):
+    """The encoder `config` names, its blocks built from the attention, Mix-FFN, norm and activation it
+    names (`parts`: what `resolve_all` returned, not to resolve them twice)."""
+    parts = parts or resolve_all(config)
+    return parts["encoder"](config, attention=parts["attention"], mlp=parts["mlp"], norm_layer=parts["norm"],
+                            act_layer=parts["activation"])

@@ -31,16 +31,23 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
 
 
-def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
-    """An image file (its bytes or its path), decoded fully now (a corrupt or truncated file fails here,
-    naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
-    errors found later. Any mode: see `to_rgb` for images, annotations keep theirs."""
+def file_bytes(data: bytes | str | Path, name: str | None = None) -> tuple[bytes, str]:
+    """(the bytes, the name errors give it) of an image file given by its path or its bytes; a file that
+    cannot be read is a DataError naming it."""
     name = name or (str(data) if isinstance(data, (str, Path)) else "an image")
     if isinstance(data, (str, Path)):
         try:
             data = Path(data).read_bytes()
         except OSError as e:  # missing, a directory, no permission, a symlink loop
             raise DataError(f"{name}: cannot read ({e.strerror or type(e).__name__})") from None
+    return data, name
+
+
+def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
+    """An image file (its bytes or its path), decoded fully now (a corrupt or truncated file fails here,
+    naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
+    errors found later. Any mode: see `to_rgb` for images, annotations keep theirs."""
+    data, name = file_bytes(data, name)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

@@ -28,8 +28,7 @@ class SegFormer(nn.Module):
         super().__init__()
         self.config = config
         parts = components.resolve_all(config)
-        self.encoder = parts["encoder"](config, attention=parts["attention"], mlp=parts["mlp"],
-                                        norm_layer=parts["norm"], act_layer=parts["activation"])
+        self.encoder = components.build_encoder(config, parts)
         self.decoder = parts["decoder"](config, self.encoder.channels)
         self.apply(_init_weights)
         if hasattr(self.decoder, "classifier"):

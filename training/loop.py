@@ -1,8 +1,9 @@
 """The training loop's machinery, shared by train.py and pretrain.py, so that their loop bodies read as the
 cycle itself: the counters between log lines (`Meter`), the stop that Ctrl-C or SIGTERM asks for
 (`StopRequest`), micro-batches grouped into steps (`groups_of`), when a periodic job is due (`due`), the
-guard against weights that are not finite (`Diverged`, `non_finite_tensor`), and the identity of a
-training split (`sample_list`)."""
+guard against weights that are not finite (`Diverged`, `non_finite_tensor`), the identity of a
+training split (`sample_list`), the loop's state saved and restored (`loop_state`, `restore_loop_state`),
+a run in its folder (`run_in_out_folder`) and the command line's exit status (`exit_status`)."""
 
 import hashlib
 import os
@@ -15,7 +16,10 @@ import torch
 import torch.nn as nn
 
 from data import IGNORE_INDEX, DataError
-from segformer.errors import UserError
+from segformer.errors import ConfigError, UserError
+
+from .checkpoints import RunLock, check_output_dir, clean_up_after_a_kill, last_checkpoint_note
+from .distributed import any_process, gather_rng_states, set_rng_states
 
 
 class Diverged(UserError):
@@ -120,3 +124,88 @@ def groups_of(loader, n: int):
 
 def due(step: int, every: int, last: bool) -> bool:
     return step % every == 0 or last
+
+
+# ---- what train.py's and pretrain.py's runs share: the loop's state saved and restored, the run folder -----
+# A run here is anything with the attributes both scripts' `Run` have: raw_model, optimizer, scheduler, scaler,
+# step, epoch, batches_done, world_size, rank, device, out, log, config.data.
+
+def loop_state(run, *, samples: list, best: float) -> dict:
+    """What a checkpoint keeps of the loop, for an exact resume: optimizer, schedule, scaler, position, best
+    validation score, every process's random states and the training samples. Every process takes part
+    (the RNG gather); weights that are not all finite are never saved (Diverged). The log on disk is made
+    to reach at least as far as the checkpoint."""
+    bad = non_finite_tensor(run.raw_model)
+    if any_process(bad is not None, run.world_size, run.device):
+        raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
+                       f"stopping without saving: {last_checkpoint_note(run.out)}")
+    if run.log:
+        run.log.flush()
+        os.fsync(run.log.fileno())
+    return {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
+            "batches_done": run.batches_done, "best_miou": best, "world_size": run.world_size,
+            "rng": gather_rng_states(run.world_size), "samples": samples}
+
+
+def restore_loop_state(run, state: dict, directory: Path, schedule, *, samples: list) -> None:
+    """Put the optimizer, schedule, scaler, random states and data position back where `loop_state` left
+    them, after checking that the processes and the training samples are the same; the learning rates of
+    the next step come from `schedule`, which --max-steps/--epochs may have extended. The best score is the
+    caller's to read (`state["best_miou"]`)."""
+    if state["world_size"] != run.world_size:
+        raise ConfigError(f"{directory} was trained on {state['world_size']} processes; resume it on as many "
+                          f"(the data order and per-process batches depend on it), not {run.world_size}")
+    saved = state.get("samples")
+    if saved is not None and saved != samples:
+        change = "other names" if saved[0] == samples[0] else f"{samples[0]} samples now, {saved[0]} then"
+        raise ConfigError(f"{run.config.data}: the training split is not the one {directory} was trained on "
+                          f"({change}); its saved data position would index another order. Put the files back, or "
+                          f"start a new run from these weights: --pretrained {directory} --out <new folder>")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_done"]
+    for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base_lr * schedule(run.step)
+    set_rng_states(state["rng"][run.rank])
+    if run.rank == 0:
+        print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
+
+
+def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, device) -> dict:
+    """Build and train one run in its --out folder: locked for the run, mended after a kill, never another
+    run's (rank 0 sees to it); the loaders' workers and the log are closed when it ends, however it ends."""
+    lock = None
+    try:
+        out = Path(command.config.out)
+        if rank == 0:
+            lock = RunLock(out)
+            for note in clean_up_after_a_kill(out):
+                print(note)
+            check_output_dir(out, resume=command.resume, overwrite=command.overwrite)
+        run = build_run(command, rank=rank, world_size=world_size, device=device)
+        try:
+            return train(run)
+        finally:
+            run.train_loader.close()  # the workers end now, not whenever the run is collected
+            run.eval_loader.close()
+            if run.log:
+                run.log.close()
+    finally:
+        if lock:
+            lock.release()
+
+
+def exit_status(execute, argv=None) -> int:
+    """A training script's command line around its `execute`: 0 when done, 128 + the signal when stopped by
+    Ctrl-C or SIGTERM (after saving), and a problem the user can fix as one line, with its type's exit code."""
+    try:
+        result = execute(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
+        print("\ninterrupted again: stopped without saving this step", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 128 + result["interrupted"] if result.get("interrupted") else 0

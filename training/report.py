@@ -83,6 +83,12 @@ def read_log(path: Path) -> tuple[list[dict], bool]:
     return records, torn
 
 
+def write_record(log, record: dict) -> None:
+    """One line of metrics.jsonl, flushed (a checkpoint also fsyncs it: training.loop.loop_state)."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
 def open_log(out: Path, *, resumed_at: int | None):
     """metrics.jsonl, for appending. A new run starts a new log. A resumed run keeps the records up to the
     step it resumes from (no step is ever reported twice) and drops a torn last record, saying so."""
