@@ -268,8 +268,8 @@ def test_label_maps_go_out_as_coco_rle_exactly_and_as_labelme_polygons_within_to
 def test_infer_writes_coco_and_labelme_that_read_back_as_the_predicted_masks(tmp_path):
     import infer
     from segformer import SegFormer
+    torch.manual_seed(1)  # weights that predict all three classes on these images (thousands of pixels each)
     model = SegFormer.from_variant("b0", num_labels=3, id2label={0: "sky", 1: "sea", 2: "boat"})
-    torch.manual_seed(0)
     model.save_pretrained(tmp_path / "model")
     (tmp_path / "photos" / "harbour").mkdir(parents=True)
     for i in range(2):
