@@ -53,6 +53,33 @@ def test_the_report_holds_every_metric_per_class_and_per_image(checkpoint, tmp_p
     assert "mean of the images' own mean IoU" in capsys.readouterr().out
 
 
+def test_the_report_is_the_checkpoints_model_card_with_its_results(checkpoint, tmp_path):
+    from huggingface_hub import ModelCard
+    own = (checkpoint / "README.md").read_text()
+    _, content = report(checkpoint, tmp_path / "report")
+    card = ModelCard((tmp_path / "report" / "README.md").read_text())
+    found = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    split = content["split"]
+    for key in ("mean_iou", "mean_f1", "mean_boundary_iou", "frequency_weighted_iou"):  # the hub shows these
+        assert found[(split, key)] == round(content["metrics"][key], 4), key
+    text = card.text
+    assert text.index("## Evaluation") < text.index("## Training settings") and "## How to use" in text
+    assert (checkpoint / "README.md").read_text() == own  # the checkpoint itself is not touched
+
+    copy = tmp_path / "published"  # the card copied beside the weights, evaluated again: one section, one entry
+    __import__("shutil").copytree(checkpoint, copy)
+    published = ModelCard((tmp_path / "report" / "README.md").read_text())
+    other = __import__("copy").copy(published.data.eval_results[0])
+    other.dataset_split, other.metric_value = "test", 0.5  # another split's result: kept
+    published.data.eval_results.append(other)
+    published.save(copy / "README.md")
+    report(copy, tmp_path / "again")
+    card = ModelCard((tmp_path / "again" / "README.md").read_text())
+    assert card.text.count("## Evaluation") == 1
+    entries = [(r.dataset_split, r.metric_type) for r in card.data.eval_results]
+    assert len(entries) == len(set(entries)) == len(found) + 1 and ("test", other.metric_type) in entries
+
+
 def test_two_processes_write_the_report_one_process_writes(checkpoint, tmp_path):
     _, single = report(checkpoint, tmp_path / "one")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -302,12 +302,12 @@ PER_CLASS = ("iou", "accuracy", "precision", "recall", "f1", "boundary_iou")
 
 
 def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, class_names: list[str], *,
-                 sample_names, colours, about: dict) -> dict:
+                 sample_names, colours, about: dict, card: str | None = None) -> dict:
     """report.json (everything), per_class.csv, per_image.csv, confusion.{npy,csv,png}, worst.png (the
     report's worst images: image | truth | prediction | errors), reliability.png (calibration),
-    robustness.png (where corruptions were evaluated) and README.md (the results as a model card's
-    section). `sample_names(index)` names an image; `about` says what was evaluated. Returns report.json's
-    content."""
+    robustness.png (where corruptions were evaluated) and README.md (`card`, the checkpoint's model card,
+    with these results: `report_card`). `sample_names(index)` names an image; `about` says what was
+    evaluated. Returns report.json's content."""
     directory.mkdir(parents=True, exist_ok=True)
     write_evaluation(directory, matrix, class_names, metrics)  # the confusion matrix; per_class.csv, rewritten below
     names = [spreadsheet_safe(name.strip()) for name in class_names]
@@ -346,7 +346,7 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
     draw_reliability(content["calibration"], directory / "reliability.png")
     if "robustness" in metrics:
         draw_robustness(metrics["robustness"], directory / "robustness.png")
-    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(report_card(content)))
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(report_card(content, card)))
     return content
 
 
@@ -435,7 +435,43 @@ def draw_worst(worst, colours, sample_names, path: Path) -> bool:
     return True
 
 
-def report_card(content: dict) -> str:
+CARD_METRICS = (("mean_iou", "Mean IoU"), ("mean_accuracy", "Mean Accuracy"), ("overall_accuracy", "Overall Accuracy"),
+                ("frequency_weighted_iou", "Frequency-weighted IoU"), ("mean_f1", "Mean F1"),
+                ("mean_boundary_iou", "Mean Boundary IoU"))
+SECTION_BEGIN, SECTION_END = "<!-- evaluation report: begin -->", "<!-- evaluation report: end -->"
+
+
+def report_card(content: dict, card: str | None = None) -> str:
+    """The report as a model card: the checkpoint's own card (`card`, its README.md) with the report's
+    headline metrics in its model-index (the results the hub shows; an earlier entry for the same data, split
+    and metric replaced) and the report as a section before its training settings (an earlier report's
+    section replaced). Without a card, the section alone."""
+    section = "\n".join([SECTION_BEGIN, report_section(content), SECTION_END])
+    if not card:
+        return section + "\n"
+    from huggingface_hub import EvalResult, ModelCard
+    model_card = ModelCard(card, ignore_metadata_errors=True)
+    data, split, m = str(content.get("data")), content.get("split"), content["metrics"]
+    kept = [r for r in model_card.data.eval_results or []
+            if (r.dataset_name, r.dataset_split, r.metric_type) not in {(data, split, key) for key, _ in CARD_METRICS}]
+    model_card.data.eval_results = kept + [
+        EvalResult(task_type="semantic-segmentation", task_name="Semantic Segmentation", dataset_type=data,
+                   dataset_name=data, dataset_split=split, metric_type=key, metric_name=name,
+                   metric_value=round(m[key], 4)) for key, name in CARD_METRICS if m.get(key) is not None]
+    model_card.data.model_name = model_card.data.model_name or Path(str(content.get("checkpoint"))).name
+    text = model_card.text
+    if SECTION_BEGIN in text and SECTION_END in text:  # a card that already holds a report: that one replaced
+        text = text[:text.index(SECTION_BEGIN)] + section + text[text.index(SECTION_END) + len(SECTION_END):]
+    elif "\n## Training settings" in text:
+        where = text.index("\n## Training settings") + 1
+        text = text[:where] + section + "\n\n" + text[where:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    model_card.text = text
+    return str(model_card)
+
+
+def report_section(content: dict) -> str:
     """The report as a model card's results section (markdown)."""
     m = content["metrics"]
     lines = [f"## Evaluation: {content.get('data')} {content.get('split')} ({content['images']} images)", "",
