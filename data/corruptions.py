@@ -7,17 +7,22 @@ parameters are ImageNet-C's (its `make_imagenet_c.py`, as the `imagecorruptions`
 the operations are torchvision's transforms v2 where it has them (Gaussian blur, contrast, saturation),
 Pillow's JPEG encoder, and a few lines of torch each for the rest.
 
-Left out, and why: the `imagecorruptions` package, which Cityscapes-C was made with, no longer runs on
-NumPy 2 and scikit-image 0.19+ (its glass blur, Gaussian blur and fog fail) and needs `pkg_resources`;
-snow, frost and spatter need its texture files and ImageMagick's motion blur; glass blur is a per-pixel
-Python loop (minutes per image). Fog is ImageNet-C's plasma fractal (diamond-square), zoom blur its
-average of zoomed copies. Motion blur is a
-straight-line kernel at a random angle, not ImageMagick's one-sided Gaussian one; brightness shifts the
-value channel of HSV as ImageNet-C does.
+The `imagecorruptions` package, which Cityscapes-C was made with, does not install here (nor run on
+NumPy 2 and scikit-image 0.19+: its glass blur, Gaussian blur and fog fail; it needs `pkg_resources`), so
+its algorithms are written again below: motion blur and snow's streaks are its NumPy stand-in for
+ImageMagick's (`_streak`), glass blur its local shuffle (`_jostle`), zoom blur and snow its `clipped_zoom`
+(these three checked against the reference's own steps in tests/test_evaluation.py), fog its plasma
+fractal. Brightness shifts the value channel of HSV as ImageNet-C does.
+
+Left out, and why: frost (it blends one of six photographs of frost that ship with ImageNet-C, which we
+do not have) and spatter (Canny edges, a distance transform and histogram equalisation from OpenCV, whose
+results a stand-in would not reproduce). That is 14 of the paper's 16; zoom blur and pixelation are
+ImageNet-C's, beyond the paper's list.
 """
 
 import io
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -61,8 +66,7 @@ def speckle_noise(image, severity, g):
 
 
 def gaussian_blur(image, severity, g):
-    sigma = (1, 2, 3, 4, 6)[severity - 1]
-    return TF.gaussian_blur(image, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=float(sigma))
+    return _gaussian(image, (1, 2, 3, 4, 6)[severity - 1])
 
 
 def _filter(image, kernel):
@@ -81,40 +85,89 @@ def defocus_blur(image, severity, g):
     return _filter(image, disk / disk.sum())
 
 
+def _streak(x, radius: int, sigma: float, angle: float):
+    """ImageMagick's motion blur as ImageNet-C's `_motion_blur` does it without ImageMagick: the sum of
+    2 radius + 1 copies of x (C, H, W), each moved one more pixel along `angle` (degrees) and weighted by a
+    one-sided Gaussian of `sigma`, the edges repeated; copies moved past the image are left out."""
+    width = 2 * radius + 1
+    weights = torch.exp(-torch.arange(width, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    weights /= weights.sum()
+    point = (width * math.sin(math.radians(angle)), width * math.cos(math.radians(angle)))
+    length = math.hypot(*point)
+    H, W = x.shape[-2:]
+    padded = F.pad(x[None], (width, width, width, width), mode="replicate")[0]
+    total = torch.zeros_like(x)
+    for i, weight in enumerate(weights.tolist()):  # the copy's offset, rounded as ImageNet-C rounds it
+        down, right = -math.ceil(i * point[0] / length - 0.5), -math.ceil(i * point[1] / length - 0.5)
+        if abs(down) >= H or abs(right) >= W:
+            break
+        total += weight * padded[:, width - down:width - down + H, width - right:width - right + W]
+    return total
+
+
 def motion_blur(image, severity, g):
-    radius = (10, 15, 15, 15, 20)[severity - 1]  # ImageNet-C's radius; a straight line at a random angle
-    angle = float(torch.empty(()).uniform_(-45, 45, generator=g)) * math.pi / 180
-    size = 2 * radius + 1
-    kernel = torch.zeros(size, size)
-    for t in torch.linspace(-radius, radius, 4 * size):
-        kernel[round(radius + float(t) * math.sin(angle)), round(radius + float(t) * math.cos(angle))] = 1
-    return _filter(image, kernel / kernel.sum())
+    radius, sigma = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1]
+    angle = float(torch.empty(()).uniform_(-45, 45, generator=g))
+    return _uint8(_streak(_float(image), radius, sigma, angle))
+
+
+def glass_blur(image, severity, g):
+    """Blur, move pixels about locally (`_jostle`), blur again."""
+    sigma, d, iterations = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
+    return _gaussian(_jostle(_gaussian(image, sigma), d, iterations, g), sigma)
+
+
+def _jostle(image, d: int, iterations: int, g):
+    """ImageNet-C's local shuffle: for each pixel, bottom-right to top-left, `iterations` times, the pixel
+    takes the value now at a random offset in [-d, d) (numpy's randint). Its code writes this as a swap, but
+    a tuple swap of numpy views of RGB pixels copies one way: the pixel takes the other's value and the other
+    keeps its own. Sequential (a value can travel), so it runs on a list of source indices, gathered once."""
+    C, H, W = image.shape
+    rows, cols = torch.arange(H - d, d, -1), torch.arange(W - d, d, -1)
+    here = (rows[:, None] * W + cols[None]).flatten()  # the visiting order
+    source = list(range(H * W))  # source[p]: the pixel of `image` whose value p holds now
+    for _ in range(iterations):
+        offset = torch.randint(-d, d, (len(here), 2), generator=g)  # (dx, dy) per pixel, as drawn there
+        for a, b in zip(here.tolist(), (here + offset[:, 1] * W + offset[:, 0]).tolist()):
+            source[a] = source[b]
+    return image.flatten(1)[:, source].view(C, H, W)
+
+
+def _gaussian(image, sigma: float):
+    return TF.gaussian_blur(image, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=float(sigma))
+
+
+def _clipped_zoom(x, zoom: float):
+    """ImageNet-C's `clipped_zoom` of x (C, H, W): the centre ceil(H / zoom) x ceil(W / zoom), enlarged by
+    `zoom` (linear, corners to corners, as scipy's zoom of order 1), its first H rows and W columns."""
+    H, W = x.shape[-2:]
+    h, w = math.ceil(H / zoom), math.ceil(W / zoom)
+    top, left = (H - h) // 2, (W - w) // 2
+    crop = x[None, :, top:top + h, left:left + w]
+    size = (round(h * zoom), round(w * zoom))
+    return F.interpolate(crop, size=size, mode="bilinear", align_corners=True)[0, :, :H, :W]
 
 
 def zoom_blur(image, severity, g):
-    """The average of the image zoomed about its centre by each factor (bilinear), as ImageNet-C's."""
+    """The average of the image and its zoomed copies (zooming in about the centre), as ImageNet-C's."""
     zooms = (torch.arange(1, 1.11, 0.01), torch.arange(1, 1.16, 0.01), torch.arange(1, 1.21, 0.02),
              torch.arange(1, 1.26, 0.02), torch.arange(1, 1.31, 0.03))[severity - 1]
     x = _float(image)
-    H, W = x.shape[-2:]
-    total = torch.zeros_like(x)
-    for zoom in zooms.tolist():
-        h, w = max(1, round(H / zoom)), max(1, round(W / zoom))
-        top, left = (H - h) // 2, (W - w) // 2
-        crop = x[None, :, top:top + h, left:left + w]
-        total += F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)[0]
+    total = sum(_clipped_zoom(x, zoom) for zoom in zooms.tolist())
     return _uint8((x + total) / (len(zooms) + 1))
 
 
 def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size) cloud in [0, 1] by the diamond-square algorithm (ImageNet-C's fog), size a power of 2."""
+    """A (size, size) cloud in [0, 1] by the diamond-square algorithm (ImageNet-C's fog), size a power of 2.
+    Each step's random part is wibble * U(-wibble, wibble), as ImageNet-C's: it shrinks by decay**2 a step."""
     cloud = np.zeros((size, size))
     step, wibble = size, 100.0
     while step >= 2:
         half = step // 2
         corners = cloud[0:size:step, 0:size:step]
         means = (corners + np.roll(corners, -1, 0) + np.roll(corners, -1, 1) + np.roll(np.roll(corners, -1, 0), -1, 1))
-        cloud[half:size:step, half:size:step] = means / 4 + rng.uniform(-wibble, wibble, means.shape)  # squares
+        # squares: each centre from its four corners
+        cloud[half:size:step, half:size:step] = means / 4 + wibble * rng.uniform(-wibble, wibble, means.shape)
         for axis in (0, 1):  # diamonds: the points between two corners, from their four neighbours
             rows, cols = (slice(half, size, step), slice(0, size, step)) if axis == 0 else \
                 (slice(0, size, step), slice(half, size, step))
@@ -124,7 +177,7 @@ def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndar
                 total = corners + np.roll(corners, -1, 0) + centres + np.roll(centres, 1, 1)
             else:
                 total = corners + np.roll(corners, -1, 1) + centres + np.roll(centres, 1, 0)
-            cloud[rows, cols] = total / 4 + rng.uniform(-wibble, wibble, total.shape)
+            cloud[rows, cols] = total / 4 + wibble * rng.uniform(-wibble, wibble, total.shape)
         step, wibble = half, wibble / decay
     cloud -= cloud.min()
     return cloud / max(cloud.max(), 1e-12)
@@ -139,6 +192,23 @@ def fog(image, severity, g):
     cloud = torch.from_numpy(plasma_fractal(size, decay, rng)[:H, :W]).float()
     peak = x.max()
     return _uint8((x + strength * cloud) * peak / (peak + strength))
+
+
+def snow(image, severity, g):
+    """ImageNet-C's snow: a layer of Gaussian flakes, zoomed, thresholded and streaked by a motion blur
+    falling at -135..-45 degrees, added twice (once turned 180 degrees) to the image whitened towards its grey."""
+    loc, scale, zoom, threshold, radius, sigma, keep = (
+        (0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55))[severity - 1]
+    x = _float(image)
+    H, W = x.shape[-2:]
+    flakes = _clipped_zoom(torch.randn(1, H, W, generator=g) * scale + loc, zoom)
+    flakes = flakes.masked_fill(flakes < threshold, 0).clamp(0, 1)
+    flakes = _streak(flakes, radius, sigma, float(torch.empty(()).uniform_(-135, -45, generator=g)))
+    flakes = (flakes * 255).round() / 255
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]  # OpenCV's RGB2GRAY
+    x = keep * x + (1 - keep) * torch.maximum(x, grey * 1.5 + 0.5)
+    return _uint8(x + flakes + flakes.flip(-2, -1))
 
 
 def brightness(image, severity, g):
@@ -173,9 +243,9 @@ def pixelate(image, severity, g):
 CORRUPTIONS = {  # the four families of ImageNet-C / Cityscapes-C
     "noise": {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
               "speckle_noise": speckle_noise},
-    "blur": {"defocus_blur": defocus_blur, "motion_blur": motion_blur, "zoom_blur": zoom_blur,
-             "gaussian_blur": gaussian_blur},
-    "weather": {"fog": fog},
+    "blur": {"defocus_blur": defocus_blur, "glass_blur": glass_blur, "motion_blur": motion_blur,
+             "zoom_blur": zoom_blur, "gaussian_blur": gaussian_blur},
+    "weather": {"snow": snow, "fog": fog},
     "digital": {"brightness": brightness, "contrast": contrast, "saturate": saturate,
                 "jpeg_compression": jpeg_compression, "pixelate": pixelate},
 }
@@ -192,7 +262,7 @@ class Corruption:
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be 1..5, got {severity}")
         self.name, self.severity = name, severity
-        self.seed = list(ALL).index(name) * 1000 + severity
+        self.seed = zlib.crc32(name.encode()) * 10 + severity  # by name: adding a corruption changes no other
 
     def __call__(self, image: torch.Tensor, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

@@ -152,5 +152,69 @@ def test_robustness_table_and_heat_map_in_the_report(checkpoint, tmp_path, capsy
     assert (tmp_path / "report" / "robustness.png").is_file()
     assert "relative robustness" in capsys.readouterr().out
     assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", str(tmp_path / "x"),
-                       "--corruptions", "snow"]) == 2
-    assert "--corruptions snow: unknown corruption 'snow'" in capsys.readouterr().err
+                       "--corruptions", "frost"]) == 2
+    assert "--corruptions frost: unknown corruption 'frost'" in capsys.readouterr().err
+
+
+def test_motion_streaks_glass_shuffle_and_clipped_zoom_follow_imagenet_c_step_by_step():
+    """The corruptions' three hand-written steps against ImageNet-C's own (imagecorruptions' NumPy code,
+    transcribed here step by step: np.roll with the edge repeated, the loop of tuple swaps, scipy's zoom)."""
+    import math
+
+    import numpy as np
+    import scipy.ndimage
+    import torch
+    from data.corruptions import _clipped_zoom, _jostle, _streak
+
+    def shift(image, dx, dy):  # (H, W, C) rolled, the rows and columns that came round replaced by the edge
+        out = np.roll(image, (dy, dx), axis=(0, 1))
+        if dx > 0:
+            out[:, :dx] = out[:, dx:dx + 1]
+        elif dx < 0:
+            out[:, dx:] = out[:, dx - 1:dx]
+        if dy > 0:
+            out[:dy] = out[dy:dy + 1]
+        elif dy < 0:
+            out[dy:] = out[dy - 1:dy]
+        return out
+
+    def motion_blur(image, radius, sigma, angle):
+        width = 2 * radius + 1
+        kernel = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
+        kernel /= kernel.sum()
+        point = (width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle)))
+        hypot = math.hypot(*point)
+        blurred = np.zeros_like(image)
+        for i in range(width):
+            dy, dx = -math.ceil(i * point[0] / hypot - 0.5), -math.ceil(i * point[1] / hypot - 0.5)
+            if abs(dy) >= image.shape[0] or abs(dx) >= image.shape[1]:
+                break
+            blurred += kernel[i] * shift(image, dx, dy)
+        return blurred
+
+    x = np.random.default_rng(0).random((23, 31, 3))
+    for radius, sigma, angle in ((10, 3, 30.0), (15, 12, -45.0), (12, 8, -100.0), (20, 15, 7.5)):
+        got = _streak(torch.from_numpy(x).permute(2, 0, 1).float(), radius, sigma, angle).permute(1, 2, 0).numpy()
+        assert np.abs(got - motion_blur(x, radius, sigma, angle)).max() < 1e-5, (radius, sigma, angle)
+
+    image = torch.randint(0, 256, (3, 12, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for d, iterations in ((1, 2), (2, 3), (4, 2)):
+        got = _jostle(image, d, iterations, torch.Generator().manual_seed(5))
+        g, expected = torch.Generator().manual_seed(5), image.permute(1, 2, 0).numpy().copy()
+        rows, cols = range(12 - d, d, -1), range(17 - d, d, -1)
+        for _ in range(iterations):
+            offsets = iter(torch.randint(-d, d, (len(rows) * len(cols), 2), generator=g).tolist())
+            for h in rows:
+                for w in cols:
+                    dx, dy = next(offsets)
+                    expected[h, w], expected[h + dy, w + dx] = expected[h + dy, w + dx], expected[h, w]  # its line
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), expected), (d, iterations)
+        assert not np.array_equal(expected, image.permute(1, 2, 0).numpy())
+
+    for zoom in (1.06, 1.3, 2.5, 4.5):
+        H, W = x.shape[:2]
+        h, w = math.ceil(H / zoom), math.ceil(W / zoom)
+        top, left = (H - h) // 2, (W - w) // 2
+        expected = scipy.ndimage.zoom(x[top:top + h, left:left + w], (zoom, zoom, 1), order=1)[:H, :W]
+        got = _clipped_zoom(torch.from_numpy(x).permute(2, 0, 1), zoom).permute(1, 2, 0).numpy()
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-9, zoom

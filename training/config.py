@@ -383,8 +383,8 @@ def build_parser(description: str, settings=None, recipes=None, *, evaluation: b
                                   "apply; the report shows ECE, NLL and Brier score before and after")
         actions.add_argument("--corruptions", metavar="LIST",
                              help="--eval-only --report: also evaluate under common corruptions at 5 severities "
-                                  "(data/corruptions.py): all, a family (noise, blur, digital) or names, "
-                                  "comma-separated")
+                                  "(data/corruptions.py, 16): all, a family (noise, blur, weather, digital) "
+                                  "or names (gaussian_noise, glass_blur, snow, ...), comma-separated")
     return parser
 
 
