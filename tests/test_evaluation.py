@@ -154,6 +154,13 @@ def test_robustness_table_and_heat_map_in_the_report(checkpoint, tmp_path, capsy
     assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", str(tmp_path / "x"),
                        "--corruptions", "frost"]) == 2
     assert "--corruptions frost: unknown corruption 'frost'" in capsys.readouterr().err
+    import importlib.util
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as patch:  # a machine without OpenCV: spatter is refused before evaluating
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+        assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", str(tmp_path / "x"),
+                           "--corruptions", "all"]) == 2
+    assert "--corruptions all: spatter needs OpenCV" in capsys.readouterr().err
 
 
 def test_motion_streaks_glass_shuffle_and_clipped_zoom_follow_imagenet_c_step_by_step():
@@ -218,3 +225,47 @@ def test_motion_streaks_glass_shuffle_and_clipped_zoom_follow_imagenet_c_step_by
         expected = scipy.ndimage.zoom(x[top:top + h, left:left + w], (zoom, zoom, 1), order=1)[:H, :W]
         got = _clipped_zoom(torch.from_numpy(x).permute(2, 0, 1), zoom).permute(1, 2, 0).numpy()
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-9, zoom
+
+
+def test_spatter_is_imagenet_c_spatter_drop_for_drop():
+    """Spatter against ImageNet-C's code transcribed (scikit-image's gaussian, OpenCV's steps), from the same
+    Gaussian layer: water drops (severity 2) and mud (severity 5)."""
+    import cv2
+    import numpy as np
+    import scipy.ndimage
+    import skimage.filters
+    import torch
+    from data.corruptions import Corruption, _smooth
+    from helpers import random_image
+
+    layer = np.random.default_rng(3).normal(0.6, 0.3, (37, 53))
+    for sigma in (1, 2.5, 4):
+        expected = scipy.ndimage.gaussian_filter(layer, sigma, mode="nearest")
+        assert np.abs(_smooth(torch.from_numpy(layer), sigma).numpy() - expected).max() < 1e-12
+
+    image = np.array(random_image(64, 96, seed=4))
+    for severity, (loc, scale, sigma, threshold, intensity, mud) in ((2, (0.65, 0.3, 3, 0.68, 0.6, 0)),
+                                                                     (5, (0.67, 0.4, 1, 0.65, 1.5, 1))):
+        corruption = Corruption("spatter", severity)
+        got = corruption(torch.from_numpy(image).permute(2, 0, 1).contiguous(), 7).permute(1, 2, 0).numpy()
+        g = torch.Generator().manual_seed(corruption.seed * 1_000_003 + 7)  # the layer it drew
+        liquid = torch.randn(64, 96, generator=g, dtype=torch.float64).numpy() * scale + loc
+        x = image / 255.0  # from here on, ImageNet-C's lines
+        liquid = skimage.filters.gaussian(liquid, sigma=sigma)
+        liquid[liquid < threshold] = 0
+        if not mud:
+            liquid = (liquid * 255).astype(np.uint8)
+            dist = cv2.distanceTransform(255 - cv2.Canny(liquid, 50, 150), cv2.DIST_L2, 5)
+            _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+            dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+            dist = cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]]))
+            dist = cv2.blur(dist, (3, 3)).astype(np.float32)
+            m = liquid * dist
+            m = m / m.max() * intensity
+            expected = np.clip(x + m[..., None] * np.array([175, 238, 238]) / 255, 0, 1) * 255
+        else:
+            m = skimage.filters.gaussian(np.where(liquid > threshold, 1, 0).astype(np.float32), sigma=intensity)
+            m[m < 0.8] = 0
+            expected = np.clip(x * (1 - m[..., None]) + np.array([63, 42, 20]) / 255 * m[..., None], 0, 1) * 255
+        assert np.abs(got.astype(float) - expected).max() <= 0.5 + 1e-6, severity  # ours rounded to uint8
+        assert np.abs(got.astype(float) - image).mean() > 1, severity

@@ -375,15 +375,16 @@ def build_parser(description: str, settings=None, recipes=None, *, evaluation: b
         actions.add_argument("--checkpoint", metavar="DIR", help="the checkpoint --eval-only evaluates (its input "
                                                                  "size, label reduction and labels come with it)")
         actions.add_argument("--report", metavar="DIR", help="--eval-only: also write the evaluation report there "
-                                                             "(per class and per image, Boundary IoU, the worst "
-                                                             "images, report.json)")
+                                                             "(per class and per image, Boundary IoU, calibration, "
+                                                             "the worst images, report.json, and README.md: the "
+                                                             "checkpoint's model card with the results)")
         actions.add_argument("--calibrate", action="store_true",
                              help="--eval-only: fit the temperature of the logits on --eval-split (lowest NLL) and "
                                   "save it beside the checkpoint (calibration.json), which infer.py and export.py "
                                   "apply; the report shows ECE, NLL and Brier score before and after")
         actions.add_argument("--corruptions", metavar="LIST",
                              help="--eval-only --report: also evaluate under common corruptions at 5 severities "
-                                  "(data/corruptions.py, 16): all, a family (noise, blur, weather, digital) "
+                                  "(data/corruptions.py, 17): all, a family (noise, blur, weather, digital) "
                                   "or names (gaussian_noise, glass_blur, snow, ...), comma-separated")
     return parser
 
