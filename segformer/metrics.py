@@ -111,7 +111,9 @@ def boundary_band(masks: torch.Tensor, d: int) -> torch.Tensor:
     """(N, H, W) bool masks -> their boundary bands: each mask minus its erosion by a (2d+1) square, with
     zeros beyond the image (so a mask's pixels within d of the image's edge are boundary too)."""
     outside = F.pad((~masks).float()[:, None], (d, d, d, d), value=1.0)  # 1: not in the mask
-    eroded = F.max_pool2d(outside, kernel_size=2 * d + 1, stride=1)[:, 0] == 0
+    # the square's max as a column's then a row's: the same erosion, 2(2d+1) comparisons a pixel, not (2d+1)^2
+    outside = F.max_pool2d(outside, kernel_size=(2 * d + 1, 1), stride=1)
+    eroded = F.max_pool2d(outside, kernel_size=(1, 2 * d + 1), stride=1)[:, 0] == 0
     return masks & ~eroded
 
 

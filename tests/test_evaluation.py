@@ -115,6 +115,9 @@ def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tm
     assert (tmp_path / "report" / "reliability.png").is_file()
     assert "temperature" in capsys.readouterr().out
     assert describe(model_dir).temperature == pytest.approx(saved["temperature"])
+    _, again = report(model_dir, tmp_path / "again")  # no fit: the saved temperature measured, as fitted
+    for key in ("temperature", "ece", "nll", "brier"):
+        assert again["calibration"]["after"][key] == pytest.approx(content["calibration"]["after"][key], abs=1e-9)
     export.export_checkpoint(str(model_dir), tmp_path / "onnx")
     x = __import__("torch").randn(1, 3, 64, 64)
     eager = SegFormer.from_pretrained(model_dir).eval()

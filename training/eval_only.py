@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data import build_dataset, decide_labels
 from data.corruptions import SEVERITIES, Corruption, parse_corruptions
 from segformer import SegFormer
-from segformer.calibration import CALIBRATION_FILE
+from segformer.calibration import CALIBRATION_FILE, TEMPERATURES
 from segformer.checkpoint import describe, write_json
 from segformer.device import autocast, resolve_amp
 from training.config import Command, ConfigError, TrainConfig
@@ -38,13 +38,16 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     if command.calibrate and not Path(command.checkpoint).is_dir():
         raise ConfigError(f"--calibrate saves calibration.json beside the checkpoint: {command.checkpoint} is not a "
                           f"local checkpoint folder")
-    report = Report(len(classes), device=device) if command.report or command.calibrate else None
+    fitting = command.calibrate and len(classes) > 1
+    temperatures = TEMPERATURES if fitting else (1.0, *([facts.temperature] if facts.temperature else []))
+    report = Report(len(classes), device=device, temperatures=temperatures) \
+        if command.report or command.calibrate else None
     evaluation = evaluate(model, build_eval_loader(config, eval_set), num_labels=len(classes), device=device,
                           autocast=lambda: autocast(device.type, config.amp), report=report)
     metrics = evaluation.metrics
     if report is not None:
         metrics = {**metrics, **report.boundary.compute(), "per_image_mean_iou": report.per_image_mean_iou()}
-        fitted = report.calibration.fit() if command.calibrate and len(classes) > 1 else facts.temperature
+        fitted = report.calibration.fit() if fitting else facts.temperature
         metrics["calibration"] = {"before": report.calibration.at(1.0)} | (
             {"after": report.calibration.at(fitted)} if fitted else {})
     if command.corruptions:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX, DataError, batch_to_device
-from segformer.calibration import Calibration
+from segformer.calibration import TEMPERATURES, Calibration
 from segformer.metrics import BoundaryIoU, ConfusionMatrix, logits_to_predictions, nanmean
 
 
@@ -75,12 +75,15 @@ class Report:
     """What the evaluation report adds to the data set's confusion matrix, counted from the same
     predictions: per image, its labelled pixels, accuracy and IoU per class (NaN: absent from both); per
     class, Boundary IoU; the `worst` images by their own mean IoU, kept with their labels and predictions;
-    the pixel probabilities' calibration (segformer/calibration.py) at a grid of temperatures."""
+    the pixel probabilities' calibration (segformer/calibration.py) at `temperatures` (the grid a fit needs,
+    or only those to be reported: each costs a softmax over the classes at every pixel)."""
 
-    def __init__(self, num_labels: int, *, device, worst: int = 8, boundary_ratio: float = 0.02):
+    def __init__(self, num_labels: int, *, device, worst: int = 8, boundary_ratio: float = 0.02,
+                 temperatures=TEMPERATURES):
         self.num_labels, self.keep = num_labels, worst
         self.boundary = BoundaryIoU(num_labels, ignore_index=IGNORE_INDEX, ratio=boundary_ratio, device=device)
-        self.calibration = Calibration(num_labels, ignore_index=IGNORE_INDEX, device=device)
+        self.calibration = Calibration(num_labels, ignore_index=IGNORE_INDEX, temperatures=temperatures,
+                                       device=device)
         self.rows = []  # one dict per image
         self.worst = []  # heap of (-mean IoU, index, image, labels, prediction): the worst `keep` images
 
