@@ -51,13 +51,12 @@ from segformer.components import resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
-from training.checkpoints import (check_rewind, last_checkpoint_note, load_training_state, prune_checkpoints,
-                                  save_checkpoint)
+from training.checkpoints import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.config import Settings, parse_command_line, setting
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
-                           run_in_out_folder, sample_list)
-from training.report import CLASSIFICATION_METRICS, draw_curves, jsonable, open_log, read_log, write_record
+                           resume_then_open_log, run_in_out_folder, sample_list, start_line)
+from training.report import CLASSIFICATION_METRICS, draw_curves, jsonable, read_log, write_record
 
 
 @dataclass(frozen=True)
@@ -265,17 +264,9 @@ def build_run(command, *, rank: int, world_size: int, device: torch.device) -> R
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"), train_loader=train_loader,
               eval_loader=eval_loader, total_steps=total_steps, augment=BatchAugment(config, len(class_names), rank))
-    continued = command.resume is not None and command.resume.resolve().parent == run.out.resolve()
-    if command.resume:
-        restore(run, command.resume, schedule)
-        if run.is_main and continued:
-            check_rewind(run.out, command.resume, run.step)
+    resume_then_open_log(run, command.resume, schedule, restore)
     if run.is_main:
-        run.log = open_log(run.out, resumed_at=run.step if continued else None)
-        print(f"pre-training {raw_model.config.describe()} on {config.data} ({len(train_loader.dataset)} train / "
-              f"{len(eval_loader.dataset)} eval images, {len(class_names)} classes) for {total_steps} steps of "
-              f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
-              f"amp={config.amp}")
+        print(start_line(run, "pre-training", len(class_names)))
     return run
 
 

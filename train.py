@@ -35,13 +35,7 @@ from segformer.checkpoint import CheckpointFacts, describe, read_model_config
 from segformer.components import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast
-from training.checkpoints import (
-    check_rewind,
-    last_checkpoint_note,
-    load_training_state,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from training.checkpoints import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 from training.data import open_data
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
@@ -49,29 +43,10 @@ from training.eval_only import evaluate_checkpoint
 from training.evaluation import Evaluation, evaluate
 from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
-from training.loop import (
-    Diverged,
-    Meter,
-    StopRequest,
-    due,
-    exit_status,
-    groups_of,
-    loop_state,
-    restore_loop_state,
-    run_in_out_folder,
-    sample_list,
-)
-from training.report import (
-    TensorBoard,
-    class_table,
-    draw_curves,
-    draw_per_class,
-    jsonable,
-    open_log,
-    read_log,
-    write_evaluation,
-    write_record,
-)
+from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
+                           resume_then_open_log, run_in_out_folder, sample_list, start_line)
+from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log,
+                             write_evaluation, write_record)
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 
@@ -225,21 +200,13 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
               train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
               loss_options=loss_options(config, device), frozen=frozen, ema=ema)
-    continued = command.resume is not None and command.resume.resolve().parent == run.out.resolve()
-    if command.resume:
-        restore(run, command.resume, schedule)
-        if run.is_main and continued:
-            check_rewind(run.out, command.resume, run.step)
+    resume_then_open_log(run, command.resume, schedule, restore)
     if run.is_main:
-        run.log = open_log(run.out, resumed_at=run.step if continued else None)
         if config.report_to == "tensorboard":
             run.tensorboard = TensorBoard(run.out, spec.palette)
         if config.push_to_hub:
             run.pusher = HubPusher(config.push_to_hub, private=config.hub_private)
-        print(f"training {raw_model.config.describe()} on {config.data} ({len(train_loader.dataset)} train / "
-              f"{len(eval_loader.dataset)} eval images, {spec.num_labels} classes) for {total_steps} steps of "
-              f"{config.batch_size * config.grad_accum * world_size} images on {world_size} x {device.type}, "
-              f"amp={config.amp}")
+        print(start_line(run, "training", spec.num_labels))
     return run
 
 

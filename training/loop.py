@@ -18,8 +18,9 @@ import torch.nn as nn
 from data import IGNORE_INDEX, DataError
 from segformer.errors import ConfigError, UserError
 
-from .checkpoints import RunLock, check_output_dir, clean_up_after_a_kill, last_checkpoint_note
+from .checkpoints import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
 from .distributed import any_process, gather_rng_states, set_rng_states
+from .report import open_log
 
 
 class Diverged(UserError):
@@ -171,6 +172,28 @@ def restore_loop_state(run, state: dict, directory: Path, schedule, *, samples: 
     set_rng_states(state["rng"][run.rank])
     if run.rank == 0:
         print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
+
+
+def resume_then_open_log(run, resume: Path | None, schedule, restore) -> None:
+    """--resume: `restore(run, resume, schedule)` puts the loop back; continued in the checkpoint's own run
+    folder, a checkpoint older than the newest is a rewind (`check_rewind`). Then rank 0 opens the log: a new
+    one for a new run or a branch into another folder, the same one cut at the step for a continued run."""
+    continued = resume is not None and resume.resolve().parent == run.out.resolve()
+    if resume:
+        restore(run, resume, schedule)
+        if run.is_main and continued:
+            check_rewind(run.out, resume, run.step)
+    if run.is_main:
+        run.log = open_log(run.out, resumed_at=run.step if continued else None)
+
+
+def start_line(run, task: str, classes: int) -> str:
+    """The run's first line: what trains on what, for how long, on what."""
+    config = run.config
+    return (f"{task} {run.raw_model.config.describe()} on {config.data} ({len(run.train_loader.dataset)} train / "
+            f"{len(run.eval_loader.dataset)} eval images, {classes} classes) for {run.total_steps} steps of "
+            f"{config.batch_size * config.grad_accum * run.world_size} images on {run.world_size} x "
+            f"{run.device.type}, amp={config.amp}")
 
 
 def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, device) -> dict:
