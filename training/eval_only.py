@@ -74,15 +74,15 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
             about = {"checkpoint": str(command.checkpoint), "data": str(config.data), "split": config.eval_split,
                      "eval_mode": config.eval_mode, "size": spec.size}
             card = folder / "README.md"
+            own_card = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
             write_report(Path(command.report), metrics, evaluation.confusion, report, classes,
-                         sample_names=samples.name, colours=spec.palette, about=about,
-                         card=card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None)
+                         sample_names=samples.name, colours=spec.palette, about=about, card=own_card)
             if "robustness" in metrics:
                 print(robustness_table(metrics["robustness"]))
             print(f"mean of the images' own mean IoU {metrics['per_image_mean_iou']:.4f} (data set: "
                   f"{metrics['mean_iou']:.4f}); mean F1 {metrics['mean_f1']:.4f}, mean Boundary IoU "
                   f"{metrics['mean_boundary_iou']:.4f}; the report: {command.report}/report.json")
-            if card.is_file():
+            if own_card is not None:
                 print(f"{command.report}/README.md: the checkpoint's model card with these results (to publish "
                       f"them with it, copy it over {card})")
     return metrics

@@ -26,6 +26,8 @@ from segformer.checkpoint import atomic_write
 from segformer.errors import CheckpointError, UserError
 from segformer.visual import blend, pyplot, save_figure
 
+from .hub import CARD_METRICS, eval_results
+
 HEATMAP_CLASSES = 30  # beyond this, a heatmap is unreadable: the most confused pairs instead
 
 
@@ -435,9 +437,6 @@ def draw_worst(worst, colours, sample_names, path: Path) -> bool:
     return True
 
 
-CARD_METRICS = (("mean_iou", "Mean IoU"), ("mean_accuracy", "Mean Accuracy"), ("overall_accuracy", "Overall Accuracy"),
-                ("frequency_weighted_iou", "Frequency-weighted IoU"), ("mean_f1", "Mean F1"),
-                ("mean_boundary_iou", "Mean Boundary IoU"))
 SECTION_BEGIN, SECTION_END = "<!-- evaluation report: begin -->", "<!-- evaluation report: end -->"
 
 
@@ -449,15 +448,12 @@ def report_card(content: dict, card: str | None = None) -> str:
     section = "\n".join([SECTION_BEGIN, report_section(content), SECTION_END])
     if not card:
         return section + "\n"
-    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub import ModelCard
     model_card = ModelCard(card, ignore_metadata_errors=True)
-    data, split, m = str(content.get("data")), content.get("split"), content["metrics"]
+    data, split = str(content.get("data")), content.get("split")
     kept = [r for r in model_card.data.eval_results or []
             if (r.dataset_name, r.dataset_split, r.metric_type) not in {(data, split, key) for key, _ in CARD_METRICS}]
-    model_card.data.eval_results = kept + [
-        EvalResult(task_type="semantic-segmentation", task_name="Semantic Segmentation", dataset_type=data,
-                   dataset_name=data, dataset_split=split, metric_type=key, metric_name=name,
-                   metric_value=round(m[key], 4)) for key, name in CARD_METRICS if m.get(key) is not None]
+    model_card.data.eval_results = kept + eval_results(data, split, content["metrics"])
     model_card.data.model_name = model_card.data.model_name or Path(str(content.get("checkpoint"))).name
     text = model_card.text
     if SECTION_BEGIN in text and SECTION_END in text:  # a card that already holds a report: that one replaced
