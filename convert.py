@@ -6,7 +6,7 @@
 
 Every layout reads without conversion: `SegFormer.from_pretrained` (and every script's --checkpoint or
 --pretrained) takes the hub's, NVlabs', mmsegmentation 1.x's and segmentation_models_pytorch's weights as
-they are (segformer/layouts.py). This is the other way:
+they are (segformer/weight_layouts.py). This is the other way:
 
   hf     model.safetensors + config.json: transformers' SegformerForSemanticSegmentation.from_pretrained(out)
   smp    model.safetensors + smp's config.json: segmentation_models_pytorch.Segformer.from_pretrained(out),
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from segformer import SegFormer, layouts
-from segformer.checkpoint import describe, write_json, write_safetensors, write_torch
+from segformer import SegFormer
+from segformer.weight_layouts import WEIGHT_LAYOUTS
+from segformer.checkpoint import describe
+from segformer.files import write_json, write_safetensors, write_torch
 from segformer.errors import CheckpointError, ConfigError, UserError
 
 TARGETS = ("hf", "smp", "mmseg")
@@ -66,7 +68,7 @@ def convert(checkpoint: str, to: str, out: Path, *, encoder_only: bool = False, 
     if to == "mmseg":
         if out.suffix not in (".pth", ".pt"):
             raise ConfigError(f"--out {out}: mmsegmentation reads a .pth file")
-        weights = layouts.native_to_mmseg(native)
+        weights = WEIGHT_LAYOUTS["mmseg"].from_native(native)
         meta = {"dataset_meta": {"classes": list(model.config.label_names()),
                                  "palette": [list(c) for c in facts.palette] if facts.palette else None}}
         write_torch({"meta": meta, "state_dict": weights}, out)
@@ -77,15 +79,15 @@ def convert(checkpoint: str, to: str, out: Path, *, encoder_only: bool = False, 
         if to == "hf":
             if model.config.parts:
                 raise ConfigError(f"transformers builds the stock SegFormer only, not {model.config.describe()}")
-            weights = layouts.native_to_hf(native)
+            weights = WEIGHT_LAYOUTS["hf"].from_native(native)
             write_json(model.config.to_hf_dict(), out / "config.json")
         else:
-            weights = layouts.native_to_smp(native)
+            weights = WEIGHT_LAYOUTS["smp"].from_native(native)
             write_json(smp_config(model), out / "config.json")
         write_safetensors(weights, out / "model.safetensors")
         written = out
     check(model, written, encoder_only=encoder_only)
-    print(f"wrote {model.config.describe()} ({len(weights)} tensors) in the {layouts.LAYOUTS[to]} layout: {written}")
+    print(f"wrote {model.config.describe()} ({len(weights)} tensors) in the {WEIGHT_LAYOUTS[to].name} layout: {written}")
     return written
 
 

@@ -31,7 +31,8 @@ from PIL import Image
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import describe, writable_folder
+from segformer.checkpoint import describe
+from segformer.files import writable_folder
 from segformer.errors import UserError
 from segformer.bands import display_rgb, read_bands, to_band_tensor
 from segformer.images import load_image, to_tensor

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import describe, writable_folder, write_json, write_preprocessor_config
+from segformer.checkpoint import describe, write_preprocessor_config
+from segformer.files import writable_folder, write_json
 from segformer.errors import ConfigError, DataError, UserError
 from segformer.images import is_image_file, read_image, to_tensor
 from segformer.onnx import onnx_session

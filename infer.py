@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import atomic_write, describe, writable_folder
+from segformer.checkpoint import describe
+from segformer.files import atomic_write, writable_folder
 from segformer.device import check_device
 from segformer.errors import UserError
 from segformer.bands import display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
@@ -167,7 +168,7 @@ def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, a
 def write_formats(formats: list[str], files: list[tuple[Path, Path]], out: Path, names: dict, *,
                   tolerance: float) -> None:
     """The predictions of every image, read back from its _mask.png, in labelling tools' formats."""
-    from data.tools import coco_annotations, coco_categories, labelme_document
+    from data.labelling import coco_annotations, coco_categories, labelme_document
     class_names = [names[i] for i in sorted(names)]
     images, annotations = [], []
     for image_id, (path, relative) in enumerate(files, 1):

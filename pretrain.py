@@ -47,11 +47,11 @@ from data import DataError, batch_to_device, build_loader
 from data.classification import ClassificationDataset, open_images
 from segformer.checkpoint import read_model_config
 from segformer.classification import ImageClassifier
-from segformer.components import resolve_all, untrusted_parts
+from segformer.parts import resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
-from training.checkpoints import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
+from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.config import Settings, parse_command_line, setting
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
@@ -78,7 +78,7 @@ class PretrainConfig(Settings):
                               high=1.0)
     workers: int = setting(0, "DataLoader worker processes per training process", low=0, high=256,
                            may_change=True)
-    # The model: the encoder to pre-train, and its parts (segformer/components.py).
+    # The model: the encoder to pre-train, and its parts (segformer/parts.py).
     model: str = setting("b0", "variant to build: b0..b5, or a config.json of your own")
     attention: str | None = setting(None, "the blocks' attention: efficient, linear, full or package.module:Class")
     mlp: str | None = setting(None, "the blocks' Mix-FFN: mix_ffn or package.module:Class")

@@ -32,10 +32,10 @@ from tqdm import tqdm
 from data import DataError, batch_to_device
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
 from segformer.checkpoint import CheckpointFacts, describe, read_model_config
-from segformer.components import resolve, resolve_all, untrusted_parts
+from segformer.parts import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast
-from training.checkpoints import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
+from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.config import Command, ConfigError, TrainConfig, parse_command_line
 from training.data import open_data
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed

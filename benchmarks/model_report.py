@@ -99,7 +99,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(PAPER), help="variants to report (default b0..b5)")
     p.add_argument("--parts", nargs="+", type=parse_parts, default=[],
                    help="also these models of each variant, e.g. attention=linear decoder=mmseg "
-                        "attention=full,decoder=mmseg (segformer/components.py names the parts)")
+                        "attention=full,decoder=mmseg (segformer/parts.py names the parts)")
     p.add_argument("--size", type=int, default=512, help="input height and width (default 512)")
     p.add_argument("--labels", type=int, default=150, help="classes (default 150)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

@@ -18,7 +18,8 @@ from pathlib import Path
 from segformer.errors import UserError
 from segformer.labels import read_id2label
 
-from . import layouts, measure_bands
+from . import measure_bands
+from .folders import detect_folder_layout
 from .sources import open_source
 from .spec import decide_labels
 from .stats import collect, median_frequency_weights
@@ -45,7 +46,7 @@ def folder_splits(source: str, dataset_config: str | None) -> dict[str, int] | N
     path = Path(source)
     if not path.is_dir():
         return None
-    layout = layouts.detect(path, Path(dataset_config) if dataset_config else None)
+    layout = detect_folder_layout(path, Path(dataset_config) if dataset_config else None)
     return {name: len(pairs()[0]) for name, pairs in layout.splits.items()} if layout else None
 
 

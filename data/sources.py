@@ -4,7 +4,7 @@ a file path, `file row N`, or `dataset[index]`.
 
 * `"synthetic"`: the built-in procedural scenes (`synthetic.py`).
 * a dataset folder: ADE20K, Cityscapes, Pascal VOC, mmsegmentation's img_dir/ann_dir, or anything with a
-  `dataset.json` manifest (`layouts.py`);
+  `dataset.json` manifest (`folders.py`, `manifest.py`);
 * Hugging Face datasets: a hub id, a `save_to_disk` directory, or parquet files.
 
 `open_source` returns the `Samples` of one split, which also carry what the source says of its labels
@@ -33,13 +33,14 @@ from segformer.bands import read_bands
 from segformer.errors import DataError
 from segformer.images import decode, displayed_size
 
-from . import layouts
+from .folders import FolderLayout, detect_folder_layout, refine
+from .manifest import read_manifest
 from .mapping import ADE, IDENTITY
 from .spec import SourceLabels
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import SIZE as SYNTHETIC_SIZE
 from .synthetic import SyntheticScenes
-from .tools import open_annotation
+from .labelling import open_annotation
 
 # The hub's scene_parse_150 is a loading script, which datasets >= 4 no longer runs; the hub's
 # automatic parquet export of it (revision refs/convert/parquet, config "scene_parsing") is read instead.
@@ -127,7 +128,7 @@ class FilePairs:
         return str(self.pairs[i][0])
 
     def __getitem__(self, i):
-        image, annotation = self.pairs[i]  # files; or, from labelling tools, a Drawn annotation (data/tools.py)
+        image, annotation = self.pairs[i]  # files; or, from labelling tools, a Drawn annotation (data/labelling.py)
         data = _read(image)
         pixels = read_bands(data, str(image)) if self.raw else decode(data, str(image))
         return pixels, open_annotation(annotation), str(image)
@@ -221,7 +222,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     path = Path(source)
     labels, unpaired = None, []  # what the source says of its labels
     manifest = Path(dataset_config) if dataset_config else None
-    if path.is_dir() and (layout := layouts.detect(path, manifest)):
+    if path.is_dir() and (layout := detect_folder_layout(path, manifest)):
         pairs, unpaired, single = layout.split(name, path)
         if unpaired and strict:
             raise DataError(f"{len(unpaired)} unpaired files (an image without annotation or the reverse): "
@@ -264,10 +265,10 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
 
 
 def _manifest_labels(path: Path, source: str, description: str) -> SourceLabels:
-    manifest = layouts.read_manifest(path)
+    manifest = read_manifest(path)
     if manifest.get("splits"):
         raise DataError(f"{path}: key 'splits' describes folders; this source is not one")
-    refined = layouts.refine(layouts.Layout(description, {}, mapping=IDENTITY, known=False), manifest, path)
+    refined = refine(FolderLayout(description, {}, mapping=IDENTITY, known=False), manifest, path)
     if refined.bands is not None:
         raise DataError(f"{path}: key 'bands' applies to image files in folders; this source is not one")
     return SourceLabels(source, refined.name, class_names=refined.class_names, palette=refined.palette,

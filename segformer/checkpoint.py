@@ -1,84 +1,25 @@
-"""Files: finding a checkpoint (file, directory or hub repo id), what it says of itself (`describe`, the
-one reader every script asks), reading its tensors, and writing files atomically so that an interrupted
-save never leaves a half-written file behind."""
+"""Checkpoints: finding one (a file, a directory or a hub repo id), what it says of itself (`describe`, the
+one reader every script asks), and reading its tensors. Writing them: `segformer/files.py`."""
 
-import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from . import layouts
+from . import weight_layouts
 from .bands import Bands
 from .calibration import read_temperature
 from .config import SegFormerConfig
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError
+from .files import read_json_object, write_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SIDE_FILES = ("preprocessor_config.json", "palette.json")  # beside the weights, where a checkpoint has them
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename tmp_path over `path` (atomic on POSIX and Windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def writable_folder(path: str | Path, flag: str = "--out") -> Path:
-    """`path` as a folder that exists and takes files, created if need be; otherwise a ConfigError naming
-    the flag and why (a file is there, no permission, a read-only or full disk)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path}: a file is there; expected a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
-    return path
-
-
-def _write_all(path: str | Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def write_bytes(data: bytes, path: str | Path) -> None:
-    """Atomic and fsynced. Every file of a checkpoint is serialised in memory and written here, by
-    Python, so that a full disk is always an OSError (ENOSPC): safetensors' own writer reports it as a
-    SafetensorError, and torch.save as a RuntimeError from its zip writer."""
-    atomic_write(path, lambda tmp: _write_all(tmp, data))
-
-
-def write_json(obj, path: str | Path) -> None:
-    write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
-
-
-def write_safetensors(state_dict: dict, path: str | Path) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    write_bytes(save(tensors, metadata={"format": "pt"}), path)
-
-
-def write_torch(obj, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes(buffer.getvalue(), path)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -192,17 +133,6 @@ def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels
     }, Path(directory) / "preprocessor_config.json")
 
 
-def read_json_object(path: Path, *, error: type[UserError] = CheckpointError) -> dict:
-    """A JSON file that must hold an object; anything else is an `error` naming the file."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_model_config(path: str | Path) -> SegFormerConfig:
     """A model's settings from a JSON file: transformers' config.json (what `save_pretrained` writes), or an
     object of SegFormerConfig's fields, e.g. {"depths": [1, 1, 1, 1], "attention": "linear"}, on top of B0's.
@@ -268,9 +198,9 @@ def describe(source: str | Path) -> CheckpointFacts:
         config = SegFormerConfig.from_hf_dict(hf, source=str(config_file))
     else:  # the settings are in the shapes: converted on the meta device, no memory taken
         meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
-        config = layouts.infer_config(layouts.to_native(meta, source=str(weights))[0])
+        config = weight_layouts.infer_config(weight_layouts.to_native(meta, source=str(weights))[0])
     return CheckpointFacts(source=str(source), weights=weights, config=config, config_file=config_file,
-                           head_labels=layouts.classifier_rows(shapes), **read_side_files(weights.parent))
+                           head_labels=weight_layouts.classifier_rows(shapes), **read_side_files(weights.parent))
 
 
 def read_side_files(folder: Path) -> dict:

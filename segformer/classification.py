@@ -8,7 +8,7 @@ NVlabs pre-trained MiT on ImageNet-1k as a classifier before any segmentation (p
 Saved in that layout (`segformer.encoder.*` + `classifier.*`, config.json's architecture
 SegformerForImageClassification), so transformers loads it, and `SegFormer.from_pretrained` reads it as an
 encoder to fine-tune (its classifier left aside, said in one line). A model with other parts
-(segformer/components.py) is saved in our own layout, its parts named in config.json, as `SegFormer` does.
+(segformer/parts.py) is saved in our own layout, its parts named in config.json, as `SegFormer` does.
 """
 
 from dataclasses import replace
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, components, layouts
+from . import checkpoint, weight_layouts
+from .files import write_json, write_safetensors
+from .parts import build_encoder, resolve_all
 from .config import PARTS, SegFormerConfig
 from .errors import CheckpointError
 from .model import _init_weights
@@ -32,7 +34,7 @@ class ImageClassifier(nn.Module):
     def __init__(self, config: SegFormerConfig):
         super().__init__()
         self.config = config
-        self.encoder = components.build_encoder(config)
+        self.encoder = build_encoder(config)
         self.classifier = nn.Linear(self.encoder.channels[-1], config.num_labels)
         self.apply(_init_weights)
 
@@ -57,13 +59,13 @@ class ImageClassifier(nn.Module):
         if asked.parts != facts.config.parts:
             raise CheckpointError(f"{source} holds {facts.config.describe()}, not {asked.describe()}: a checkpoint "
                                   f"loads into the model it was trained as")
-        components.resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))
+        resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))
         state_dict = checkpoint.read_state_dict(facts.weights)
         head = {key: value for key, value in state_dict.items() if key.startswith(HEAD)}
         if not head:
             raise CheckpointError(f"{facts.weights}: no image-classification head ({HEAD}weight); it holds "
                                   f"{'a segmentation model' if facts.head_labels else 'an encoder only'}")
-        encoder, _ = layouts.to_native({k: v for k, v in state_dict.items() if not k.startswith(HEAD)},
+        encoder, _ = weight_layouts.to_native({k: v for k, v in state_dict.items() if not k.startswith(HEAD)},
                                        source=str(facts.weights))
         config = replace(facts.config, num_labels=head[HEAD + "weight"].shape[0], **overrides)
         if len(config.id2label) not in (0, config.num_labels):
@@ -79,10 +81,10 @@ class ImageClassifier(nn.Module):
         unexpected = [k for k in state_dict if k not in own]
         mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                       for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-        problems = [f"{len(keys)} {what}: {layouts.shorten(keys)}" for what, keys in
+        problems = [f"{len(keys)} {what}: {weight_layouts.shorten(keys)}" for what, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if keys]
         if problems:
-            raise layouts.LayoutError(f"{source} does not fit the classifier {self.config.describe()}: "
+            raise weight_layouts.WeightLayoutError(f"{source} does not fit the classifier {self.config.describe()}: "
                                       + "; ".join(problems))
         self.load_state_dict(state_dict)
 
@@ -94,6 +96,6 @@ class ImageClassifier(nn.Module):
         state = self.state_dict()
         encoder = {k: v for k, v in state.items() if not k.startswith(HEAD)}
         head = {k: v for k, v in state.items() if k.startswith(HEAD)}
-        weights = encoder if self.config.parts else layouts.native_to_hf(encoder)
-        checkpoint.write_safetensors({**weights, **head}, directory / "model.safetensors")
-        checkpoint.write_json(self.config.to_hf_dict(architecture=ARCHITECTURE), directory / "config.json")
+        weights = encoder if self.config.parts else weight_layouts.native_to_hf(encoder)
+        write_safetensors({**weights, **head}, directory / "model.safetensors")
+        write_json(self.config.to_hf_dict(architecture=ARCHITECTURE), directory / "config.json")

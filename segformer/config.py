@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from .errors import CheckpointError
 from .labels import default_name, is_default_names
 
-# The parts a model is built from and SegFormer's own (segformer/components.py has the alternatives).
+# The parts a model is built from and SegFormer's own (segformer/parts.py has the alternatives).
 PARTS = {"encoder": "mit", "attention": "efficient", "mlp": "mix_ffn", "norm": "layer_norm", "activation": "gelu",
          "decoder": "all_mlp"}
 
@@ -46,7 +46,7 @@ class SegFormerConfig:
     classifier_dropout: float = 0.1
     num_labels: int = 150
     id2label: dict[int, str] = field(default_factory=dict)  # empty: LABEL_<i> names
-    # The parts (segformer/components.py): a built-in name, or an import path "package.module:Class" of your
+    # The parts (segformer/parts.py): a built-in name, or an import path "package.module:Class" of your
     # own (a class passed here is stored as its import path). Recorded in config.json where not SegFormer's.
     encoder: str = "mit"  # the Mix Transformer, or yours: Encoder(config, *, attention, mlp, norm_layer, act_layer)
     attention: str = "efficient"  # segformer/attention.py: "efficient" (SegFormer's), "linear" (PVTv2), "full"

@@ -17,7 +17,7 @@ protocol: `MLP(hidden_size, *, mlp_ratio, dropout, act_layer)`, forward(x (B, N,
 `norm_layer` (`Norm(width)` over the last dimension) and `act_layer` (`Act()`). The defaults are SegFormer's,
 with the module names and numbers of every checkpoint.
 
-Names follow timm's `pvt_v2.py` (PVTv2 is MiT's sibling); `segformer/layouts.py` maps them to the
+Names follow timm's `pvt_v2.py` (PVTv2 is MiT's sibling); `segformer/weight_layouts.py` maps them to the
 transformers and NVlabs checkpoint layouts.
 """
 

@@ -7,11 +7,11 @@ bug, and keeps its traceback.
 
     UserError              exit 2: bad input
     ├── CheckpointError    a checkpoint, config.json or side file that cannot be read or written
-    │   └── LayoutError    (segformer.layouts) weights that do not fit the model or a known layout
+    │   └── WeightLayoutError (segformer.weight_layouts) weights that do not fit the model or a known layout
     ├── DataError          a sample, an annotation, a manifest key, a data source
     ├── ConfigError        a setting that cannot be honoured, or settings that contradict each other
     ├── HubError           (training.hub) the hub cannot be used as asked
-    ├── RunLocked          (training.checkpoints) exit 75: another run holds the folder; try again later
+    ├── RunLocked          (training.run_folder) exit 75: another run holds the folder; try again later
     └── Diverged           (training) exit 1: the loss or the weights stopped being finite
 """
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, components, layouts
+from . import checkpoint, weight_layouts
+from .files import write_json, write_safetensors
+from .parts import build_encoder, resolve_all
 from .bands import adapt_input_conv
 from .config import PARTS, SegFormerConfig
 from .errors import CheckpointError
@@ -22,13 +24,13 @@ logger = logging.getLogger(__name__)
 
 class SegFormer(nn.Module):
     """An encoder (the Mix Transformer, built from its parts) and a decoder, both named by the config: see
-    segformer/components.py for the parts, their protocols and the built-in alternatives."""
+    segformer/parts.py for the parts, their protocols and the built-in alternatives."""
 
     def __init__(self, config: SegFormerConfig):
         super().__init__()
         self.config = config
-        parts = components.resolve_all(config)
-        self.encoder = components.build_encoder(config, parts)
+        parts = resolve_all(config)
+        self.encoder = build_encoder(config, parts)
         self.decoder = parts["decoder"](config, self.encoder.channels)
         self.apply(_init_weights)
         if hasattr(self.decoder, "classifier"):
@@ -67,7 +69,7 @@ class SegFormer(nn.Module):
     def from_pretrained(cls, source: "str | Path | checkpoint.CheckpointFacts", num_labels: int | None = None,
                         id2label: dict[int, str] | None = None, *, trust_code: bool = False,
                         **overrides) -> "SegFormer":
-        """Load a checkpoint in any layout (see `layouts.py`) from a `.safetensors` or `.pth` file, a
+        """Load a checkpoint in any layout (see `weight_layouts.py`) from a `.safetensors` or `.pth` file, a
         directory holding `model.safetensors` (+ `config.json`), or a hub repo id (or what `describe`
         said of one, not to read it twice).
 
@@ -80,15 +82,15 @@ class SegFormer(nn.Module):
         fields (e.g. `drop_path_rate=0.0`; `in_channels=4` adapts 3-band weights to 4-band images, said),
         but not the parts: a checkpoint loads into the model it holds,
         whose parts its config.json names; code from outside this project is imported only with
-        `trust_code=True` (segformer/components.py)."""
+        `trust_code=True` (segformer/parts.py)."""
         facts = source if isinstance(source, checkpoint.CheckpointFacts) else checkpoint.describe(source)
         source = facts.source
         asked = replace(facts.config, **{part: name for part, name in overrides.items() if part in PARTS})
         if asked.parts != facts.config.parts:
             raise CheckpointError(f"{source} holds {facts.config.describe()}, not {asked.describe()}: a checkpoint "
                                   f"loads into the model it was trained as")
-        components.resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))
-        state_dict, dropped = layouts.to_native(checkpoint.read_state_dict(facts.weights), source=str(facts.weights))
+        resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))
+        state_dict, dropped = weight_layouts.to_native(checkpoint.read_state_dict(facts.weights), source=str(facts.weights))
         head, changes, notes = facts.head_labels, dict(overrides), []
         if id2label is not None:
             changes["id2label"] = {int(k): str(v) for k, v in id2label.items()}
@@ -123,7 +125,7 @@ class SegFormer(nn.Module):
         model = cls(replace(facts.config, **changes))
         model.load_native_state_dict(state_dict, source=str(facts.weights), missing_ok=missing_ok)
         if dropped:
-            notes.append(f"unused weights ignored: {layouts.shorten(dropped, 3)}")
+            notes.append(f"unused weights ignored: {weight_layouts.shorten(dropped, 3)}")
         if notes:
             logger.warning(f"SegFormer.from_pretrained({source}): " + "; ".join(notes))
         return model
@@ -147,9 +149,9 @@ class SegFormer(nn.Module):
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched),
                            ("integer where floats belong", integer), ("not finite (NaN or inf)", non_finite)):
             if keys:
-                problems.append(f"{len(keys)} {what}: {layouts.shorten(keys)}")
+                problems.append(f"{len(keys)} {what}: {weight_layouts.shorten(keys)}")
         if problems:
-            raise layouts.LayoutError(f"{source} does not fit the model {self.config.variant or 'custom'} "
+            raise weight_layouts.WeightLayoutError(f"{source} does not fit the model {self.config.variant or 'custom'} "
                                       f"(num_labels={self.config.num_labels}): " + "; ".join(problems))
         self.load_state_dict(state_dict, strict=False)
 
@@ -161,9 +163,9 @@ class SegFormer(nn.Module):
         with other parts in our own layout, with the parts named in config.json (transformers cannot build
         them)."""
         directory = Path(directory)
-        state_dict = self.state_dict() if self.config.parts else layouts.native_to_hf(self.state_dict())
-        checkpoint.write_safetensors(state_dict, directory / "model.safetensors")
-        checkpoint.write_json(self.config.to_hf_dict(), directory / "config.json")
+        state_dict = self.state_dict() if self.config.parts else weight_layouts.native_to_hf(self.state_dict())
+        write_safetensors(state_dict, directory / "model.safetensors")
+        write_json(self.config.to_hf_dict(), directory / "config.json")
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -85,7 +85,7 @@ def pyplot():
 
 def save_figure(plt, figure, path: Path, dpi: int = 100) -> None:
     """Lay out, write atomically (a run killed mid-write leaves the previous PNG, never half of one), close."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     plt.close(figure)

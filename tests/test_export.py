@@ -13,7 +13,8 @@ import export
 import infer
 from helpers import random_image, randomize_
 from segformer import SegFormer
-from segformer.checkpoint import write_json, write_preprocessor_config
+from segformer.checkpoint import write_preprocessor_config
+from segformer.files import write_json
 from segformer.inference import Predictor
 from segformer.errors import CheckpointError
 from segformer.onnx import onnx_session

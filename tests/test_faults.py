@@ -18,10 +18,10 @@ import train
 from data import DataError, build_dataset, build_loader, open_source
 from helpers import random_image, read_log, run_training, write_ade_folder, write_flat_folder
 from segformer import SegFormer
-from segformer.layouts import LayoutError
-from training import checkpoints
+from segformer.weight_layouts import WeightLayoutError
+from training import run_folder
 from segformer.errors import CheckpointError, ConfigError
-from training.checkpoints import RunLock, RunLocked
+from training.run_folder import RunLock, RunLocked
 
 # 8 synthetic images of 32x32, one step of 2: runs of a second or two.
 QUICK = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "2",
@@ -194,24 +194,24 @@ def make_dir(path, text):
 def test_best_is_complete_at_every_instant(tmp_path, monkeypatch, kill):
     best = make_dir(tmp_path / "best", "old")
     new = make_dir(tmp_path / ".best.x.tmp", "new")
-    exchange = checkpoints._exchange
+    exchange = run_folder._exchange
 
     def killed_exchange(a, b):
         if kill == "after the swap":
             exchange(a, b)
         raise KeyboardInterrupt  # the process dies here
-    monkeypatch.setattr(checkpoints, "_exchange", killed_exchange)
+    monkeypatch.setattr(run_folder, "_exchange", killed_exchange)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.replace_dir(new, best)
+        run_folder.replace_dir(new, best)
     assert (best / "model.safetensors").read_text() == ("new" if kill == "after the swap" else "old")
-    checkpoints.clean_up_after_a_kill(tmp_path)  # the next run: leftovers go, best stays
+    run_folder.clean_up_after_a_kill(tmp_path)  # the next run: leftovers go, best stays
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
 def test_without_an_atomic_swap_the_next_run_puts_best_back(tmp_path, monkeypatch):
     best = make_dir(tmp_path / "best", "old")
     new = make_dir(tmp_path / ".best.x.tmp", "new")
-    monkeypatch.setattr(checkpoints, "_exchange", lambda a, b: False)  # a file system that cannot swap
+    monkeypatch.setattr(run_folder, "_exchange", lambda a, b: False)  # a file system that cannot swap
     rename = type(best).rename
 
     def killed_second_rename(self, target):
@@ -220,19 +220,19 @@ def test_without_an_atomic_swap_the_next_run_puts_best_back(tmp_path, monkeypatc
         return rename(self, target)
     monkeypatch.setattr(type(best), "rename", killed_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.replace_dir(new, best)
+        run_folder.replace_dir(new, best)
     monkeypatch.undo()
     assert not best.exists()
-    assert checkpoints.clean_up_after_a_kill(tmp_path)[0].startswith(f"restored {best}")
+    assert run_folder.clean_up_after_a_kill(tmp_path)[0].startswith(f"restored {best}")
     assert (best / "model.safetensors").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
 def test_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     events = []
-    fsync, replace = os.fsync, checkpoints.replace_dir
+    fsync, replace = os.fsync, run_folder.replace_dir
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                  fsync(fd))[1])
-    monkeypatch.setattr(checkpoints, "replace_dir", lambda new, target: (events.append(("rename", str(target))),
+    monkeypatch.setattr(run_folder, "replace_dir", lambda new, target: (events.append(("rename", str(target))),
                                                                           replace(new, target))[1])
     quick(tmp_path / "run", "--max-steps", "1", "--save-every", "100")
     renamed = events.index(("rename", str(tmp_path / "run" / "checkpoint-1")))
@@ -264,15 +264,15 @@ def test_sigterm_saves_after_the_step_and_exits_143(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import segformer.checkpoint
-    write_all = segformer.checkpoint._write_all
+    import segformer.files
+    write_all = segformer.files._write_all
 
     def full_on_second_checkpoint(path, data):  # every checkpoint file goes through this one write
         if ".checkpoint-2." in str(path) and "training_state" in str(path):
             write_all(path, data[:1000])
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_all(path, data)
-    monkeypatch.setattr(segformer.checkpoint, "_write_all", full_on_second_checkpoint)
+    monkeypatch.setattr(segformer.files, "_write_all", full_on_second_checkpoint)
     with pytest.raises(CheckpointError, match=r"no space left on the device while writing .*/checkpoint-2/"
                                               r"training_state\.pt; the previous checkpoint "
                                               r".*checkpoint-1 is intact$"):
@@ -415,13 +415,13 @@ def test_weights_num_batches_tracked_may_be_missing_but_not_integers_or_nans(hf_
     SegFormer.from_pretrained(tmp_path / "converted.safetensors")  # as PyTorch's load_state_dict accepts it
     ints = dict(weights, **{"decode_head.linear_fuse.weight": weights["decode_head.linear_fuse.weight"].long()})
     save_file(ints, tmp_path / "ints.safetensors")
-    with pytest.raises(LayoutError, match=r"integer where floats belong: decoder\.fuse\.weight \(torch\.int64\)"):
+    with pytest.raises(WeightLayoutError, match=r"integer where floats belong: decoder\.fuse\.weight \(torch\.int64\)"):
         SegFormer.from_pretrained(tmp_path / "ints.safetensors")
     nans = dict(weights)
     nans["segformer.encoder.block.1.0.mlp.dense1.bias"] = torch.full_like(nans["segformer.encoder.block.1.0.mlp."
                                                                                 "dense1.bias"], float("nan"))
     save_file(nans, tmp_path / "nans.safetensors")
-    with pytest.raises(LayoutError, match=r"not finite \(NaN or inf\): encoder\.stages\.1\.blocks\.0\.ffn\.fc1\.bias"):
+    with pytest.raises(WeightLayoutError, match=r"not finite \(NaN or inf\): encoder\.stages\.1\.blocks\.0\.ffn\.fc1\.bias"):
         SegFormer.from_pretrained(tmp_path / "nans.safetensors")
 
 

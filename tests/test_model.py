@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from segformer import SegFormer, SegFormerConfig
 from segformer.errors import CheckpointError
-from segformer.layouts import LayoutError
+from segformer.weight_layouts import WeightLayoutError
 
 from helpers import randomize_
 
@@ -166,24 +166,24 @@ def test_missing_unexpected_and_misshaped_keys_are_named(hf_b0_dir, tmp_path):
     weights = _saved(hf_b0_dir)
     del weights["segformer.encoder.block.1.0.mlp.dense1.bias"]
     save_file(weights, tmp_path / "missing.safetensors")
-    with pytest.raises(LayoutError, match=r"1 missing: encoder\.stages\.1\.blocks\.0\.ffn\.fc1\.bias"):
+    with pytest.raises(WeightLayoutError, match=r"1 missing: encoder\.stages\.1\.blocks\.0\.ffn\.fc1\.bias"):
         SegFormer.from_pretrained(tmp_path / "missing.safetensors")
 
     weights = _saved(hf_b0_dir)
     weights["segformer.encoder.block.0.0.attention.self.query.weight"] = torch.zeros(32, 16)
     save_file(weights, tmp_path / "shape.safetensors")
     expected = r"encoder\.stages\.0\.blocks\.0\.attn\.q\.weight: checkpoint \(32, 16\) vs model \(32, 32\)"
-    with pytest.raises(LayoutError, match=expected):
+    with pytest.raises(WeightLayoutError, match=expected):
         SegFormer.from_pretrained(tmp_path / "shape.safetensors")
 
     weights = _saved(hf_b0_dir)
     weights["segformer.encoder.block.0.0.attention.self.extra.weight"] = torch.zeros(1)
     save_file(weights, tmp_path / "extra.safetensors")
-    with pytest.raises(LayoutError, match=r"block\.0\.0\.attention\.self\.extra\.weight"):
+    with pytest.raises(WeightLayoutError, match=r"block\.0\.0\.attention\.self\.extra\.weight"):
         SegFormer.from_pretrained(tmp_path / "extra.safetensors")
 
     save_file({"bert.embeddings.weight": torch.zeros(1)}, tmp_path / "bert.safetensors")
-    with pytest.raises(LayoutError, match=r"bert\.safetensors: not a SegFormer checkpoint.*bert\.embeddings\.weight"):
+    with pytest.raises(WeightLayoutError, match=r"bert\.safetensors: not a SegFormer checkpoint.*bert\.embeddings\.weight"):
         SegFormer.from_pretrained(tmp_path / "bert.safetensors")
 
 
@@ -209,7 +209,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     model = SegFormer.from_variant("b0", num_labels=2)
     model.save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
-    import segformer.checkpoint as checkpoint
+    import segformer.files as checkpoint
 
     def failing_write(path, data):
         open(path, "wb").write(data[:10])
@@ -245,5 +245,5 @@ def test_a_full_checkpoint_without_its_classifier_is_an_error(hf_b0_dir, tmp_pat
     weights = _saved(hf_b0_dir)
     del weights["decode_head.classifier.weight"], weights["decode_head.classifier.bias"]
     save_file(weights, tmp_path / "headless.safetensors")
-    with pytest.raises(LayoutError, match=r"2 missing: decoder\.classifier\.weight, decoder\.classifier\.bias"):
+    with pytest.raises(WeightLayoutError, match=r"2 missing: decoder\.classifier\.weight, decoder\.classifier\.bias"):
         SegFormer.from_pretrained(tmp_path / "headless.safetensors", num_labels=150)

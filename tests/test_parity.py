@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from segformer import SegFormer, segmentation_loss
 from segformer.config import VARIANTS
-from segformer.layouts import native_to_hf
+from segformer.weight_layouts import native_to_hf
 
 from helpers import hf_config, hf_segmentation_model, randomize_
 
@@ -59,7 +59,7 @@ def test_classification_layout_loads_encoder_and_says_so(tmp_path, caplog):
 
 def hf_to_nvlabs_by_hand(state_dict):
     """The documented renaming (mmseg's mix_transformer.py and segformer_head.py names), written
-    independently of segformer/layouts.py: 1-based stages, k and v merged into one `kv`."""
+    independently of segformer/weight_layouts.py: 1-based stages, k and v merged into one `kv`."""
     out = {}
     for key, value in state_dict.items():
         parts = key.split(".")
@@ -219,7 +219,7 @@ def test_smp_weights_load_with_smp_logits_and_convert_back(tmp_path, capsys):
 
 def mit2mmseg_by_hand(backbone: dict) -> dict:
     """mmsegmentation's tools/model_converters/mit2mmseg.py, written out independently of
-    segformer/layouts.py: an NVlabs ImageNet MiT (patch_embed1..., block1..., norm1..., head) -> mmseg 1.x."""
+    segformer/weight_layouts.py: an NVlabs ImageNet MiT (patch_embed1..., block1..., norm1..., head) -> mmseg 1.x."""
     out = {}
     for key, value in backbone.items():
         if key.startswith("head"):

@@ -14,7 +14,7 @@ import export
 import infer
 import train
 from data import SourceLabels, decide_labels
-from data.layouts import MMSEG_DEFAULT
+from data.folders import MMSEG_DEFAULT
 from data.mapping import ADE, IDENTITY
 from helpers import random_image, run_training, write_ade_folder
 from segformer import SegFormer
@@ -86,7 +86,8 @@ def test_the_checkpoint_being_evaluated_names_the_classes_and_its_convention(tmp
     model = SegFormer.from_variant("b0", num_labels=3, id2label={0: "sea", 1: "boat", 2: "rock"},
                                    depths=(1, 1, 1, 1))
     model.save_pretrained(tmp_path / "ckpt")
-    from segformer.checkpoint import write_json, write_preprocessor_config
+    from segformer.checkpoint import write_preprocessor_config
+    from segformer.files import write_json
     write_preprocessor_config(tmp_path / "ckpt", size=48, reduce_labels=False)
     write_json([[1, 2, 3], [4, 5, 6], [7, 8, 9]], tmp_path / "ckpt" / "palette.json")
     facts = describe(tmp_path / "ckpt")

@@ -1,5 +1,5 @@
 """Labelling tools' exports (COCO, LabelMe, CVAT masks) read as data sets: the same small data set in each
-format gives identical label tensors, the rules of data/tools.py hold, and bad files get one line."""
+format gives identical label tensors, the rules of data/labelling.py hold, and bad files get one line."""
 
 import base64
 import io
@@ -241,7 +241,7 @@ def scene_labels(count=4):
 
 
 def redraw_labelme(document, class_names):
-    from data.tools import polygon_mask
+    from data.labelling import polygon_mask
     height, width = document["imageHeight"], document["imageWidth"]
     out = np.full((height, width), 255, np.uint8)
     for shape in document["shapes"]:
@@ -250,7 +250,7 @@ def redraw_labelme(document, class_names):
 
 
 def test_label_maps_go_out_as_coco_rle_exactly_and_as_labelme_polygons_within_tolerance():
-    from data.tools import coco_annotations, labelme_document
+    from data.labelling import coco_annotations, labelme_document
     names = [str(k) for k in range(8)]
     agreement = []
     for label in scene_labels():

@@ -47,7 +47,7 @@ class Settings:
             check_value(f, hints[f.name], value, where=f"setting {f.name!r}")
 
     def save(self, path: str | Path) -> None:
-        from segformer.checkpoint import write_json
+        from segformer.files import write_json
         write_json(asdict(self), path)
 
     @classmethod

@@ -13,7 +13,8 @@ from data import build_dataset, decide_labels
 from data.corruptions import SEVERITIES, Corruption, parse_corruptions
 from segformer import SegFormer
 from segformer.calibration import CALIBRATION_FILE, TEMPERATURES
-from segformer.checkpoint import describe, write_json
+from segformer.checkpoint import describe
+from segformer.files import write_json
 from segformer.device import autocast, resolve_amp
 from training.config import Command, ConfigError, TrainConfig
 from training.data import build_eval_loader, open_split

@@ -13,7 +13,7 @@ fails later is reported and training goes on (the files are on disk, and the com
 import math
 from pathlib import Path
 
-from segformer.components import is_own_code
+from segformer.parts import is_own_code
 from segformer.errors import UserError
 
 PROJECT = "segformer-pytorch-pure"
@@ -45,7 +45,7 @@ def eval_results(dataset: str, split: str, metrics: dict, names=CARD_METRICS) ->
 def model_card(config, class_names: list[str], metrics: dict, *, step: int, variant: str | None,
                dataset_name: str | None = None, parts: dict | None = None) -> str:
     """The README.md of a checkpoint: front matter for the hub, then the results and how to use it. `parts`:
-    the model's parts that are not SegFormer's (segformer/components.py), which transformers cannot build."""
+    the model's parts that are not SegFormer's (segformer/parts.py), which transformers cannot build."""
     from huggingface_hub import ModelCardData
     title = f"SegFormer-{variant.upper()}" if variant else "SegFormer"
     dataset = dataset_name or config.data

@@ -18,7 +18,7 @@ import torch.nn as nn
 from data import IGNORE_INDEX, DataError
 from segformer.errors import ConfigError, UserError
 
-from .checkpoints import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
+from .run_folder import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
 from .distributed import any_process, gather_rng_states, set_rng_states
 from .report import open_log
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segformer.checkpoint import atomic_write
+from segformer.files import atomic_write
 from segformer.errors import CheckpointError, UserError
 from segformer.visual import blend, pyplot, save_figure
 

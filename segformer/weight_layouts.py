@@ -20,11 +20,13 @@ These layouts hold SegFormer weights in the wild:
   `segmentation_head.0`): the all-MLP decoder, the same numbers; smp upsamples the logits x4 itself.
 * ``native``: our own module names (`encoder.stages.0.blocks.0.attn.q.weight`, `decoder.fuse.weight`).
 
-Every converter raises `LayoutError` naming any key it cannot place; keys that are dropped on purpose
+Every converter raises `WeightLayoutError` naming any key it cannot place; keys that are dropped on purpose
 (ImageNet heads, `conv_seg`) are returned by name so the caller can say so.
 """
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,7 +38,7 @@ CLASSIFIER_KEYS = ("decoder.classifier.weight", "decode_head.classifier.weight",
                    "segmentation_head.0.weight")  # mmseg 1.x's conv_seg: see classifier_rows
 
 
-class LayoutError(CheckpointError):
+class WeightLayoutError(CheckpointError):
     """Weights that fit no known layout, or do not fit the model: every key at fault is named."""
 
 
@@ -133,7 +135,7 @@ def _compile(template: str) -> re.Pattern:
 
 def _rename(state_dict: dict, rules: list[tuple[str, str]], *, stage_offset: int, layout: str) -> dict:
     """Rename every key by the first rule whose source prefix matches it; stage indices shift by
-    `stage_offset` (target = source + offset). Raises LayoutError listing the keys no rule matches."""
+    `stage_offset` (target = source + offset). Raises WeightLayoutError listing the keys no rule matches."""
     compiled = [(_compile(src), dst) for src, dst in rules]
     out, unmatched = {}, []
     for key, value in state_dict.items():
@@ -147,7 +149,7 @@ def _rename(state_dict: dict, rules: list[tuple[str, str]], *, stage_offset: int
         else:
             unmatched.append(key)
     if unmatched:
-        raise LayoutError(f"{len(unmatched)} keys do not belong to the {layout} SegFormer layout: {shorten(unmatched)}")
+        raise WeightLayoutError(f"{len(unmatched)} keys do not belong to the {layout} SegFormer layout: {shorten(unmatched)}")
     return out
 
 
@@ -211,7 +213,7 @@ def native_to_mmseg(state_dict: dict) -> dict:
     """Ours -> mmsegmentation 1.x: the encoder as `backbone.layers.*`, the decoder if it is mmseg's own
     SegformerHead (`decoder="mmseg"`); the all-MLP decoder has no place in that layout."""
     if any(k.startswith(("decoder.proj.", "decoder.fuse.")) for k in state_dict):
-        raise LayoutError("mmsegmentation 1.x's SegformerHead has a BatchNorm and ReLU on every level: the all-MLP "
+        raise WeightLayoutError("mmsegmentation 1.x's SegformerHead has a BatchNorm and ReLU on every level: the all-MLP "
                           "decoder's weights do not fit it; build the model with decoder='mmseg', or convert the "
                           "encoder alone")
     renamed = _rename(state_dict, _swap(_MMSEG_RULES), stage_offset=0, layout="native")
@@ -249,7 +251,7 @@ def smp_to_native(state_dict: dict) -> tuple[dict, list[str]]:
 def native_to_smp(state_dict: dict) -> dict:
     """Ours (the all-MLP decoder) -> segmentation_models_pytorch's Segformer."""
     if any(k.startswith("decoder.convs.") for k in state_dict):
-        raise LayoutError("segmentation_models_pytorch's Segformer has the all-MLP decoder: mmseg's head "
+        raise WeightLayoutError("segmentation_models_pytorch's Segformer has the all-MLP decoder: mmseg's head "
                           "(decoder='mmseg') does not fit it")
     encoder = {k: v for k, v in state_dict.items() if k.startswith("encoder.")}
     nvlabs = _rename(encoder, _swap(_NVLABS_RULES), stage_offset=1, layout="native")
@@ -269,41 +271,52 @@ def native_to_smp(state_dict: dict) -> dict:
     return out
 
 
-LAYOUTS = {"hf": "Hugging Face", "nvlabs": "NVlabs", "mmseg": "mmsegmentation 1.x",
-           "smp": "segmentation_models_pytorch", "native": "native"}
+def native_to_native(state_dict: dict) -> tuple[dict, list[str]]:
+    """Ours -> ours. Returns (the weights, dropped keys): an image classifier's `classifier.*` head (ours)."""
+    dropped = [k for k in state_dict if k.startswith("classifier.")]
+    return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
 
 
-def detect_layout(state_dict: dict, *, source: str) -> str:
+@dataclass(frozen=True)
+class WeightLayout:
+    """A row of the table below: how to recognise a layout's keys and convert them both ways."""
+    name: str  # said in messages
+    marks: tuple[str, ...]  # a key starting with one of these is in this layout
+    example: str  # a key of it, for the message that no layout fits
+    to_native: Callable[[dict], tuple[dict, list[str]]]  # -> (converted, keys dropped on purpose)
+    from_native: Callable[[dict], dict] | None = None  # convert.py --to: ours -> this layout
+
+
+# Detection tries the rows in this order and takes the first whose marks a key has. Ours comes first: its
+# `encoder.stages.` would never be mistaken for another's; smp's `encoder.patch_embed1.` is checked after
+# NVlabs', whose ImageNet backbones start with `patch_embed1.` too. A layout is one row + its two functions.
+WEIGHT_LAYOUTS = {
+    "native": WeightLayout("native", ("encoder.stages.",), "encoder.stages.0...", native_to_native),
+    "hf": WeightLayout("Hugging Face", ("segformer.encoder.",), "segformer.encoder.block.0.0...", hf_to_native,
+                       native_to_hf),
+    "nvlabs": WeightLayout("NVlabs", ("backbone.patch_embed1.", "patch_embed1."), "backbone.block1.0...",
+                           nvlabs_to_native),
+    "mmseg": WeightLayout("mmsegmentation 1.x", ("backbone.layers.0.0.projection.", "layers.0.0.projection."),
+                          "backbone.layers.0.1.0...", mmseg_to_native, native_to_mmseg),
+    "smp": WeightLayout("segmentation_models_pytorch", ("encoder.patch_embed1.",), "encoder.block1.0...",
+                        smp_to_native, native_to_smp),
+}
+
+
+def detect_weight_layout(state_dict: dict, *, source: str) -> str:
+    """The key of the first row of WEIGHT_LAYOUTS whose marks a key of `state_dict` has."""
     keys = list(state_dict)
-    if any(k.startswith("encoder.stages.") for k in keys):
-        return "native"
-    if any(k.startswith("segformer.encoder.") for k in keys):
-        return "hf"
-    if any(k.startswith(("backbone.patch_embed1.", "patch_embed1.")) for k in keys):
-        return "nvlabs"
-    if any(k.startswith(("backbone.layers.0.0.projection.", "layers.0.0.projection.")) for k in keys):
-        return "mmseg"
-    if any(k.startswith("encoder.patch_embed1.") for k in keys):
-        return "smp"
-    raise LayoutError(f"{source}: not a SegFormer checkpoint; expected keys like 'segformer.encoder.block.0.0...' "
-                      f"(Hugging Face), 'backbone.block1.0...' (NVlabs), 'backbone.layers.0.1.0...' (mmsegmentation "
-                      f"1.x), 'encoder.block1.0...' (segmentation_models_pytorch) or 'encoder.stages.0...', got "
-                      f"{shorten(keys)}")
+    for key, layout in WEIGHT_LAYOUTS.items():
+        if any(k.startswith(layout.marks) for k in keys):
+            return key
+    expected = [f"'{layout.example}' ({layout.name})" for layout in WEIGHT_LAYOUTS.values()]
+    raise WeightLayoutError(f"{source}: not a SegFormer checkpoint; expected keys like {', '.join(expected[:-1])} or "
+                            f"{expected[-1]}, got {shorten(keys)}")
 
 
 def to_native(state_dict: dict, *, source: str) -> tuple[dict, list[str]]:
     """Any layout -> ours. Returns (converted, keys dropped on purpose: image-classification heads)."""
-    layout = detect_layout(state_dict, source=source)
-    if layout == "hf":
-        return hf_to_native(state_dict)
-    if layout == "nvlabs":
-        return nvlabs_to_native(state_dict)
-    if layout == "mmseg":
-        return mmseg_to_native(state_dict)
-    if layout == "smp":
-        return smp_to_native(state_dict)
-    dropped = [k for k in state_dict if k.startswith("classifier.")]  # an image classifier's head (ours)
-    return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
+    return WEIGHT_LAYOUTS[detect_weight_layout(state_dict, source=source)].to_native(state_dict)
 
 
 def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
@@ -331,7 +344,7 @@ def infer_config(state_dict: dict, **overrides) -> SegFormerConfig:
         mlp_ratios.append(shape(f"encoder.stages.{s}.blocks.0.ffn.fc1.weight")[0] // C)
         s += 1
     if not hidden_sizes:
-        raise LayoutError("cannot infer the model settings: no 'encoder.stages.0.patch_embed.proj.weight'")
+        raise WeightLayoutError("cannot infer the model settings: no 'encoder.stages.0.patch_embed.proj.weight'")
     settings = dict(hidden_sizes=tuple(hidden_sizes), depths=tuple(depths), patch_sizes=tuple(patch_sizes),
                     sr_ratios=tuple(sr_ratios), mlp_ratios=tuple(mlp_ratios), in_channels=in_channels)
     if "decoder.proj.0.weight" in state_dict:

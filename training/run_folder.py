@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from segformer.checkpoint import atomic_write, write_json, write_preprocessor_config, write_torch
+from segformer.checkpoint import write_preprocessor_config
+from segformer.files import atomic_write, write_json, write_torch
 from segformer.errors import CheckpointError, ConfigError, UserError
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")

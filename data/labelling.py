@@ -1,5 +1,5 @@
 """Annotations as labelling tools export them, drawn into label maps: COCO JSON (CVAT, Label Studio,
-Roboflow and COCO itself), LabelMe JSON, and CVAT's "Segmentation mask 1.1" (data/layouts.py finds them).
+Roboflow and COCO itself), LabelMe JSON, and CVAT's "Segmentation mask 1.1" (data/folders.py finds them).
 
 The rules, the same in training, evaluation and the dataset doctor:
 
@@ -18,7 +18,7 @@ The rules, the same in training, evaluation and the dataset doctor:
   Rectangles and circles become the polygons labelme2coco makes of them, so that a LabelMe folder and its
   COCO conversion give identical label maps; lines and points cover no pixel and are left out.
 * CVAT "Segmentation mask 1.1": Pascal VOC's folders with colour masks and `labelmap.txt` (name:r,g,b per
-  line), decoded exactly by those colours (data/layouts.py).
+  line), decoded exactly by those colours (data/folders.py).
 
 Every problem names the file and the annotation: a polygon outside its image, an unknown category, an
 image the JSON names but the folder lacks, a shape LabelMe does not define.
@@ -366,7 +366,7 @@ def coco_annotations(label_map: np.ndarray, image_id: int, first_id: int) -> lis
 def labelme_document(label_map: np.ndarray, image_path: str, class_names, *, tolerance: float = 0.0) -> dict:
     """A LabelMe file of a label map: each connected region's outline as a polygon (scikit-image's marching
     squares, simplified by Douglas-Peucker within `tolerance` pixels), the largest outline first, so that a
-    region inside another one's outline, drawn later, stays itself when LabelMe (or data/tools.py) paints
+    region inside another one's outline, drawn later, stays itself when LabelMe (or data/labelling.py) paints
     them in order: the holes of a region are the regions drawn over it."""
     try:
         from skimage.measure import approximate_polygon, find_contours, label as components

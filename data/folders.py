@@ -10,12 +10,12 @@
   Found at the root, or below it in `VOC2012/` or `VOCdevkit/VOC2012/`.
 * mmsegmentation's custom layout: `img_dir/{train,val}/` + `ann_dir/{train,val}/`; the stored values are
   class ids unless told otherwise, as mmseg's custom datasets default to (reduce_zero_label=False).
-* labelling tools' exports (annotations drawn into label maps by data/tools.py, which states the rules):
+* labelling tools' exports (annotations drawn into label maps by data/labelling.py, which states the rules):
   COCO JSON as COCO and CVAT lay it out (`annotations/instances_<split>.json` + `images/[<split>/]` or
   `<split>2017/`; checked before the ADE layout, whose `annotations/` holds PNGs) and as Roboflow does
   (`<split>/_annotations.coco.json` beside the images); LabelMe folders (one JSON per image, in
   `<split>/` folders or flat); CVAT's "Segmentation mask 1.1" (VOC's folders, colour masks, `labelmap.txt`).
-* anything else, with a manifest: `dataset.json` in the folder (see `read_manifest`), which also
+* anything else, with a manifest: `dataset.json` in the folder (its keys: `data/manifest.py`), which also
   refines a recognised layout (class names, palette, suffixes, label conventions).
 
 Images and annotations of a folder pair by file stem. Where they do not pair as they are, a suffix that
@@ -23,21 +23,20 @@ every image stem (and every annotation stem) shares, starting with `_` or `-` (`
 `_leftImg8bit` / `_gtFine_labelIds`), is taken off first; a manifest can name the suffixes.
 """
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from segformer.bands import Bands
-from segformer.checkpoint import read_json_object
 from segformer.errors import DataError
 from segformer.images import IMAGE_SUFFIXES, is_image_file
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
 
-from .mapping import ADE, IDENTITY, IGNORE_INDEX, LabelMapping
-from .tools import (LABELME_IGNORE, CocoFile, coco_rules, is_labelme, labelme_classes, labelme_pairs,
+from .manifest import read_manifest
+from .mapping import ADE, IDENTITY, LabelMapping
+from .labelling import (LABELME_IGNORE, CocoFile, coco_rules, is_labelme, labelme_classes, labelme_pairs,
                     read_labelmap)
 
 # What a split is called in each layout: the name asked for -> the names a folder may use.
@@ -47,7 +46,7 @@ SPLIT_ALIASES = {"train": ("train", "training"), "training": ("training", "train
 
 
 @dataclass
-class Layout:
+class FolderLayout:
     name: str  # for the run's summary: "Cityscapes", "Pascal VOC 2012", ...
     splits: dict[str, Callable[[], tuple[list, list]]]  # split -> () -> (pairs, unpaired file names)
     class_names: tuple | None = None
@@ -120,18 +119,18 @@ def _folder_pairs(images_dir: Path, annotations_dir: Path, **suffixes):
 
 # ---- the layouts -----------------------------------------------------------------------------------------
 
-def ade_layout(root: Path, suffixes: dict) -> Layout:
+def ade_layout(root: Path, suffixes: dict) -> FolderLayout:
     images, annotations = root / "images", root / "annotations"
     splits = subfolders(images)
     if not splits:  # flat: one split, convention unknown
-        return Layout("images/ + annotations/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+        return FolderLayout("images/ + annotations/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
                       mapping=ADE, known=False)
-    return Layout("ADEChallengeData2016 folder",
+    return FolderLayout("ADEChallengeData2016 folder",
                   {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
                   class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE)
 
 
-def cityscapes_layout(root: Path, suffixes: dict) -> Layout:
+def cityscapes_layout(root: Path, suffixes: dict) -> FolderLayout:
     images, labels = root / "leftImg8bit", root / "gtFine"
     train_ids = not any(labels.glob("*/*/*_gtFine_labelIds.png")) and any(labels.glob("*/*/*_gtFine_labelTrainIds.png"))
     ending = "_gtFine_labelTrainIds.png" if train_ids else "_gtFine_labelIds.png"
@@ -148,12 +147,12 @@ def cityscapes_layout(root: Path, suffixes: dict) -> Layout:
     mapping = IDENTITY if train_ids else LabelMapping(
         label_map={label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}, unmapped="ignore",
         name="Cityscapes labelIds -> the 19 trainIds, every other labelId ignored")
-    return Layout("Cityscapes folder" + (" (labelTrainIds)" if train_ids else ""),
+    return FolderLayout("Cityscapes folder" + (" (labelTrainIds)" if train_ids else ""),
                   {s: pairs_of(s) for s in subfolders(images)}, class_names=CITYSCAPES_CLASSES,
                   palette=CITYSCAPES_PALETTE, mapping=mapping)
 
 
-def voc_layout(root: Path, suffixes: dict) -> Layout:
+def voc_layout(root: Path, suffixes: dict) -> FolderLayout:
     lists = root / "ImageSets" / "Segmentation"
     if not lists.is_dir():
         raise DataError(f"{root}: a Pascal VOC folder without ImageSets/Segmentation/ (its split lists)")
@@ -167,7 +166,7 @@ def voc_layout(root: Path, suffixes: dict) -> Layout:
                 (lonely.extend(missing) if missing else found.append((image, annotation)))
             return found, lonely
         return pairs
-    return Layout("Pascal VOC 2012 folder", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
+    return FolderLayout("Pascal VOC 2012 folder", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
                   class_names=VOC_CLASSES, palette=VOC_PALETTE,
                   mapping=replace(IDENTITY, name="palette index = class (0 = background); 255 (void border) ignored"))
 
@@ -176,18 +175,18 @@ MMSEG_DEFAULT = replace(IDENTITY, name="values are class ids (mmsegmentation's d
                                         "reduce_zero_label=False)")
 
 
-def mmseg_layout(root: Path, suffixes: dict) -> Layout:
+def mmseg_layout(root: Path, suffixes: dict) -> FolderLayout:
     images, annotations = root / "img_dir", root / "ann_dir"
     splits = subfolders(images)
     if not splits:
-        return Layout("img_dir/ + ann_dir/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+        return FolderLayout("img_dir/ + ann_dir/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
                       mapping=MMSEG_DEFAULT, known=False)
-    return Layout("mmsegmentation img_dir/ + ann_dir/ folder",
+    return FolderLayout("mmsegmentation img_dir/ + ann_dir/ folder",
                   {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
                   mapping=MMSEG_DEFAULT, known=False)
 
 
-def cvat_mask_layout(root: Path, suffixes: dict) -> Layout:
+def cvat_mask_layout(root: Path, suffixes: dict) -> FolderLayout:
     """CVAT's "Segmentation mask 1.1" export: VOC's folders (images by any extension, if exported with
     them) with colour masks in SegmentationClass/ and their colours in labelmap.txt."""
     names, colours = read_labelmap(root / "labelmap.txt")
@@ -209,7 +208,7 @@ def cvat_mask_layout(root: Path, suffixes: dict) -> Layout:
     if not lists.is_dir():
         raise DataError(f"{root}: a CVAT mask export without ImageSets/Segmentation/ (its split lists)")
     mapping = LabelMapping(palette=colours, name=f"colours of {root / 'labelmap.txt'} -> classes")
-    return Layout("CVAT Segmentation mask 1.1 export", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
+    return FolderLayout("CVAT Segmentation mask 1.1 export", {p.stem: pairs_of(p) for p in sorted(lists.glob("*.txt"))},
                   class_names=names, palette=colours, mapping=mapping, assumed=False)
 
 
@@ -232,7 +231,7 @@ def coco_annotation_files(root: Path) -> dict[str, Path]:
 
 
 def coco_layout(root: Path, manifest: dict, manifest_path: Path | None, files: dict[str, Path],
-                images_of) -> Layout:
+                images_of) -> FolderLayout:
     rules = coco_rules(manifest, manifest_path or root)
     cocos = {split: CocoFile(path, **rules) for split, path in files.items()}
     names = {coco.class_names() for coco in cocos.values()}
@@ -245,7 +244,7 @@ def coco_layout(root: Path, manifest: dict, manifest_path: Path | None, files: d
     uncovered = "0 background" if rules["uncovered"] == "background" else "uncovered pixels ignored"
     mapping = replace(IDENTITY, name=f"COCO category id -> class id {shown}; {uncovered}; crowd regions "
                                      f"{'ignored' if rules['crowd'] == 'ignore' else 'labelled'}")
-    return Layout("COCO annotations", {s: (lambda c=c, s=s: c.pairs(images_of(s))) for s, c in cocos.items()},
+    return FolderLayout("COCO annotations", {s: (lambda c=c, s=s: c.pairs(images_of(s))) for s, c in cocos.items()},
                   class_names=names.pop(), mapping=mapping, assumed=False)
 
 
@@ -268,7 +267,7 @@ def labelme_files(folder: Path) -> list[Path]:
     return files if files and is_labelme(files[0]) else []
 
 
-def labelme_layout(root: Path, manifest: dict) -> Layout | None:
+def labelme_layout(root: Path, manifest: dict) -> FolderLayout | None:
     """LabelMe folders: one JSON per image, in <split>/ folders (train, val, ...) or anywhere below the
     root (one split)."""
     split_names = {name for names in SPLIT_ALIASES.values() for name in names}
@@ -284,7 +283,7 @@ def labelme_layout(root: Path, manifest: dict) -> Layout | None:
     order = "the manifest" if manifest.get("classes") else "labels.txt" if (root / "labels.txt").is_file() else \
         "background, then the labels sorted"
     mapping = replace(IDENTITY, name=f"LabelMe labels -> classes ({order}; {LABELME_IGNORE} ignored)")
-    return Layout("LabelMe folder", {name: (lambda f=files: labelme_pairs(f, classes))
+    return FolderLayout("LabelMe folder", {name: (lambda f=files: labelme_pairs(f, classes))
                                      for name, files in splits.items()},
                   class_names=classes, mapping=mapping, assumed=False)
 
@@ -296,142 +295,73 @@ def find_voc_root(root: Path) -> Path | None:
     return None
 
 
-def detect(root: Path, manifest_path: Path | None = None) -> Layout | None:
-    """The layout of a folder (None: not a dataset folder), refined by its manifest where it has one."""
+@dataclass(frozen=True)
+class Found:
+    """What detection knows of a folder: its root, its manifest (empty where none) and the manifest's suffixes."""
+    root: Path
+    manifest: dict
+    manifest_path: Path | None
+    suffixes: dict
+
+
+@dataclass(frozen=True)
+class FolderLayoutRule:
+    """A row of FOLDER_LAYOUTS: `find` says whether a folder is in the layout (what it found, or None) and
+    `build` makes the FolderLayout of it."""
+    name: str
+    find: Callable[[Found], object]
+    build: Callable[[Found, object], FolderLayout]
+
+
+def _dirs(*names):
+    return lambda f: f.root if all((f.root / name).is_dir() for name in names) else None
+
+
+def _cvat_root(f: Found) -> Path | None:
+    voc_root = find_voc_root(f.root)
+    return voc_root if voc_root and (voc_root / "labelmap.txt").is_file() else None
+
+
+# Detection tries the rows in this order and takes the first that finds its layout. The order matters where
+# layouts share folders: CVAT's masks are VOC's folders plus labelmap.txt; COCO's annotations/instances_*.json
+# comes before ADE20K, whose annotations/ holds PNGs; LabelMe's JSON files anywhere below the root, last.
+# A layout is one row here + its function above.
+FOLDER_LAYOUTS = [
+    FolderLayoutRule("dataset.json splits", lambda f: f.manifest.get("splits") or None,
+                     lambda f, _: manifest_layout(f.manifest, f.manifest_path.parent, f.suffixes, f.manifest_path)),
+    FolderLayoutRule("Cityscapes", _dirs("leftImg8bit", "gtFine"), lambda f, _: cityscapes_layout(f.root, f.suffixes)),
+    FolderLayoutRule("CVAT segmentation mask 1.1", _cvat_root, lambda f, root: cvat_mask_layout(root, f.suffixes)),
+    FolderLayoutRule("Pascal VOC 2012", lambda f: find_voc_root(f.root), lambda f, root: voc_layout(root, f.suffixes)),
+    FolderLayoutRule("mmsegmentation", _dirs("img_dir", "ann_dir"), lambda f, _: mmseg_layout(f.root, f.suffixes)),
+    FolderLayoutRule("COCO JSON", lambda f: coco_annotation_files(f.root) or None,
+                     lambda f, files: coco_layout(f.root, f.manifest, f.manifest_path, files,
+                                                  lambda split: coco_images_folder(f.root, split, files[split]))),
+    FolderLayoutRule("ADE20K", _dirs("images", "annotations"), lambda f, _: ade_layout(f.root, f.suffixes)),
+    FolderLayoutRule("COCO JSON (Roboflow)", lambda f: roboflow_files(f.root) or None,
+                     lambda f, files: coco_layout(f.root, f.manifest, f.manifest_path, files,
+                                                  lambda split: f.root / split)),
+    FolderLayoutRule("LabelMe", lambda f: labelme_layout(f.root, f.manifest), lambda f, layout: layout),
+]
+
+
+def detect_folder_layout(root: Path, manifest_path: Path | None = None) -> FolderLayout | None:
+    """The layout of a folder (None: not a dataset folder): the first row of FOLDER_LAYOUTS that finds it,
+    refined by the folder's manifest where it has one."""
     manifest_path = manifest_path or (root / "dataset.json" if (root / "dataset.json").is_file() else None)
     manifest = read_manifest(manifest_path) if manifest_path else {}
-    suffixes = {k: manifest[k] for k in ("image_suffix", "annotation_suffix") if k in manifest}
-    if manifest.get("splits"):
-        layout = manifest_layout(manifest, manifest_path.parent, suffixes, manifest_path)
-    elif (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
-        layout = cityscapes_layout(root, suffixes)
-    elif (voc_root := find_voc_root(root)) and (voc_root / "labelmap.txt").is_file():
-        layout = cvat_mask_layout(voc_root, suffixes)
-    elif voc_root:
-        layout = voc_layout(voc_root, suffixes)
-    elif (root / "img_dir").is_dir() and (root / "ann_dir").is_dir():
-        layout = mmseg_layout(root, suffixes)
-    elif files := coco_annotation_files(root):  # annotations/instances_<split>.json: not the ADE layout
-        layout = coco_layout(root, manifest, manifest_path, files,
-                             lambda split: coco_images_folder(root, split, files[split]))
-    elif (root / "images").is_dir() and (root / "annotations").is_dir():
-        layout = ade_layout(root, suffixes)
-    elif files := roboflow_files(root):
-        layout = coco_layout(root, manifest, manifest_path, files, lambda split: root / split)
-    elif layout := labelme_layout(root, manifest):
-        pass
-    elif manifest:
-        raise DataError(f"{manifest_path}: no \"splits\", and {root} is in no layout known here (ADE20K, "
-                          f"Cityscapes, Pascal VOC, img_dir/ + ann_dir/) to take them from")
-    else:
-        return None
-    return refine(layout, manifest, manifest_path) if manifest else layout
+    found = Found(root, manifest, manifest_path,
+                  {k: manifest[k] for k in ("image_suffix", "annotation_suffix") if k in manifest})
+    for rule in FOLDER_LAYOUTS:
+        if (what := rule.find(found)) is not None:
+            layout = rule.build(found, what)
+            return refine(layout, manifest, manifest_path) if manifest else layout
+    if manifest:
+        raise DataError(f"{manifest_path}: no \"splits\", and {root} is in no layout known here ("
+                        f"{', '.join(rule.name for rule in FOLDER_LAYOUTS[1:])}) to take them from")
+    return None
 
 
-# ---- the manifest -----------------------------------------------------------------------------------------
-
-MANIFEST_KEYS = {
-    "classes": "list of class names; class id = position",
-    "splits": 'object: split name -> {"images": dir, "annotations": dir}, {"list": file}, {"images": dir, '
-              '"coco": file} or {"labelme": dir}',
-    "image_suffix": "ending taken off image stems before pairing",
-    "annotation_suffix": "ending taken off annotation stems before pairing",
-    "annotation_format": '"index" (pixel value = raw label) or "rgb" (colour masks, decoded with "palette")',
-    "palette": "[[r, g, b], ...], one per class (also used for overlays)",
-    "reduce_labels": "bool: the ADE convention (0 ignored, k -> k-1)",
-    "ignore_index": "int or list of raw values to ignore (in addition to 255)",
-    "label_map": '{"<raw value>": class id or 255}, applied to raw values',
-    "unknown_colors": '"error" (default) or "ignore": a colour of an rgb mask not in the palette',
-    "name": "the data set's name (model cards)",
-    "bands": "int: the images' band count, read at full precision (16-bit, multi-band, TIFF); see segformer/bands.py",
-    "mean": "[one per band]: the bands' mean in stored units (the dataset doctor computes it)",
-    "std": "[one per band]: the bands' standard deviation in stored units",
-    "uncovered": 'COCO: pixels no annotation covers are "background" (class 0, the default) or "ignore"',
-    "crowd": 'COCO: crowd regions are "ignore"d (the default) or "label"led with their category',
-}
-
-
-def read_manifest(path: Path) -> dict:
-    """A `dataset.json`, checked key by key; anything it gets wrong is an error naming the file and key."""
-    manifest = read_json_object(path, error=DataError)  # unreadable, not JSON, not an object: named
-
-    def fail(key, message):
-        raise DataError(f"{path}: key {key!r} {message}")
-    for key in manifest:
-        if key not in MANIFEST_KEYS:
-            fail(key, f"is not a manifest key; expected some of {', '.join(MANIFEST_KEYS)}")
-    classes = manifest.get("classes")
-    if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        fail("classes", "must be a non-empty list of class names")
-    if manifest.get("annotation_format", "index") not in ("index", "rgb"):
-        fail("annotation_format", f"must be \"index\" or \"rgb\", got {manifest['annotation_format']!r}")
-    palette = manifest.get("palette")
-    if palette is not None:
-        if not (isinstance(palette, list) and all(isinstance(c, list) and len(c) == 3 and all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in palette)):
-            fail("palette", "must be a list of [r, g, b] triples of integers 0..255")
-        if classes is not None and len(palette) != len(classes):
-            fail("palette", f"has {len(palette)} colours for {len(classes)} classes")
-        if len({tuple(c) for c in palette}) < len(palette):
-            fail("palette", "gives two classes the same colour")
-        if len(palette) > IGNORE_INDEX:
-            fail("palette", f"has {len(palette)} colours; colour masks hold at most {IGNORE_INDEX} classes")
-    if manifest.get("annotation_format") == "rgb" and palette is None:
-        fail("annotation_format", 'is "rgb": colour masks need a "palette"')
-    for key in ("reduce_labels",):
-        if key in manifest and not isinstance(manifest[key], bool):
-            fail(key, f"must be true or false, got {manifest[key]!r}")
-    for key in ("image_suffix", "annotation_suffix", "name"):
-        if key in manifest and not isinstance(manifest[key], str):
-            fail(key, f"must be a string, got {manifest[key]!r}")
-    if manifest.get("unknown_colors", "error") not in ("error", "ignore"):
-        fail("unknown_colors", f"must be \"error\" or \"ignore\", got {manifest['unknown_colors']!r}")
-    ignore = manifest.get("ignore_index", [])
-    ignore = [ignore] if isinstance(ignore, int) and not isinstance(ignore, bool) else ignore
-    if not (isinstance(ignore, list)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ignore)):
-        fail("ignore_index", f"must be a raw value or a list of them, got {manifest['ignore_index']!r}")
-    manifest["ignore_index"] = ignore
-    label_map = manifest.get("label_map", {})
-    if not isinstance(label_map, dict):
-        fail("label_map", "must be an object {\"<raw value>\": class id or 255}")
-    checked = {}
-    for raw, class_id in label_map.items():
-        if not str(raw).isdigit() or not isinstance(class_id, int) or isinstance(class_id, bool) or not (
-                0 <= class_id < len(classes or [0] * 65536) or class_id == IGNORE_INDEX):
-            fail("label_map", f"entry {raw!r}: {class_id!r} must map a raw value to a class id"
-                              + (f" 0..{len(classes) - 1}" if classes else "") + " or 255")
-        checked[int(raw)] = class_id
-    manifest["label_map"] = checked
-    bands = manifest.get("bands")
-    if bands is not None and (not isinstance(bands, int) or isinstance(bands, bool) or not 1 <= bands <= 64):
-        fail("bands", f"must be the images' band count, 1..64, got {bands!r}")
-    for key in ("mean", "std"):
-        values = manifest.get(key)
-        if values is None:
-            continue
-        if bands is None:
-            fail(key, 'goes with "bands" (the images\' band count)')
-        if not (isinstance(values, list) and len(values) == bands and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-            fail(key, f"must be a list of {bands} numbers, one per band, got {values!r}")
-        if key == "std" and any(v <= 0 for v in values):
-            fail(key, f"must be positive, got {values!r}")
-    if ("mean" in manifest) != ("std" in manifest):
-        fail("mean" if "mean" not in manifest else "std", 'is needed with "std" / "mean": give both, or neither '
-             "(the run computes them from the training images)")
-    splits = manifest.get("splits", {})
-    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
-        fail("splits", 'must be an object: split name -> {"images": dir, "annotations": dir} or {"list": file}')
-    for name, spec in splits.items():
-        if set(spec) not in ({"images", "annotations"}, {"list"}, {"images", "coco"}, {"labelme"}):
-            fail(f"splits.{name}", f'must hold "images" and "annotations", "list", "images" and "coco" (a COCO '
-                                   f'JSON), or "labelme" (a folder of LabelMe files); got {sorted(spec)}')
-        for key, relative in spec.items():
-            if not (Path(path).parent / str(relative)).exists():
-                fail(f"splits.{name}.{key}", f"names {relative!r}, which does not exist in {Path(path).parent}")
-    return manifest
-
+# ---- the layouts a manifest names or refines ------------------------------------------------------------
 
 def _list_pairs(list_file: Path, base: Path):
     """`image annotation` per line (paths relative to the manifest; a tab separates paths with spaces)."""
@@ -450,9 +380,9 @@ def _list_pairs(list_file: Path, base: Path):
     return pairs
 
 
-def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> Layout:
+def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> FolderLayout:
     """The splits a manifest names: folder pairs, lists, COCO files with their images, LabelMe folders (one
-    kind of labelling tool's files per manifest; their classes are the files', as in data/tools.py)."""
+    kind of labelling tool's files per manifest; their classes are the files', as in data/labelling.py)."""
     specs = manifest["splits"]
     kinds = {kind for spec in specs.values() for kind in ("coco", "labelme") if kind in spec}
     if len(kinds) > 1 or (kinds and any(not set(spec) & kinds for spec in specs.values())):
@@ -465,7 +395,7 @@ def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> L
         files = {name: labelme_files(base / spec["labelme"]) for name, spec in specs.items()}
         classes = labelme_classes(base, [f for split in files.values() for f in split], manifest.get("classes"))
         mapping = replace(IDENTITY, name=f"LabelMe labels -> classes ({LABELME_IGNORE} ignored)")
-        return Layout(f"LabelMe folders named by {path.name}",
+        return FolderLayout(f"LabelMe folders named by {path.name}",
                       {name: (lambda f=split: labelme_pairs(f, classes)) for name, split in files.items()},
                       class_names=classes, mapping=mapping, assumed=False)
     splits = {}
@@ -474,10 +404,10 @@ def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> L
             splits[name] = _list_pairs(base / spec["list"], base)
         else:
             splits[name] = _folder_pairs(base / spec["images"], base / spec["annotations"], **suffixes)
-    return Layout("dataset.json", splits, mapping=IDENTITY)
+    return FolderLayout("dataset.json", splits, mapping=IDENTITY)
 
 
-def refine(layout: Layout, manifest: dict, path: Path) -> Layout:
+def refine(layout: FolderLayout, manifest: dict, path: Path) -> FolderLayout:
     """What a manifest says of the labels, on top of what the layout knows."""
     classes = manifest.get("classes")
     if classes is None and layout.class_names is None:
