@@ -52,11 +52,12 @@ from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
 from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
-from training.config import Settings, parse_command_line, setting
+from training.settings import Settings, parse_settings, setting
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
                            resume_then_open_log, run_in_out_folder, sample_list, start_line)
-from training.report import CLASSIFICATION_METRICS, draw_curves, jsonable, read_log, write_record
+from training.plots import CLASSIFICATION_METRICS, draw_curves
+from training.run_log import jsonable, read_log, write_record
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ def train(run: Run) -> dict:
 
 def execute(argv=None) -> dict:
     """Everything `main` does, for Python callers; a problem the user can fix is raised as a UserError."""
-    command = parse_command_line(argv, description=__doc__, settings=PretrainConfig, recipes=RECIPES)
+    command = parse_settings(argv, description=__doc__, settings=PretrainConfig, recipes=RECIPES)
     rank, world_size, device = setup_distributed(command.config.device)
     try:
         return run_in_out_folder(command, build_run, train, rank=rank, world_size=world_size, device=device)

@@ -35,8 +35,10 @@ from segformer.checkpoint import CheckpointFacts, describe, read_model_config
 from segformer.parts import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast
+from segformer.errors import ConfigError
 from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
-from training.config import Command, ConfigError, TrainConfig, parse_command_line
+from training.settings import Command
+from training.train_config import TrainConfig, parse_command_line
 from training.data import open_data
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.eval_only import evaluate_checkpoint
@@ -45,8 +47,9 @@ from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_
 from training.hub import HubPusher, model_card
 from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
                            resume_then_open_log, run_in_out_folder, sample_list, start_line)
-from training.report import (TensorBoard, class_table, draw_curves, draw_per_class, jsonable, read_log,
-                             write_evaluation, write_record)
+from training.plots import draw_curves, draw_per_class
+from training.run_log import TensorBoard, jsonable, read_log, write_record
+from training.tables import class_table, write_evaluation
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 
@@ -142,7 +145,7 @@ class Run:
     total_steps: int
     loss_options: dict  # segmentation_loss's keyword arguments
     log: object = None  # metrics.jsonl, open on rank 0
-    tensorboard: object = None  # training.report.TensorBoard, on rank 0 with --report-to tensorboard
+    tensorboard: object = None  # training.run_log.TensorBoard, on rank 0 with --report-to tensorboard
     pusher: object = None  # training.hub.HubPusher, on rank 0 with --push-to-hub
     step: int = 0
     epoch: int = 0
@@ -294,7 +297,7 @@ def log(run: Run, record: dict) -> None:
 
 def report_evaluation(run: Run, evaluation: Evaluation, progress: tqdm) -> None:
     """What an evaluation leaves to look at (rank 0): a line, its confusion matrix and per-class table, the
-    refreshed curves, and in TensorBoard a few images with their predictions (training/report.py)."""
+    refreshed curves, and in TensorBoard a few images with their predictions (training/tables.py, plots.py, run_log.py)."""
     metrics = evaluation.metrics
     progress.write(f"step {run.step}: mean IoU {metrics['mean_iou']:.4f}, mean accuracy "
                    f"{metrics['mean_accuracy']:.4f}, overall accuracy {metrics['overall_accuracy']:.4f}")

@@ -19,6 +19,7 @@ ignored pixels count in neither band.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -153,3 +154,39 @@ class BoundaryIoU:
         intersection, union = self.counts.double().cpu()
         iou = (intersection / union).numpy()  # NaN: no band of the class anywhere
         return {"mean_boundary_iou": nanmean(iou), "per_category_boundary_iou": iou}
+
+
+# ---- the metrics as one table ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    """A row of METRICS: a number the evaluation reports over the data set (`key` in what `compute` returns)
+    and, where `per_class` is set, its value for each class (`per_category_<per_class>`)."""
+    key: str  # "mean_iou": its value over the data set
+    name: str  # "Mean IoU": its name on a model card (the hub's model-index)
+    per_class: str | None = None  # "iou": per class, `per_category_iou`; its column in the report's tables
+    header: str | None = None  # its column's header in the report's tables (per class, or the headline)
+    card: str | None = None  # on the model-index of "every" card (a training run's too), of the "report"'s, or none
+    curves: bool = False  # drawn in curves.png and written to TensorBoard, at every evaluation of a run
+    table: str | None = None  # its column in the per-class table printed after an evaluation ("IoU", "acc")
+
+
+# The order is the order of report.json, the report's per-class tables and the model-index. Adding a metric:
+# a row here, and its values in ConfusionMatrix.compute (or BoundaryIoU.compute) under `key` and
+# `per_category_<per_class>`; the report, the cards, the curves and the class table read this table.
+METRICS = (
+    Metric("mean_iou", "Mean IoU", "iou", "IoU", card="every", curves=True, table="IoU"),
+    Metric("mean_accuracy", "Mean Accuracy", "accuracy", "accuracy", card="every", curves=True, table="acc"),
+    Metric("overall_accuracy", "Overall Accuracy", header="overall accuracy", card="every", curves=True),
+    Metric("frequency_weighted_iou", "Frequency-weighted IoU", header="FW IoU", card="report"),
+    Metric("mean_precision", "Mean Precision", "precision", "precision"),
+    Metric("mean_recall", "Mean Recall", "recall", "recall"),
+    Metric("mean_f1", "Mean F1", "f1", "F1", card="report"),
+    Metric("mean_boundary_iou", "Mean Boundary IoU", "boundary_iou", "Boundary IoU", card="report"),
+)
+
+
+def metrics_where(**wanted) -> tuple[Metric, ...]:
+    """The rows of METRICS whose fields have the values asked for (a value of True: any set value)."""
+    return tuple(m for m in METRICS if all(getattr(m, k) == v or (v is True and getattr(m, k)) for k, v in
+                                           wanted.items()))

@@ -1,5 +1,5 @@
 """Drawing what the model sees and says: class colours, overlays with a legend, and figures written
-atomically. Shared by infer.py, explain.py and the run's reports (training/report.py). matplotlib is
+atomically. Shared by infer.py, explain.py and the run's reports (training/plots.py, training/eval_report.py). matplotlib is
 optional and imported only by `pyplot`."""
 
 import colorsys

@@ -149,7 +149,7 @@ def test_a_checkpoint_loads_into_the_architecture_it_holds_only(tmp_path):
 def test_optimizer_groups_follow_the_structure_not_the_names():
     """A swapped head keeps its learning-rate multiplier and a norm of one's own its exemption from weight
     decay: the parts are found by what they are (model.decoder, the model's norm class), not by names."""
-    from training.config import TrainConfig
+    from training.train_config import TrainConfig
     model = SegFormer.from_variant("b0", num_labels=3, decoder=LightHead, norm=ScaleNorm)
     config = TrainConfig(head_lr_mult=10.0, decay_norm_bias=False)
     groups = {g["name"]: g for g in train.get_optimizer(config, model).param_groups}

@@ -9,7 +9,8 @@ import torch
 
 import train
 from segformer import SegFormer
-from training.config import DEFAULT, RECIPES, ConfigError, TrainConfig, parse_command_line
+from training.train_config import DEFAULT, RECIPES, TrainConfig, parse_command_line
+from segformer.errors import ConfigError
 
 
 def test_json_round_trip_gives_an_equal_config(tmp_path):

@@ -661,7 +661,7 @@ def test_class_names_are_spreadsheet_safe_in_the_csv_files(tmp_path):
     """10. A class named like a formula is written as text, as spreadsheet-safe CSV writers do."""
     import csv
 
-    from training.report import write_evaluation
+    from training.tables import write_evaluation
     names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "plain"]
     matrix = np.eye(5, dtype=np.int64)
     metrics = {"per_category_iou": np.ones(5), "per_category_accuracy": np.ones(5)}

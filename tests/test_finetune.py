@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import train
 from helpers import read_log, run_training
 from segformer import SegFormer
-from training.config import parse_command_line
+from training.train_config import parse_command_line
 
 QUICK = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "2",
          "--warmup-steps", "0", "--log-every", "1", "--eval-every", "100", "--save-every", "100", "--no-plots",

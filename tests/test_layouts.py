@@ -16,7 +16,7 @@ from data.stats import collect, median_frequency_weights
 from helpers import random_image, read_log, run_training
 from segformer import segmentation_loss
 from segformer.labels import CITYSCAPES_CLASSES, VOC_CLASSES, VOC_PALETTE
-from training.config import TrainConfig
+from training.train_config import TrainConfig
 
 SIZE = 32  # images are 32x32 and evaluated at 32: labels reach the tensors unresized
 

@@ -11,7 +11,7 @@ import yaml
 import explain
 from helpers import random_image, read_log, run_training
 from segformer import SegFormer
-from training import report
+from training import plots
 from training.hub import HubError
 
 QUICK = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "2",
@@ -60,15 +60,15 @@ def test_no_plots_writes_the_numbers_and_draws_nothing(tmp_path):
 
 def test_heatmap_rows_sum_to_one_and_many_classes_show_the_most_confused_pairs(tmp_path):
     matrix = np.array([[8, 2, 0], [1, 3, 0], [0, 0, 0]])
-    shares = report.row_normalised(matrix)
+    shares = plots.row_normalised(matrix)
     assert np.allclose(shares[:2].sum(1), 1.0) and (shares[2] == 0).all()  # an unlabelled class stays 0
     names = [f"class {i}" for i in range(40)]
     big = np.diag(np.full(40, 100))
     big[5, 7], big[9, 1] = 60, 10
-    pairs = report.most_confused(big, names, count=3)
+    pairs = plots.most_confused(big, names, count=3)
     assert pairs[0] == ("class 5", "class 7", pytest.approx(60 / 160)) and pairs[1][:2] == ("class 9", "class 1")
-    plt = report.pyplot()
-    report.draw_confusion(plt, big, names, tmp_path / "pairs.png")
+    plt = plots.pyplot()
+    plots.draw_confusion(plt, big, names, tmp_path / "pairs.png")
     assert (tmp_path / "pairs.png").stat().st_size > 1000
 
 
@@ -85,9 +85,9 @@ def test_the_model_card_is_the_hubs_format_with_the_logged_metrics(tiny_run):
 
 
 def test_the_comparison_command_draws_several_runs(tiny_run, tmp_path, capsys):
-    assert report.main([str(tiny_run), str(tiny_run), "--out", str(tmp_path / "both.png")]) == 0
+    assert plots.main([str(tiny_run), str(tiny_run), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").stat().st_size > 1000
-    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert plots.main([str(tmp_path / "nowhere")]) == 2
     assert "metrics.jsonl: no such file" in capsys.readouterr().err
 
 

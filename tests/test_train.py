@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import train
 from helpers import TINY, read_log, run_training
-from training.config import ConfigError, TrainConfig, parse_command_line
+from training.train_config import TrainConfig, parse_command_line
+from segformer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from segformer.checkpoint import CheckpointFacts, describe
 from segformer.device import resolve_amp
 from segformer.errors import ConfigError, DataError
 from segformer.labels import read_id2label
-from training.config import TrainConfig
+from training.train_config import TrainConfig
 from training.distributed import broadcast
 
 

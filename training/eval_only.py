@@ -16,10 +16,13 @@ from segformer.calibration import CALIBRATION_FILE, TEMPERATURES
 from segformer.checkpoint import describe
 from segformer.files import write_json
 from segformer.device import autocast, resolve_amp
-from training.config import Command, ConfigError, TrainConfig
+from training.settings import Command
+from training.train_config import TrainConfig
+from segformer.errors import ConfigError
 from training.data import build_eval_loader, open_split
 from training.evaluation import Report, evaluate
-from training.report import class_table, robustness_table, write_report
+from training.eval_report import write_report
+from training.tables import class_table, robustness_table
 
 
 def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) -> dict:

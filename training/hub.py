@@ -15,6 +15,7 @@ from pathlib import Path
 
 from segformer.parts import is_own_code
 from segformer.errors import UserError
+from segformer.metrics import metrics_where
 
 PROJECT = "segformer-pytorch-pure"
 SETTINGS = ("data", "train_split", "eval_split", "size", "augment", "model", "pretrained", "batch_size",
@@ -27,19 +28,14 @@ class HubError(UserError):
     """The hub cannot be used as asked; the message says why and what to do."""
 
 
-CARD_METRICS = (("mean_iou", "Mean IoU"), ("mean_accuracy", "Mean Accuracy"), ("overall_accuracy", "Overall Accuracy"),
-                ("frequency_weighted_iou", "Frequency-weighted IoU"), ("mean_f1", "Mean F1"),
-                ("mean_boundary_iou", "Mean Boundary IoU"))  # a training run's card: the first three
-
-
-def eval_results(dataset: str, split: str, metrics: dict, names=CARD_METRICS) -> list:
+def eval_results(dataset: str, split: str, metrics: dict, shown) -> list:
     """The model-index entries of a card (the results the hub shows, huggingface_hub's EvalResult) for the
-    `metrics` named in `names` ((key, display name) pairs) that were measured."""
+    metrics of `shown` (rows of segformer.metrics.METRICS) that were measured."""
     from huggingface_hub import EvalResult
     return [EvalResult(task_type="semantic-segmentation", task_name="Semantic Segmentation", dataset_type=dataset,
-                       dataset_name=dataset, dataset_split=split, metric_type=key, metric_name=name,
-                       metric_value=round(float(metrics[key]), 4))
-            for key, name in names if metrics.get(key) is not None]
+                       dataset_name=dataset, dataset_split=split, metric_type=m.key, metric_name=m.name,
+                       metric_value=round(float(metrics[m.key]), 4))
+            for m in shown if metrics.get(m.key) is not None]
 
 
 def model_card(config, class_names: list[str], metrics: dict, *, step: int, variant: str | None,
@@ -50,7 +46,7 @@ def model_card(config, class_names: list[str], metrics: dict, *, step: int, vari
     title = f"SegFormer-{variant.upper()}" if variant else "SegFormer"
     dataset = dataset_name or config.data
     on_hub = "/" in str(config.pretrained or "") and not Path(str(config.pretrained)).exists()
-    results = eval_results(dataset, config.eval_split, metrics or {}, CARD_METRICS[:3])
+    results = eval_results(dataset, config.eval_split, metrics or {}, metrics_where(card="every"))
     data = ModelCardData(
         license="other" if on_hub and str(config.pretrained).startswith("nvidia/") else "mit",
         library_name=PROJECT if parts else "transformers", pipeline_tag="image-segmentation",

@@ -20,7 +20,7 @@ from segformer.errors import ConfigError, UserError
 
 from .run_folder import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
 from .distributed import any_process, gather_rng_states, set_rng_states
-from .report import open_log
+from .run_log import open_log
 
 
 class Diverged(UserError):
