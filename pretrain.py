@@ -52,12 +52,13 @@ from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
 from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
-from training.settings import Settings, parse_settings, setting
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
-from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
-                           resume_then_open_log, run_in_out_folder, sample_list, start_line)
+from training.loop import (Diverged, LoopState, Meter, StopRequest, after_step, checkpoint_state, due, exit_status,
+                           log, restore_loop_state, resume_then_open_log, run_in_out_folder, sample_list, start_line,
+                           steps, stopped)
 from training.plots import CLASSIFICATION_METRICS, draw_curves
-from training.run_log import jsonable, read_log, write_record
+from training.run_log import jsonable, read_log
+from training.settings import Settings, parse_settings, setting
 
 
 @dataclass(frozen=True)
@@ -223,12 +224,9 @@ class Run:
     scaler: torch.amp.GradScaler
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
-    total_steps: int
+    loop: LoopState  # where the run is: step, epoch, batch; how many steps it takes
     augment: BatchAugment
     log: object = None
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0
     best_top1: float = -1.0
     metrics: dict = field(default_factory=dict)
     meter: Meter = field(default_factory=Meter)
@@ -264,7 +262,7 @@ def build_run(command, *, rank: int, world_size: int, device: torch.device) -> R
               raw_model=raw_model, model=model, optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"), train_loader=train_loader,
-              eval_loader=eval_loader, total_steps=total_steps, augment=BatchAugment(config, len(class_names), rank))
+              eval_loader=eval_loader, loop=LoopState(total_steps), augment=BatchAugment(config, len(class_names), rank))
     resume_then_open_log(run, command.resume, schedule, restore)
     if run.is_main:
         print(start_line(run, "pre-training", len(class_names)))
@@ -289,15 +287,15 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
         if not run.meter.add_batch(batch, ignore_index=None):  # every sample of it was skipped
             continue
         pixel_values, labels = batch_to_device(batch, run.device, channels_last=config.channels_last)
-        pixel_values, targets = run.augment(pixel_values, labels, epoch=run.epoch,
-                                            batch=run.batches_done + i)  # (B, 3, H, W), (B, K)
+        pixel_values, targets = run.augment(pixel_values, labels, epoch=run.loop.epoch,
+                                            batch=run.loop.batches_done + i)  # (B, 3, H, W), (B, K)
         sync = i == len(micro_batches) - 1 or run.world_size == 1  # DDP: all-reduce on the last one only
         with (run.model.no_sync() if not sync else torch.enable_grad()), run.autocast():
             loss = F.cross_entropy(run.model(pixel_values).float(), targets) / config.grad_accum  # soft targets
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
     if any_process(not math.isfinite(step_loss), run.world_size, run.device):
-        raise Diverged(f"the loss is {step_loss} at step {run.step + 1}; stopping without saving: "
+        raise Diverged(f"the loss is {step_loss} at step {run.loop.step + 1}; stopping without saving: "
                        f"{last_checkpoint_note(run.out)}")
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
@@ -307,8 +305,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    run.step += 1
-    run.batches_done += len(micro_batches)
+    run.loop.advance(len(micro_batches))
     return step_loss, lr
 
 
@@ -317,10 +314,10 @@ def evaluate(run: Run, stop: StopRequest) -> dict | None:
     """Top-1 and top-5 accuracy and the loss over the validation split, summed over all processes (None: a
     stop cut it short)."""
     model = run.raw_model.eval()
-    counts, stopped = torch.zeros(4, dtype=torch.float64, device=run.device), False  # top1, top5, loss, images
+    counts, cut_short = torch.zeros(4, dtype=torch.float64, device=run.device), False  # top1, top5, loss, images
     for batch in run.eval_loader:
         if stop.signal is not None:
-            stopped = True
+            cut_short = True
             break
         pixel_values, labels = batch_to_device(batch, run.device)
         with run.autocast():
@@ -332,81 +329,56 @@ def evaluate(run: Run, stop: StopRequest) -> dict | None:
     if run.world_size > 1:
         dist.all_reduce(counts)
     model.train()
-    if stopped:
+    if cut_short:
         return None
     top1, top5, loss, images = counts.tolist()
     return {"top1": top1 / images, "top5": top5 / images, "eval_loss": loss / images}
 
 
 def save(run: Run, name: str) -> Path:
-    state = loop_state(run, samples=training_samples(run), best=run.best_top1)
+    state = checkpoint_state(run, samples=training_samples(run), best=run.best_top1)
     path = run.out / name
     if run.is_main:
         save_checkpoint(path, model=run.raw_model, state=state, config=run.config, size=run.config.size)
     return path
 
 
-def log(run: Run, record: dict) -> None:
-    if run.log:
-        write_record(run.log, record)
-
-
 def train(run: Run) -> dict:
     """The cycle: a step, then log, evaluate and keep the best, checkpoint, and stop if asked."""
     config, meter = run.config, run.meter
-    progress = tqdm(total=run.total_steps, initial=run.step, disable=not run.is_main, dynamic_ncols=True)
+    progress = tqdm(total=run.loop.total_steps, initial=run.loop.step, disable=not run.is_main, dynamic_ncols=True)
     run.model.train()
     stop = StopRequest()
     try:
-        while run.step < run.total_steps:
-            run.train_loader.sampler.set_position(run.epoch, run.batches_done * config.batch_size)
-            for micro_batches in groups_of(run.train_loader, config.grad_accum):
-                loss, lr = train_step(run, micro_batches)
-                meter.add_step(loss)
-                step, last = run.step, run.step == run.total_steps
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-
-                if due(step, config.log_every, last):
-                    log(run, {"step": step, "epoch": run.epoch, "loss": meter.loss / meter.steps, "lr": lr,
-                              "images_per_s": meter.images_per_s(run.world_size)})
-                    meter.restart()
-                metrics = evaluate(run, stop) if due(step, config.eval_every, last) else None
-                if metrics is not None:
-                    run.metrics = metrics
-                    log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(metrics)})
-                    if run.is_main:
-                        progress.write(f"step {step}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
-                        if config.plots:
-                            draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl")[0])],
-                                        run.out / "curves.png", CLASSIFICATION_METRICS)
-                    if metrics["top1"] > run.best_top1:
-                        run.best_top1 = metrics["top1"]
-                        save(run, "best")
-                    meter.restart_clock()
-                saved = None
-                if due(step, config.save_every, last):
-                    saved = save(run, f"checkpoint-{step}")
-                    if run.is_main:
-                        prune_checkpoints(run.out, config.save_total_limit)
-                if any_process(stop.signal is not None, run.world_size, run.device):
-                    path = saved or save(run, f"checkpoint-{step}")
-                    if run.is_main:
-                        progress.write(f"interrupted: saved {path}; continue with --resume {path}")
-                    return {"step": run.step, "interrupted": stop.signal or signal.SIGTERM, **run.metrics}
-                if last:
-                    break
-            else:  # the epoch ran out
-                run.epoch, run.batches_done = run.epoch + 1, 0
-                continue
-            break
+        for micro_batches in steps(run):
+            loss, lr = train_step(run, micro_batches)
+            after_step(run, progress, loss, lr)
+            step, last = run.loop.step, run.loop.last
+            metrics = evaluate(run, stop) if due(step, config.eval_every, last) else None
+            if metrics is not None:
+                run.metrics = metrics
+                log(run, {"step": step, "loss": loss, "lr": lr, **jsonable(metrics)})
+                if run.is_main:
+                    progress.write(f"step {step}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
+                    if config.plots:
+                        draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl")[0])],
+                                    run.out / "curves.png", CLASSIFICATION_METRICS)
+                if metrics["top1"] > run.best_top1:
+                    run.best_top1 = metrics["top1"]
+                    save(run, "best")
+                meter.restart_clock()
+            saved = save(run, f"checkpoint-{step}") if due(step, config.save_every, last) else None
+            if saved and run.is_main:
+                prune_checkpoints(run.out, config.save_total_limit)
+            if stopped(run, stop, saved, lambda name: save(run, name), progress):
+                return {"step": run.loop.step, "interrupted": stop.signal or signal.SIGTERM, **run.metrics}
     finally:
         stop.restore()
         progress.close()
     if run.is_main:
         print(f"best top-1 {run.best_top1:.4f}: {run.out / 'best'}\nfine-tune it for segmentation:  python train.py "
               f"--pretrained {run.out / 'best'}")
-    return {"step": run.step, "best_top1": run.best_top1, "interrupted": None, **run.metrics}
+    return {"step": run.loop.step, "best_top1": run.best_top1, "interrupted": None, **run.metrics}
 
 
 # ---- entry points -----------------------------------------------------------------------------------------

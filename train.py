@@ -45,10 +45,11 @@ from training.eval_only import evaluate_checkpoint
 from training.evaluation import Evaluation, evaluate
 from training.finetune import add_lora, freeze_stages, frozen_to_eval, learning_rate_scales, merged
 from training.hub import HubPusher, model_card
-from training.loop import (Diverged, Meter, StopRequest, due, exit_status, groups_of, loop_state, restore_loop_state,
-                           resume_then_open_log, run_in_out_folder, sample_list, start_line)
+from training.loop import (Diverged, LoopState, Meter, StopRequest, after_step, checkpoint_state, due, exit_status,
+                           log, restore_loop_state, resume_then_open_log, run_in_out_folder, sample_list, start_line,
+                           steps, stopped)
 from training.plots import draw_curves, draw_per_class
-from training.run_log import TensorBoard, jsonable, read_log, write_record
+from training.run_log import TensorBoard, jsonable, read_log
 from training.tables import class_table, write_evaluation
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
@@ -142,14 +143,11 @@ class Run:
     scaler: torch.amp.GradScaler
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
-    total_steps: int
+    loop: LoopState  # where the run is: step, epoch, batch; how many steps it takes
     loss_options: dict  # segmentation_loss's keyword arguments
     log: object = None  # metrics.jsonl, open on rank 0
     tensorboard: object = None  # training.run_log.TensorBoard, on rank 0 with --report-to tensorboard
     pusher: object = None  # training.hub.HubPusher, on rank 0 with --push-to-hub
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0  # batches of the current epoch already trained on (per process)
     best_miou: float = -1.0
     metrics: dict = field(default_factory=dict)  # of the last evaluation
     meter: Meter = field(default_factory=Meter)
@@ -201,7 +199,7 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               raw_model=raw_model, model=model, optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
-              train_loader=train_loader, eval_loader=eval_loader, total_steps=total_steps,
+              train_loader=train_loader, eval_loader=eval_loader, loop=LoopState(total_steps),
               loss_options=loss_options(config, device), frozen=frozen, ema=ema)
     resume_then_open_log(run, command.resume, schedule, restore)
     if run.is_main:
@@ -247,7 +245,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
     if any_process(not math.isfinite(step_loss), run.world_size, run.device):  # all stop at the same step
-        raise Diverged(f"the loss is {step_loss} at step {run.step + 1}; stopping without saving: "
+        raise Diverged(f"the loss is {step_loss} at step {run.loop.step + 1}; stopping without saving: "
                        f"{last_checkpoint_note(run.out)}")
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
@@ -260,22 +258,21 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
     run.scheduler.step()
     if run.ema is not None:
         run.ema.update_parameters(run.raw_model)
-    run.step += 1
-    run.batches_done += len(micro_batches)
+    run.loop.advance(len(micro_batches))
     return step_loss, lr
 
 
 def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     """Save the run as `out/name` (every process takes part: the RNG gather); never weights that are not
     all finite. `metrics`: those of its model card, by default the last evaluation's."""
-    state = loop_state(run, samples=training_samples(run), best=run.best_miou) | {"since_best": run.since_best}
+    state = checkpoint_state(run, samples=training_samples(run), best=run.best_miou) | {"since_best": run.since_best}
     if run.config.lora_rank:  # the model with its adapters (model.safetensors holds it merged)
         state["adapted"] = run.raw_model.state_dict()
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
     path = run.out / name
     if run.is_main:
-        card = model_card(run.config, run.spec.predicted_classes, metrics or run.metrics, step=run.step,
+        card = model_card(run.config, run.spec.predicted_classes, metrics or run.metrics, step=run.loop.step,
                           variant=run.raw_model.config.variant, parts=run.raw_model.config.parts)
         ema = merged(run.ema.module) if run.ema is not None and run.config.lora_rank else \
             run.ema.module if run.ema is not None else None
@@ -287,81 +284,51 @@ def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     return path
 
 
-def log(run: Run, record: dict) -> None:
-    """A line of metrics.jsonl (rank 0) and TensorBoard's scalars."""
-    if run.log:
-        write_record(run.log, record)
-    if run.tensorboard:
-        run.tensorboard.scalars(record["step"], record, "validation" if "mean_iou" in record else "train")
-
-
 def report_evaluation(run: Run, evaluation: Evaluation, progress: tqdm) -> None:
     """What an evaluation leaves to look at (rank 0): a line, its confusion matrix and per-class table, the
     refreshed curves, and in TensorBoard a few images with their predictions (training/tables.py, plots.py, run_log.py)."""
     metrics = evaluation.metrics
-    progress.write(f"step {run.step}: mean IoU {metrics['mean_iou']:.4f}, mean accuracy "
+    progress.write(f"step {run.loop.step}: mean IoU {metrics['mean_iou']:.4f}, mean accuracy "
                    f"{metrics['mean_accuracy']:.4f}, overall accuracy {metrics['overall_accuracy']:.4f}")
-    write_evaluation(run.out / "evaluations" / f"step-{run.step}", evaluation.confusion, run.spec.predicted_classes,
+    write_evaluation(run.out / "evaluations" / f"step-{run.loop.step}", evaluation.confusion, run.spec.predicted_classes,
                      metrics, draw=run.config.plots)
     if run.config.plots:  # from metrics.jsonl, which `log` has just flushed
         draw_curves([(run.out.name, read_log(run.out / "metrics.jsonl")[0])], run.out / "curves.png")
     if run.tensorboard and evaluation.shown:
-        run.tensorboard.predictions(run.step, *evaluation.shown)
+        run.tensorboard.predictions(run.loop.step, *evaluation.shown)
 
 
 def train(run: Run) -> dict:
     """The training cycle: a step, then log, evaluate and keep the best, checkpoint, and stop if any process
     was asked to. Returns the run's summary (with `interrupted`: the signal that stopped it, or None)."""
     config, meter = run.config, run.meter
-    progress = tqdm(total=run.total_steps, initial=run.step, disable=not run.is_main, dynamic_ncols=True)
+    progress = tqdm(total=run.loop.total_steps, initial=run.loop.step, disable=not run.is_main, dynamic_ncols=True)
     run.model.train()
     frozen_to_eval(run.frozen)
     stop = StopRequest()
     try:
-        while run.step < run.total_steps:
-            run.train_loader.sampler.set_position(run.epoch, run.batches_done * config.batch_size)
-            for micro_batches in groups_of(run.train_loader, config.grad_accum):
-                loss, lr = train_step(run, micro_batches)
-                meter.add_step(loss)
-                step, last = run.step, run.step == run.total_steps
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                     img_s=f"{meter.images_per_s(run.world_size):.1f}")
-
-                if due(step, config.log_every, last):
-                    log(run, {"step": step, "epoch": run.epoch, "loss": meter.loss / meter.steps, "lr": lr,
-                              "images_per_s": meter.images_per_s(run.world_size)})
-                    meter.restart()
-                if last:
-                    meter.check_something_trained()
-                evaluated = due(step, config.eval_every, last) and evaluate_run(run, loss=loss, lr=lr, stop=stop,
-                                                                                 progress=progress)
-                patience_out = evaluated and config.patience and run.since_best >= config.patience
-                saved = None
-                if due(step, config.save_every, last) or patience_out:
-                    saved = save(run, f"checkpoint-{step}")
-                    if run.is_main:
-                        prune_checkpoints(run.out, config.save_total_limit)
-                        if run.pusher and config.hub_strategy == "every_save":
-                            run.pusher.push(saved, f"checkpoint at step {step}")
-                if any_process(stop.signal is not None, run.world_size, run.device):
-                    path = saved or save(run, f"checkpoint-{step}")
-                    if run.is_main:
-                        progress.write(f"interrupted: saved {path}; continue with --resume {path}")
-                    return summary(run, interrupted=stop.signal or signal.SIGTERM)
-                if patience_out:  # early stopping: no better mean IoU in --patience evaluations
-                    log(run, {"step": step, "early_stop": True, "best_mean_iou": run.best_miou})
-                    if run.is_main:
-                        progress.write(f"early stop at step {step}: no better mean IoU in {config.patience} "
-                                       f"evaluations (best {run.best_miou:.4f}); saved {saved}")
-                    break
-                if last:
-                    break
-            else:  # the epoch ran out (an incomplete last group of micro-batches is dropped)
-                run.epoch, run.batches_done = run.epoch + 1, 0
+        for micro_batches in steps(run, at_epoch_end=meter.check_something_trained):
+            loss, lr = train_step(run, micro_batches)
+            after_step(run, progress, loss, lr)
+            step, last = run.loop.step, run.loop.last
+            if last:
                 meter.check_something_trained()
-                continue
-            break  # the last step, or an early stop
+            evaluated = due(step, config.eval_every, last) and evaluate_run(run, loss=loss, lr=lr, stop=stop,
+                                                                             progress=progress)
+            patience_out = evaluated and config.patience and run.since_best >= config.patience
+            saved = save(run, f"checkpoint-{step}") if due(step, config.save_every, last) or patience_out else None
+            if saved and run.is_main:
+                prune_checkpoints(run.out, config.save_total_limit)
+                if run.pusher and config.hub_strategy == "every_save":
+                    run.pusher.push(saved, f"checkpoint at step {step}")
+            if stopped(run, stop, saved, lambda name: save(run, name), progress):
+                return summary(run, interrupted=stop.signal or signal.SIGTERM)
+            if patience_out:  # early stopping: no better mean IoU in --patience evaluations
+                log(run, {"step": step, "early_stop": True, "best_mean_iou": run.best_miou})
+                if run.is_main:
+                    progress.write(f"early stop at step {step}: no better mean IoU in {config.patience} "
+                                   f"evaluations (best {run.best_miou:.4f}); saved {saved}")
+                break
     except DataError as e:  # a file that went bad during the run: the steps trained are kept
         raise DataError(f"{e}; {keep_trained_steps(run)}") from None
     finally:
@@ -384,12 +351,12 @@ def evaluate_run(run: Run, *, loss: float, lr: float, stop: StopRequest, progres
     if any_process(evaluation is None or (run.ema is not None and averaged is None), run.world_size, run.device):
         return False
     run.metrics = evaluation.metrics
-    log(run, {"step": run.step, "loss": loss, "lr": lr, **jsonable(run.metrics)}
+    log(run, {"step": run.loop.step, "loss": loss, "lr": lr, **jsonable(run.metrics)}
         | ({f"ema_{key}": value for key, value in jsonable(averaged.metrics).items()} if averaged else {}))
     if run.is_main:
         report_evaluation(run, evaluation, progress)
         if averaged:
-            progress.write(f"step {run.step}: moving average: mean IoU {averaged.metrics['mean_iou']:.4f}")
+            progress.write(f"step {run.loop.step}: moving average: mean IoU {averaged.metrics['mean_iou']:.4f}")
     judged = averaged.metrics if run.config.ema_best else run.metrics
     if judged["mean_iou"] > run.best_miou:
         run.best_miou, run.since_best = judged["mean_iou"], 0
@@ -403,16 +370,16 @@ def evaluate_run(run: Run, *, loss: float, lr: float, stop: StopRequest, progres
 def keep_trained_steps(run: Run) -> str:
     """Save the steps trained before a data error (one process: every process would have to take part), and
     say where they are."""
-    path = run.out / f"checkpoint-{run.step}"
-    if run.step == 0 or run.meter.trained_batches == 0 or run.world_size > 1:
+    path = run.out / f"checkpoint-{run.loop.step}"
+    if run.loop.step == 0 or run.meter.trained_batches == 0 or run.world_size > 1:
         return last_checkpoint_note(run.out)
     if not path.exists():
         save(run, path.name)
-    return f"the {run.step} steps trained are saved in {path}: fix the file, then --resume {path}"
+    return f"the {run.loop.step} steps trained are saved in {path}: fix the file, then --resume {path}"
 
 
 def summary(run: Run, *, interrupted: int | None = None) -> dict:
-    return {"step": run.step, "best_miou": run.best_miou, "skipped": len(run.meter.skipped),
+    return {"step": run.loop.step, "best_miou": run.best_miou, "skipped": len(run.meter.skipped),
             "unlabelled_batches": run.meter.unlabelled_batches, "interrupted": interrupted,
             "stopped_early": bool(run.config.patience and run.since_best >= run.config.patience), **run.metrics}
 
@@ -422,7 +389,7 @@ def report_end(run: Run) -> None:
     if run.metrics and run.config.plots:
         draw_per_class(run.metrics, classes, run.out / "per_class_iou.png")
     if run.pusher and (run.out / "best").is_dir():
-        if run.pusher.push(run.out / "best", f"best at step {run.step}: mean IoU {run.best_miou:.4f}"):
+        if run.pusher.push(run.out / "best", f"best at step {run.loop.step}: mean IoU {run.best_miou:.4f}"):
             print(f"pushed {run.out / 'best'} to {run.pusher.url}")
     if run.tensorboard:
         run.tensorboard.close()
@@ -433,7 +400,7 @@ def report_end(run: Run) -> None:
     if run.metrics:
         print(class_table(run.metrics, classes))
     best = run.out / "best"
-    print(f"\nbest mean IoU {run.best_miou:.4f}: {best}\nlast checkpoint: {run.out / f'checkpoint-{run.step}'}")
+    print(f"\nbest mean IoU {run.best_miou:.4f}: {best}\nlast checkpoint: {run.out / f'checkpoint-{run.loop.step}'}")
     print(f"try it:  python infer.py --checkpoint {best} <image or folder> --out {run.out / 'predictions'}")
 
 

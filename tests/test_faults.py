@@ -86,7 +86,7 @@ def corrupt_weights_after_step(monkeypatch, bad_step):
 
     def step_then_corrupt(run, micro_batches):
         result = original(run, micro_batches)
-        if run.step == bad_step:
+        if run.loop.step == bad_step:
             with torch.no_grad():
                 run.raw_model.encoder.stages[2].blocks[0].attn.q.weight.fill_(float("inf"))
         return result

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from training import loop
 from helpers import read_log, run_training
 from segformer import SegFormer
 from training.train_config import parse_command_line
@@ -29,9 +30,8 @@ def build(tmp_path, *flags):
 def steps(run, count):
     run.model.train()
     train.frozen_to_eval(run.frozen)
-    batches = train.groups_of(run.train_loader, run.config.grad_accum)
-    for _ in range(count):
-        train.train_step(run, next(batches))
+    for _, micro_batches in zip(range(count), loop.steps(run)):
+        train.train_step(run, micro_batches)
 
 
 def test_frozen_stages_do_not_move_have_no_optimizer_state_and_run_in_eval_mode(tmp_path):

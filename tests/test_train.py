@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 import train
 from helpers import TINY, read_log, run_training
-from training.train_config import TrainConfig, parse_command_line
 from segformer.errors import ConfigError
+from training.loop import steps
+from training.train_config import TrainConfig, parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_each_flag_changes_what_it_names(tmp_path, monkeypatch):
         clip(parameters, max_norm, **kwargs)
         seen["norm_after_clip"] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])).item()
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_measure)
-    loss, lr = train.train_step(run_, next(train.groups_of(run_.train_loader, run_.config.grad_accum)))
+    loss, lr = train.train_step(run_, next(steps(run_)))
     run_.log.close()
 
     assert seen["dtype"] == torch.bfloat16

@@ -1,16 +1,19 @@
 """The training loop's machinery, shared by train.py and pretrain.py, so that their loop bodies read as the
-cycle itself: the counters between log lines (`Meter`), the stop that Ctrl-C or SIGTERM asks for
-(`StopRequest`), micro-batches grouped into steps (`groups_of`), when a periodic job is due (`due`), the
-guard against weights that are not finite (`Diverged`, `non_finite_tensor`), the identity of a
-training split (`sample_list`), the loop's state saved and restored (`loop_state`, `restore_loop_state`),
-a run in its folder (`run_in_out_folder`) and the command line's exit status (`exit_status`)."""
+cycle itself: where the loop is (`LoopState`) and its steps, epoch after epoch (`steps`), the counters
+between log lines (`Meter`) and the line of each step (`after_step`), the stop that Ctrl-C or SIGTERM asks
+for (`StopRequest`, `stopped`), when a periodic job is due (`due`), the guard against weights that are not
+finite (`Diverged`, `non_finite_tensor`), the identity of a training split (`sample_list`), the loop's
+state saved and restored (`checkpoint_state`, `restore_loop_state`), a run in its folder
+(`run_in_out_folder`) and the command line's exit status (`exit_status`)."""
 
 import hashlib
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -20,7 +23,7 @@ from segformer.errors import ConfigError, UserError
 
 from .run_folder import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
 from .distributed import any_process, gather_rng_states, set_rng_states
-from .run_log import open_log
+from .run_log import open_log, write_record
 
 
 class Diverged(UserError):
@@ -43,6 +46,72 @@ def sample_list(names: list[str], root: str) -> list:
     recorded in each checkpoint, so that a resume on another set of files is refused."""
     names = [os.path.relpath(name, root) if Path(root).is_dir() else name for name in names]
     return [len(names), hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]]
+
+
+@dataclass
+class LoopState:
+    """Where a run is: the optimizer steps taken (of `total_steps`), the epoch, and the batches of it already
+    trained on (per process). Saved in every checkpoint and put back on --resume, so that the next step
+    reads the batch a straight run would have read."""
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.total_steps
+
+    def advance(self, batches: int) -> None:
+        """One optimizer step over `batches` micro-batches."""
+        self.step, self.batches_done = self.step + 1, self.batches_done + batches
+
+
+def steps(run, *, at_epoch_end: Callable[[], None] | None = None) -> Iterator[list[dict]]:
+    """The micro-batches of every optimizer step until `run.loop.total_steps`: grad_accum batches a step,
+    each epoch read from where the loop is (its sampler set to the position), an incomplete last group of an
+    epoch dropped, then the next epoch (`at_epoch_end()` between them). The caller takes the step
+    (`run.loop.advance`) before it asks for the next; breaking out of the loop stops it."""
+    loop, config = run.loop, run.config
+    while loop.step < loop.total_steps:
+        run.train_loader.sampler.set_position(loop.epoch, loop.batches_done * config.batch_size)
+        for micro_batches in groups_of(run.train_loader, config.grad_accum):
+            yield micro_batches
+            if loop.step >= loop.total_steps:
+                return
+        loop.epoch, loop.batches_done = loop.epoch + 1, 0
+        if at_epoch_end is not None:
+            at_epoch_end()
+
+
+def after_step(run, progress, loss: float, lr: float) -> None:
+    """What every step ends with: its loss counted, the progress bar moved, and every --log-every steps (and
+    at the last) a line of the log with the window's mean loss and speed."""
+    meter = run.meter
+    meter.add_step(loss)
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{meter.images_per_s(run.world_size):.1f}")
+    if due(run.loop.step, run.config.log_every, run.loop.last):
+        log(run, {"step": run.loop.step, "epoch": run.loop.epoch, "loss": meter.loss / meter.steps, "lr": lr,
+                  "images_per_s": meter.images_per_s(run.world_size)})
+        meter.restart()
+
+
+def log(run, record: dict) -> None:
+    """A record of the run's metrics.jsonl (rank 0 holds the log)."""
+    if run.log:
+        write_record(run.log, record)
+
+
+def stopped(run, stop: "StopRequest", saved: Path | None, save: Callable[[str], Path], progress) -> bool:
+    """Whether any process was asked to stop (Ctrl-C, SIGTERM); if so, the state after this step is saved
+    (`saved`, where this step already wrote a checkpoint, else `save(name)`) and said."""
+    if not any_process(stop.signal is not None, run.world_size, run.device):
+        return False
+    path = saved or save(f"checkpoint-{run.loop.step}")
+    if run.is_main:
+        progress.write(f"interrupted: saved {path}; continue with --resume {path}")
+    return True
 
 
 class Meter:
@@ -129,29 +198,29 @@ def due(step: int, every: int, last: bool) -> bool:
 
 # ---- what train.py's and pretrain.py's runs share: the loop's state saved and restored, the run folder -----
 # A run here is anything with the attributes both scripts' `Run` have: raw_model, optimizer, scheduler, scaler,
-# step, epoch, batches_done, world_size, rank, device, out, log, config.data.
+# loop (a LoopState), meter, world_size, rank, device, out, log, config (data, batch_size, grad_accum, log_every).
 
-def loop_state(run, *, samples: list, best: float) -> dict:
+def checkpoint_state(run, *, samples: list, best: float) -> dict:
     """What a checkpoint keeps of the loop, for an exact resume: optimizer, schedule, scaler, position, best
     validation score, every process's random states and the training samples. Every process takes part
     (the RNG gather); weights that are not all finite are never saved (Diverged). The log on disk is made
     to reach at least as far as the checkpoint."""
     bad = non_finite_tensor(run.raw_model)
     if any_process(bad is not None, run.world_size, run.device):
-        raise Diverged(f"the model's weights are not finite after step {run.step} ({bad or 'on another process'}); "
+        raise Diverged(f"the model's weights are not finite after step {run.loop.step} ({bad or 'on another process'}); "
                        f"stopping without saving: {last_checkpoint_note(run.out)}")
     if run.log:
         run.log.flush()
         os.fsync(run.log.fileno())
     return {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "step": run.step, "epoch": run.epoch,
-            "batches_done": run.batches_done, "best_miou": best, "world_size": run.world_size,
+            "scaler": run.scaler.state_dict(), "step": run.loop.step, "epoch": run.loop.epoch,
+            "batches_done": run.loop.batches_done, "best_miou": best, "world_size": run.world_size,
             "rng": gather_rng_states(run.world_size), "samples": samples}
 
 
 def restore_loop_state(run, state: dict, directory: Path, schedule, *, samples: list) -> None:
-    """Put the optimizer, schedule, scaler, random states and data position back where `loop_state` left
-    them, after checking that the processes and the training samples are the same; the learning rates of
+    """Put the optimizer, schedule, scaler, random states and data position back where `checkpoint_state` left
+    them (`checkpoint_state`), after checking that the processes and the training samples are the same; the learning rates of
     the next step come from `schedule`, which --max-steps/--epochs may have extended. The best score is the
     caller's to read (`state["best_miou"]`)."""
     if state["world_size"] != run.world_size:
@@ -166,12 +235,12 @@ def restore_loop_state(run, state: dict, directory: Path, schedule, *, samples: 
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
-    run.step, run.epoch, run.batches_done = state["step"], state["epoch"], state["batches_done"]
+    run.loop.step, run.loop.epoch, run.loop.batches_done = state["step"], state["epoch"], state["batches_done"]
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
-        group["lr"] = base_lr * schedule(run.step)
+        group["lr"] = base_lr * schedule(run.loop.step)
     set_rng_states(state["rng"][run.rank])
     if run.rank == 0:
-        print(f"resumed from {directory} at step {run.step} (epoch {run.epoch}, batch {run.batches_done})")
+        print(f"resumed from {directory} at step {run.loop.step} (epoch {run.loop.epoch}, batch {run.loop.batches_done})")
 
 
 def resume_then_open_log(run, resume: Path | None, schedule, restore) -> None:
@@ -182,16 +251,16 @@ def resume_then_open_log(run, resume: Path | None, schedule, restore) -> None:
     if resume:
         restore(run, resume, schedule)
         if run.is_main and continued:
-            check_rewind(run.out, resume, run.step)
+            check_rewind(run.out, resume, run.loop.step)
     if run.is_main:
-        run.log = open_log(run.out, resumed_at=run.step if continued else None)
+        run.log = open_log(run.out, resumed_at=run.loop.step if continued else None)
 
 
 def start_line(run, task: str, classes: int) -> str:
     """The run's first line: what trains on what, for how long, on what."""
     config = run.config
     return (f"{task} {run.raw_model.config.describe()} on {config.data} ({len(run.train_loader.dataset)} train / "
-            f"{len(run.eval_loader.dataset)} eval images, {classes} classes) for {run.total_steps} steps of "
+            f"{len(run.eval_loader.dataset)} eval images, {classes} classes) for {run.loop.total_steps} steps of "
             f"{config.batch_size * config.grad_accum * run.world_size} images on {run.world_size} x "
             f"{run.device.type}, amp={config.amp}")
 
