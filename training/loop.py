@@ -98,9 +98,12 @@ def after_step(run, progress, loss: float, lr: float) -> None:
 
 
 def log(run, record: dict) -> None:
-    """A record of the run's metrics.jsonl (rank 0 holds the log)."""
+    """A record of the run's metrics.jsonl (rank 0 holds the log) and, with --report-to tensorboard, its
+    scalars (an evaluation's under validation/, the rest under train/)."""
     if run.log:
         write_record(run.log, record)
+    if getattr(run, "tensorboard", None):
+        run.tensorboard.scalars(record["step"], record, "validation" if "mean_iou" in record else "train")
 
 
 def stopped(run, stop: "StopRequest", saved: Path | None, save: Callable[[str], Path], progress) -> bool:
