@@ -131,13 +131,18 @@ class Stage(nn.Module):
         self.norm = norm_layer(hidden_size)
         self.grad_checkpointing = False  # MixTransformer.set_grad_checkpointing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, each_block=None) -> torch.Tensor:
+        """(B, C_in, H_in, W_in) -> (B, C, H, W). `each_block(block, inputs, outputs, H, W)`, where given, sees
+        every block's (B, N, C) input and output as they pass (MixTransformer.forward_intermediates)."""
         x, H, W = self.patch_embed(x)  # (B, N, C)
         for block in self.blocks:
+            inputs = x
             if self.grad_checkpointing and torch.is_grad_enabled():  # keep the block's input only; recompute
                 x = checkpoint(block, x, H, W, use_reentrant=False)  # the rest in the backward (same RNG draws)
             else:
                 x = block(x, H, W)
+            if each_block is not None:
+                each_block(block, inputs, x, H, W)
         x = self.norm(x)
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)  # (B, C, H, W)
 
@@ -192,19 +197,18 @@ class MixTransformer(nn.Module):
         return features
 
     def forward_intermediates(self, x: torch.Tensor, *, attention: bool = False) -> Intermediates:
-        """The forward, step by step (as `Stage.forward` runs it), keeping every block's output and, with
-        `attention`, each block's attention probabilities (from its `attention_weights`, where it has one)."""
+        """The forward (`Stage.forward` itself), keeping every block's output and, with `attention`, each
+        block's attention probabilities (from its `attention_weights`, where it has one)."""
         out = Intermediates()
         for stage in self.stages:
-            tokens, H, W = stage.patch_embed(x)  # (B, N, C)
             blocks, weights = [], []
-            for block in stage.blocks:
+
+            def keep(block, inputs, outputs, H, W):
                 if attention:
                     explain = getattr(block.attn, "attention_weights", None)
-                    weights.append(explain(block.norm1(tokens), H, W) if explain else None)
-                tokens = block(tokens, H, W)
-                blocks.append(tokens)
-            x = stage.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, H, W)  # (B, C, H, W)
+                    weights.append(explain(block.norm1(inputs), H, W) if explain else None)
+                blocks.append(outputs)
+            x = stage(x, each_block=keep)  # (B, C, H, W)
             out.stages.append(x)
             out.blocks.append(blocks)
             out.attention.append(weights)
