@@ -30,7 +30,8 @@ from segformer import SegFormer
 from segformer.weight_layouts import WEIGHT_LAYOUTS
 from segformer.checkpoint import describe
 from segformer.files import write_json, write_safetensors, write_torch
-from segformer.errors import CheckpointError, ConfigError, UserError
+from segformer.cli import run_main
+from segformer.errors import CheckpointError, ConfigError
 
 TARGETS = ("hf", "smp", "mmseg")
 
@@ -106,12 +107,8 @@ def check(model: SegFormer, written: Path, *, encoder_only: bool) -> None:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    try:
-        convert(args.checkpoint, args.to, Path(args.out), encoder_only=args.encoder_only, trust_code=args.trust_code)
-    except UserError as e:  # the message names the file, key or flag
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_main(lambda: convert(args.checkpoint, args.to, Path(args.out), encoder_only=args.encoder_only,
+                                    trust_code=args.trust_code))
 
 
 if __name__ == "__main__":

@@ -47,16 +47,17 @@ from data import DataError, batch_to_device, build_loader
 from data.classification import ClassificationDataset, open_images
 from segformer.checkpoint import read_model_config
 from segformer.classification import ImageClassifier
-from segformer.parts import resolve_all, untrusted_parts
+from segformer.cli import SIZE_RANGE
 from segformer.config import PARTS, VARIANTS, SegFormerConfig
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
-from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
+from segformer.parts import resolve_all, untrusted_parts
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.loop import (Diverged, LoopState, Meter, StopRequest, after_step, checkpoint_state, due, exit_status,
                            log, restore_loop_state, resume_then_open_log, run_in_out_folder, sample_list, start_line,
                            steps, stopped)
 from training.plots import CLASSIFICATION_METRICS, draw_curves
+from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.run_log import jsonable, read_log
 from training.settings import Settings, parse_settings, setting
 
@@ -75,7 +76,7 @@ class PretrainConfig(Settings):
                                       high=0.99)
     image_column: str = setting("image", "image column of a Hugging Face dataset")
     label_column: str = setting("label", "label column of a Hugging Face dataset")
-    size: int = setting(64, "training crop and evaluation size", low=32, high=8192)
+    size: int = setting(64, "training crop and evaluation size", low=SIZE_RANGE[0], high=SIZE_RANGE[1])
     min_crop: float = setting(0.5, "RandomResizedCrop's smallest share of the image (DeiT: 0.08)", low=(0.0,),
                               high=1.0)
     workers: int = setting(0, "DataLoader worker processes per training process", low=0, high=256,

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segformer.errors import UserError
+from segformer.cli import run_main
 from segformer.labels import read_id2label
 
 from . import measure_bands
@@ -101,19 +101,20 @@ def report(args, split: str) -> dict:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    try:
-        splits = folder_splits(args.source, args.dataset_config)
-        layout = open_source(args.source, (args.split or ["train"])[0], train=True, test_size=0, strict=False,
-                             dataset_config=args.dataset_config, image_column=args.image_column,
-                             annotation_column=args.annotation_column).layout
-        print(f"{args.source}: {layout}")
-        if splits:
-            print("splits: " + ", ".join(f"{name} {count}" for name, count in splits.items()))
-        chosen = args.split or (list(splits) if splits else ["train"])
-        reports = {split: report(args, split) for split in chosen}
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_main(lambda: doctor(args))
+
+
+def doctor(args) -> int:
+    """What the data holds, split by split; 1 where it found problems."""
+    splits = folder_splits(args.source, args.dataset_config)
+    layout = open_source(args.source, (args.split or ["train"])[0], train=True, test_size=0, strict=False,
+                         dataset_config=args.dataset_config, image_column=args.image_column,
+                         annotation_column=args.annotation_column).layout
+    print(f"{args.source}: {layout}")
+    if splits:
+        print("splits: " + ", ".join(f"{name} {count}" for name, count in splits.items()))
+    chosen = args.split or (list(splits) if splits else ["train"])
+    reports = {split: report(args, split) for split in chosen}
     train = next((r for s, r in reports.items() if s in ("train", "training", "all")), next(iter(reports.values())))
     if train["stats"].pixels.any() and train["num_labels"] > 1:  # the binary head takes no class weights
         weights = median_frequency_weights(train["stats"])

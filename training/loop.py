@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from data import IGNORE_INDEX, DataError
+from segformer.cli import run_main
 from segformer.errors import ConfigError, UserError
 
 from .run_folder import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
@@ -295,12 +296,11 @@ def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, 
 def exit_status(execute, argv=None) -> int:
     """A training script's command line around its `execute`: 0 when done, 128 + the signal when stopped by
     Ctrl-C or SIGTERM (after saving), and a problem the user can fix as one line, with its type's exit code."""
-    try:
+    def status() -> int:
         result = execute(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return 128 + result["interrupted"] if result.get("interrupted") else 0
+    try:
+        return run_main(status)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
         print("\ninterrupted again: stopped without saving this step", file=sys.stderr)
         return 128 + signal.SIGINT
-    return 128 + result["interrupted"] if result.get("interrupted") else 0

@@ -5,6 +5,7 @@ command line, the resolution order) is training/settings.py's."""
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from segformer.cli import SIZE_RANGE
 from segformer.metrics import MAX_LABELS
 
 from .settings import Command, Settings, parse_settings, setting
@@ -32,7 +33,7 @@ class TrainConfig(Settings):
                                                "class k-1 (default: the data source's convention)")
     skip_bad: bool = setting(False, "skip undecodable or invalid samples with a warning instead of stopping",
                              may_change=True)
-    size: int = setting(128, "training crop / resize size and evaluation size", low=32, high=8192)
+    size: int = setting(128, "training crop / resize size and evaluation size", low=SIZE_RANGE[0], high=SIZE_RANGE[1])
     augment: Literal["guide", "paper"] = setting("guide", "training augmentation: the guide's ColorJitter or "
                                                           "the paper's rescale/crop/flip/photometric")
     eval_mode: Literal["resize", "aspect"] = setting("resize", "evaluation resize: the processor's square or "
