@@ -16,10 +16,6 @@ from segformer.visual import blend, pyplot, save_figure
 from .hub import eval_results
 from .tables import _number, spreadsheet_safe, write_csv, write_evaluation
 
-REPORT_SCALARS = tuple(m.key for m in metrics_where())  # every metric, over the data set
-
-
-PER_CLASS = tuple(m.per_class for m in metrics_where(per_class=True))  # and per class
 # The model card's headline, in this order: the metrics that say most first (the per-image mean beside the
 # data set's), each under its table header ("mean " + it for a per-class metric's mean).
 HEADLINE = ("mean_iou", "per_image_mean_iou", "frequency_weighted_iou", "mean_f1", "mean_precision", "mean_recall",
@@ -34,18 +30,19 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
     with these results: `report_card`). `sample_names(index)` names an image; `about` says what was
     evaluated. Returns report.json's content."""
     directory.mkdir(parents=True, exist_ok=True)
+    per_class_keys = [m.per_class for m in metrics_where(per_class=True)]  # every metric of METRICS, per class
     write_evaluation(directory, matrix, class_names, metrics)  # the confusion matrix; per_class.csv, rewritten below
     names = [spreadsheet_safe(name.strip()) for name in class_names]
     labelled = matrix.sum(1)
     per_class = [{"class": class_names[i].strip(), "labelled_pixels": int(labelled[i]),
-                  **{key: _json_number(metrics[f"per_category_{key}"][i]) for key in PER_CLASS}}
+                  **{key: _json_number(metrics[f"per_category_{key}"][i]) for key in per_class_keys}}
                  for i in range(len(class_names))]
     per_image = [{"image": sample_names(row["index"]), "labelled_pixels": row["pixels"],
                   "accuracy": _json_number(row["accuracy"]), "mean_iou": _json_number(row["mean_iou"]),
                   "iou": [_json_number(v) for v in row["iou"]]} for row in report.rows]
     worst = report.worst_images()
     content = {**about, "images": len(report.rows),
-               "metrics": {key: _json_number(metrics[key]) for key in REPORT_SCALARS},
+               "metrics": {m.key: _json_number(metrics[m.key]) for m in metrics_where()},
                "per_image_mean_iou": _json_number(report.per_image_mean_iou()),
                "boundary_width": f"{report.boundary.ratio:g} of each image's diagonal",
                "per_class": per_class, "per_image": per_image,
@@ -56,8 +53,8 @@ def write_report(directory: Path, metrics: dict, matrix: np.ndarray, report, cla
                **({"robustness": metrics["robustness"]} if "robustness" in metrics else {})}
     atomic_write(directory / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
 
-    write_csv(directory / "per_class.csv", [["class", *PER_CLASS, "labelled_pixels"]]
-              + [[names[i], *(_number(metrics[f"per_category_{key}"][i]) for key in PER_CLASS), int(labelled[i])]
+    write_csv(directory / "per_class.csv", [["class", *per_class_keys, "labelled_pixels"]]
+              + [[names[i], *(_number(metrics[f"per_category_{key}"][i]) for key in per_class_keys), int(labelled[i])]
                  for i in range(len(names))])
     write_csv(directory / "per_image.csv", [["image", "labelled_pixels", "accuracy", "mean_iou", *(f"iou {n}" for n in names)]]
               + [[spreadsheet_safe(row["image"]), row["labelled_pixels"], _number(row["accuracy"]),
@@ -176,17 +173,17 @@ def report_card(content: dict, card: str | None = None) -> str:
 
 def report_section(content: dict) -> str:
     """The report as a model card's results section (markdown)."""
-    m = content["metrics"]
+    m, per_class = content["metrics"], metrics_where(per_class=True)
     lines = [f"## Evaluation: {content.get('data')} {content.get('split')} ({content['images']} images)", "",
              f"`{content.get('checkpoint')}`, {content.get('eval_mode')} evaluation at {content.get('size')}.", "",
              "| " + " | ".join(headline_header(key) for key in HEADLINE) + " |", "|" + "---|" * len(HEADLINE),
              "| " + " | ".join(_fmt4(content["per_image_mean_iou"] if key == "per_image_mean_iou" else m[key])
                                for key in HEADLINE) + " |", "",
-             "| class | " + " | ".join(metric.header for metric in metrics_where(per_class=True)) + " |",
-             "|---|" + "---|" * len(PER_CLASS)]
+             "| class | " + " | ".join(metric.header for metric in per_class) + " |",
+             "|---|" + "---|" * len(per_class)]
     for row in content["per_class"]:
         if row["iou"] is not None:
-            lines.append(f"| {row['class']} | " + " | ".join(_fmt4(row[key]) for key in PER_CLASS) + " |")
+            lines.append(f"| {row['class']} | " + " | ".join(_fmt4(row[metric.per_class]) for metric in per_class) + " |")
     lines += ["", "Worst images (by their own mean IoU): " + ", ".join(f"`{n}`" for n in content["worst_images"]), ""]
     if "robustness" in content:
         r = content["robustness"]

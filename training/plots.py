@@ -11,13 +11,15 @@ one line says so and the numbers are still written). Several runs side by side, 
 """
 
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from segformer.errors import UserError
+from segformer.cli import run_main
+from segformer.errors import CheckpointError
 from segformer.metrics import metrics_where
 from segformer.visual import pyplot, save_figure
 
@@ -70,25 +72,30 @@ def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> Non
     save_figure(plt, figure, path)
 
 
-SEGMENTATION_METRICS = tuple(m.key for m in metrics_where(curves=True))  # mean IoU and accuracies
 
 
 CLASSIFICATION_METRICS = ("top1", "top5")  # pretrain.py's
 
 
-def draw_curves(runs: list[tuple[str, list[dict]]], path: Path, metrics=SEGMENTATION_METRICS) -> bool:
+def segmentation_metrics() -> tuple[str, ...]:
+    """The metrics of METRICS drawn in the curves: mean IoU and the accuracies."""
+    return tuple(m.key for m in metrics_where(curves=True))
+
+
+def draw_curves(runs: list[tuple[str, list[dict]]], path: Path, metrics=None) -> bool:
     """Loss and learning rate; the evaluations' `metrics` (mean IoU and accuracies; pretrain.py's top-1 and
     top-5); against step: one line per run."""
     plt = pyplot()
     if plt is None:
         return False
+    metrics = metrics or segmentation_metrics()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, records in runs:
         train = [r for r in records if metrics[0] not in r and "loss" in r and "lr" in r]
         evaluations = [r for r in records if metrics[0] in r]
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
         axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
-        for key, style in zip(metrics, ("-o", "--", ":")):
+        for key, style in zip(metrics, itertools.cycle(("-o", "--", ":", "-."))):
             axes[2].plot([r["step"] for r in evaluations], [r[key] for r in evaluations], style,
                          label=f"{name}: {key.replace('_', ' ')}" if len(runs) > 1 else key.replace("_", " "))
     for axis, title in zip(axes, ("training loss", "learning rate (encoder)", "validation")):
@@ -126,21 +133,20 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (each with its metrics.jsonl)")
     p.add_argument("--out", help="the figure (default: comparison.png, or the run's curves.png for one run)")
     args = p.parse_args(argv)
+    return run_main(lambda: compare(args))
+
+
+def compare(args) -> int:
     runs = []
     for folder in map(Path, args.runs):
         log = folder / "metrics.jsonl"
         if not log.is_file():
-            print(f"error: {log}: no such file (is {folder} a run folder?)", file=sys.stderr)
-            return 2
-        try:
-            runs.append((folder.name, read_log(log)[0]))
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
+            raise CheckpointError(f"{log}: no such file (is {folder} a run folder?)")
+        runs.append((folder.name, read_log(log)[0]))
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(runs) == 1
                                            else Path("comparison.png"))
     classification = any("top1" in record for _, records in runs for record in records)
-    if not draw_curves(runs, out, CLASSIFICATION_METRICS if classification else SEGMENTATION_METRICS):
+    if not draw_curves(runs, out, CLASSIFICATION_METRICS if classification else None):
         return 1
     print(f"wrote {out}")
     return 0
