@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.spec import decide_labels
 from segformer import SegFormer
-from segformer.checkpoint import describe
-from segformer.files import writable_folder
-from segformer.errors import UserError
 from segformer.bands import display_rgb, read_bands, to_band_tensor
+from segformer.cli import SIZE_RANGE, bounded, run_main
+from segformer.errors import ConfigError
+from segformer.files import writable_folder
 from segformer.images import load_image, to_tensor
 from segformer.metrics import logits_to_predictions
 from segformer.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from segformer.runtimes import load_for_inference
 from segformer.visual import overlay, pyplot, save_figure
 
 
@@ -184,7 +184,9 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, weights file or hub id")
     p.add_argument("--pixel", type=int, nargs=2, metavar=("ROW", "COL"),
                    help="the query pixel of the attention panels, in the image's own pixels (default: its centre)")
-    p.add_argument("--size", type=int, help="input size (default: the checkpoint's preprocessor_config.json, else 512)")
+    p.add_argument("--size", type=bounded(int, *SIZE_RANGE),
+                   help=f"input size, {SIZE_RANGE[0]}..{SIZE_RANGE[1]} (default: the checkpoint's "
+                        f"preprocessor_config.json, else 512)")
     p.add_argument("--out", default="tour", help="output folder (default: tour/)")
     p.add_argument("--trust-code", action="store_true",
                    help="import the code from outside this project that the checkpoint names as a part of its model")
@@ -198,31 +200,25 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: explain.py draws with matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
-    try:
-        facts = describe(args.checkpoint)
-        spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
-        model = SegFormer.from_pretrained(facts, trust_code=args.trust_code).eval()
-        pixels = read_bands(args.image) if spec.bands is not None else None  # full precision, every band
-        image = load_image(args.image) if spec.bands is None else display_rgb(pixels)
-        if spec.bands is not None:
-            to_band_tensor(pixels, args.image, spec.bands.count)  # the band count, checked
-    except UserError as e:  # the message names the file
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    size = spec.size
+    return run_main(lambda: explain(args))
+
+
+def explain(args) -> int:
+    """Load the model (the eager one: the tour reads inside it), read the image, run the tour, draw it."""
+    model, facts = load_for_inference(args.checkpoint, size=args.size, trust_code=args.trust_code, runtime="eager")
+    pixels = read_bands(args.image) if facts.bands is not None else None  # full precision, every band
+    image = load_image(args.image) if facts.bands is None else display_rgb(pixels)
+    if facts.bands is not None:
+        to_band_tensor(pixels, args.image, facts.bands.count)  # the band count, checked
+    size = facts.size
     pixel = tuple(args.pixel) if args.pixel else (image.height // 2, image.width // 2)
     if not (0 <= pixel[0] < image.height and 0 <= pixel[1] < image.width):
-        print(f"error: --pixel {pixel[0]} {pixel[1]}: outside the {image.width}x{image.height} image", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--pixel {pixel[0]} {pixel[1]}: outside the {image.width}x{image.height} image")
     for line in missing_parts(model):
         print(f"note: {line}")
-    result = tour(model, image, size=size, pixel=pixel, bands=spec.bands, pixels=pixels)
-    names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
-    try:
-        out = writable_folder(args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    result = tour(model, image, size=size, pixel=pixel, bands=facts.bands, pixels=pixels)
+    names, colours = dict(enumerate(facts.predicted_classes)), facts.palette
+    out = writable_folder(args.out)
     shown = panels(model, image, result, colours, size)
     last = result["attention"][-1]
     heads = (last[0], len(result["attention"]), size, result["query"], shown["input"][1].mean(2)) if last else None

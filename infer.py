@@ -2,7 +2,7 @@
 
     python infer.py --checkpoint runs/synthetic/best photo.jpg photos/ --out predictions/
     python infer.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 room.jpg --mode slide --tta
-    python infer.py --onnx exported/model.onnx photos/ --threads 2     # an export.py graph, through ONNX Runtime
+    python infer.py --checkpoint exported/model.onnx photos/ --threads 2   # an export.py graph, through ONNX Runtime
     python infer.py            # demo: the checkpoint `python train.py` wrote, on fresh synthetic scenes
 
 For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <stem>_overlay.png
@@ -36,15 +36,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.spec import decide_labels
-from segformer import SegFormer
-from segformer.checkpoint import describe
-from segformer.files import atomic_write, writable_folder
+from segformer.bands import display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
+from segformer.cli import SIZE_RANGE, bounded, run_main
 from segformer.device import check_device
 from segformer.errors import UserError
-from segformer.bands import display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
+from segformer.files import atomic_write, writable_folder
 from segformer.images import is_image_file, load_image
 from segformer.inference import Predictor
+from segformer.runtimes import RUNTIMES, load_for_inference
 from segformer.visual import overlay
 
 DEMO_CHECKPOINT = Path("runs/synthetic/best")
@@ -55,17 +54,21 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id")
-    source.add_argument("--onnx", help="an ONNX graph written by export.py, run by ONNX Runtime (its side files "
-                                       "give the input size and class names)")
+    source.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id, or a model export.py "
+                                             "wrote (model.onnx: run by its runtime, segformer/runtimes/; its side "
+                                             "files give the input size and class names)")
+    source.add_argument("--onnx", help="an ONNX graph written by export.py, run by ONNX Runtime (as --checkpoint "
+                                       "FILE.onnx)")
     p.add_argument("--out", help="output folder (default: predictions/, or the demo's)")
     p.add_argument("--mode", choices=["resize", "aspect", "slide"], default="resize",
                    help="resize: the processor's size x size squash (the guide); aspect: short side = size; "
                         "slide: windows over the full-resolution image")
-    p.add_argument("--size", type=bounded(int, 32, 8192),
-                   help="model input size, 32..8192 (default: the checkpoint's preprocessor_config.json, else 512)")
-    p.add_argument("--window", type=bounded(int, 32, 8192), default=512, help="sliding window size, 32..8192")
-    p.add_argument("--stride", type=bounded(int, 1, 8192), default=341,
+    p.add_argument("--size", type=bounded(int, *SIZE_RANGE),
+                   help=f"model input size, {SIZE_RANGE[0]}..{SIZE_RANGE[1]} (default: the checkpoint's "
+                        f"preprocessor_config.json, else 512)")
+    p.add_argument("--window", type=bounded(int, *SIZE_RANGE), default=512,
+                   help=f"sliding window size, {SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
+    p.add_argument("--stride", type=bounded(int, 1, SIZE_RANGE[1]), default=341,
                    help="sliding window stride, 1..window")
     p.add_argument("--tta", action="store_true", help="average over horizontal flips and scales")
     p.add_argument("--scales", type=bounded(float, 0.1, 8.0), nargs="+", default=[0.75, 1.0, 1.25],
@@ -96,20 +99,6 @@ def get_args(argv=None):
     if args.mode == "slide" and args.stride > args.window:
         p.error(f"argument --stride: must be at most --window ({args.window}), got {args.stride}")
     return args
-
-
-def bounded(kind, low, high):
-    """argparse `type=`: a number of `kind` within [low, high], or an error naming the range."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
-        return value
-    return parse
 
 
 def find_images(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -245,33 +234,24 @@ def main(args) -> int:
         print("error: give --checkpoint (or --onnx) and at least one image or folder (or neither, for the demo)",
               file=sys.stderr)
         return 2
+    return run_main(lambda: segment(args, source, demo=demo))
+
+
+def segment(args, source: str, *, demo: bool) -> int:
+    """Load the model (from the library: segformer.runtimes.load_for_inference), then segment every image."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if args.device:
-            check_device(args.device)
-        if args.onnx:
-            from segformer.onnx import OnnxModel
-            model = OnnxModel(args.onnx, threads=args.threads)
-            facts = model.facts
-        else:
-            facts = describe(args.checkpoint)
-            model = SegFormer.from_pretrained(facts, trust_code=args.trust_code)
-        spec, _ = decide_labels(checkpoint=facts, size=args.size)  # input size, names and colours
-    except UserError as e:  # the message names the file
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    predictor = Predictor(model, size=spec.size, mode=args.mode, window=args.window, stride=args.stride,
-                          tta=args.tta, scales=args.scales, device="cpu" if args.onnx else args.device,
-                          amp=args.amp, channels_last=args.channels_last and not args.onnx,
-                          compile=args.compile and not args.onnx, memory_mb=args.memory_mb, bands=spec.bands,
-                          temperature=facts.temperature)
-    names, colours = dict(enumerate(spec.predicted_classes)), spec.palette
-    try:
-        out = writable_folder(args.out or "predictions")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    if args.device:
+        check_device(args.device)
+    model, facts = load_for_inference(source, size=args.size, trust_code=args.trust_code, threads=args.threads,
+                                      runtime="onnx" if args.onnx else None)
+    runtime = RUNTIMES[facts.runtime]  # where it runs; channels-last and compile are PyTorch's own
+    predictor = Predictor(model, **facts.predictor_options, mode=args.mode, window=args.window, stride=args.stride,
+                          tta=args.tta, scales=args.scales, device=runtime.device(args.device), amp=args.amp,
+                          channels_last=args.channels_last and runtime.torch_module,
+                          compile=args.compile and runtime.torch_module, memory_mb=args.memory_mb)
+    names, colours = dict(enumerate(facts.predicted_classes)), facts.palette
+    out = writable_folder(args.out or "predictions")
 
     files = find_images(args.inputs)
     failed, kept, written = [], [], 0
@@ -289,11 +269,7 @@ def main(args) -> int:
             written += 1
 
     if args.format and not failed:
-        try:
-            write_formats(args.format, files, out, names, tolerance=args.polygon_tolerance)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
+        write_formats(args.format, files, out, names, tolerance=args.polygon_tolerance)
     print(f"{written} image(s) segmented into {out}/", end="")
     print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")
     print(f"; {len(failed)} failed:" if failed else "")

@@ -32,13 +32,10 @@ from tqdm import tqdm
 from data import DataError, batch_to_device
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
 from segformer.checkpoint import CheckpointFacts, describe, read_model_config
-from segformer.parts import resolve, resolve_all, untrusted_parts
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast
 from segformer.errors import ConfigError
-from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
-from training.settings import Command
-from training.train_config import TrainConfig, parse_command_line
+from segformer.parts import resolve, resolve_all, untrusted_parts
 from training.data import open_data
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
 from training.eval_only import evaluate_checkpoint
@@ -49,8 +46,11 @@ from training.loop import (Diverged, LoopState, Meter, StopRequest, after_step, 
                            log, restore_loop_state, resume_then_open_log, run_in_out_folder, sample_list, start_line,
                            steps, stopped)
 from training.plots import draw_curves, draw_per_class
+from training.run_folder import last_checkpoint_note, load_training_state, prune_checkpoints, save_checkpoint
 from training.run_log import TensorBoard, jsonable, read_log
+from training.settings import Command
 from training.tables import class_table, write_evaluation
+from training.train_config import TrainConfig, parse_command_line
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 

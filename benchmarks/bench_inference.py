@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segformer import SegFormer  # noqa: E402
-from segformer.onnx import onnx_session  # noqa: E402
+from segformer.runtimes.onnx import onnx_session  # noqa: E402
 
 
 def export_transformers(model, x, path: Path) -> None:
@@ -53,7 +53,8 @@ def main():
 
     from transformers import SegformerForSemanticSegmentation
 
-    from export import check_images, export_onnx, quantize_int8
+    from export import check_images
+    from segformer.runtimes.onnx import export_onnx, quantize_int8
     torch.manual_seed(0)
     ours = SegFormer.from_variant(args.model, num_labels=args.num_labels).eval()
     tmp = Path(tempfile.mkdtemp())

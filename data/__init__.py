@@ -1,7 +1,9 @@
-"""Data for SegFormer: sources (synthetic scenes, dataset folders in the ADE20K, Cityscapes, Pascal VOC,
-mmsegmentation or manifest layouts, Hugging Face datasets), the label spec decided once (`spec.py`), label
-mappings, joint image/mask transforms identical to the reference image processor, and the DataLoader.
-`python -m data <source>` checks a data set.
+"""Data for SegFormer: sources (`sources.py`: synthetic scenes, dataset folders, Hugging Face datasets), the
+folder layouts recognised (`folders.py`: ADE20K, Cityscapes, Pascal VOC, mmsegmentation, COCO, LabelMe, CVAT,
+as one ordered table, FOLDER_LAYOUTS), the `dataset.json` schema (`manifest.py`), labelling tools' formats
+(`labelling.py`), the label spec decided once (`spec.py`), label mappings (`mapping.py`), joint image/mask
+transforms identical to the reference image processor, and the DataLoader. `python -m data <source>` checks
+a data set.
 
     from data import batch_to_device, build_dataset, build_loader
     ds = build_dataset("synthetic", split="validation")

@@ -27,7 +27,8 @@ from segformer.bands import Bands  # noqa: F401 (the annotations' type)
 from segformer.errors import ConfigError
 from segformer.labels import default_name, is_default_names
 from segformer.metrics import predicted_classes
-from segformer.visual import palette as generated_palette
+from segformer.preprocess import DEFAULT_SIZE
+from segformer.visual import class_colours
 
 from .mapping import ADE, LabelMapping
 
@@ -89,19 +90,16 @@ def agree(names, other) -> bool:
 
 def decide_labels(*, data: SourceLabels | None = None, checkpoint=None, pretrained=None,
                   id2label: dict[int, str] | None = None, id2label_origin: str = "--id2label",
-                  num_labels: int | None = None, reduce_labels: bool | None = None, size: int | None = None,
-                  default_size: int = 512) -> tuple[LabelSpec, list[str]]:
+                  num_labels: int | None = None, reduce_labels: bool | None = None,
+                  size: int | None = None) -> tuple[LabelSpec, list[str]]:
     """(the spec, the lines to say) from what the data says (`data`), the checkpoint whose classifier is
     the model (`checkpoint`: resumed, evaluated, run or exported; a `segformer.checkpoint.CheckpointFacts`),
     the weights a run starts from (`pretrained`, facts too), and what the user asked for (`id2label` with the
     flag or file it came from, `num_labels`, `reduce_labels`, `size`; None: not asked). A refusal is a
     ConfigError that says what to do."""
     lines = []
-    if checkpoint is not None and checkpoint.class_names is None:
-        if checkpoint.conflict:
-            raise ConfigError(f"{checkpoint.conflict}: correct its config.json")
-        raise ConfigError(f"{checkpoint.source} holds an encoder only (no decode head), which cannot segment: "
-                          f"fine-tune it first (train.py --pretrained {checkpoint.source}) and use that checkpoint")
+    if checkpoint is not None:
+        checkpoint.segmentation_classes()  # an encoder only, or a config.json at odds with its weights: refused
 
     # The reduction: the flag's, else the checkpoint's, else the data's (stated, or its layout's guess).
     stated = reduce_labels is not None or data is None or data.known
@@ -155,13 +153,15 @@ def decide_labels(*, data: SourceLabels | None = None, checkpoint=None, pretrain
 
     # The colours: the data's, the checkpoint's, a pretrained head's, or the known or generated ones: what fits.
     predicted = predicted_classes(list(names))
-    candidates = [data.palette if data is not None else None, checkpoint.palette if checkpoint else None,
-                  pretrained.palette if kind == "pretrained" else None]
-    colours = next((tuple(map(tuple, c)) for c in candidates if c and len(c) == len(predicted)),
-                   tuple(generated_palette(len(predicted), dict(enumerate(predicted)))))
+    colours = class_colours(predicted, data.palette if data is not None else None,
+                            checkpoint.palette if checkpoint else None,
+                            pretrained.palette if kind == "pretrained" else None)
 
-    size = size or (checkpoint.size if checkpoint is not None else None) or \
-        (data.native_size if data is not None else None) or default_size
+    # The input size: asked for, else the checkpoint's (the size its model was trained at, or the image
+    # processor's where its files do not say, as inference uses), else the data's own, else the processor's.
+    if checkpoint is not None:
+        size = size or checkpoint.size or DEFAULT_SIZE
+    size = size or (data.native_size if data is not None else None) or DEFAULT_SIZE
     mapping = data.mapping.with_reduce_labels(reduce_labels) if data is not None else None
     return LabelSpec(class_names=names, reduce_labels=reduce_labels, palette=colours, size=size, mapping=mapping,
                      convention_stated=stated or not from_data, bands=decide_bands(data, checkpoint)), lines

@@ -14,7 +14,7 @@ from . import weight_layouts
 from .bands import Bands
 from .calibration import read_temperature
 from .config import SegFormerConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .files import read_json_object, write_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
@@ -184,6 +184,15 @@ class CheckpointFacts:
         if self.head_labels is None or self.conflict:
             return None
         return tuple(self.config.label_names())
+
+    def segmentation_classes(self) -> tuple[str, ...]:
+        """`class_names`, or a ConfigError saying why this checkpoint cannot segment and what to do."""
+        if self.class_names is not None:
+            return self.class_names
+        if self.conflict:
+            raise ConfigError(f"{self.conflict}: correct its config.json")
+        raise ConfigError(f"{self.source} holds an encoder only (no decode head), which cannot segment: "
+                          f"fine-tune it first (train.py --pretrained {self.source}) and use that checkpoint")
 
 
 def describe(source: str | Path) -> CheckpointFacts:

@@ -10,6 +10,7 @@ bug, and keeps its traceback.
     │   └── WeightLayoutError (segformer.weight_layouts) weights that do not fit the model or a known layout
     ├── DataError          a sample, an annotation, a manifest key, a data source
     ├── ConfigError        a setting that cannot be honoured, or settings that contradict each other
+    ├── ExportError        exit 1: a model that cannot be exported, or whose written graph does not reproduce it
     ├── HubError           (training.hub) the hub cannot be used as asked
     ├── RunLocked          (training.run_folder) exit 75: another run holds the folder; try again later
     └── Diverged           (training) exit 1: the loss or the weights stopped being finite
@@ -32,3 +33,10 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A setting that cannot be honoured, or settings that contradict each other; names the flag or key."""
+
+
+class ExportError(UserError):
+    """The model cannot be traced, or the written graph does not reproduce it (then the file is there, but
+    not to be trusted)."""
+
+    exit_code = 1

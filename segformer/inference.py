@@ -40,7 +40,7 @@ from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
 from .device import AMP_DTYPES, autocast
-from .preprocess import aspect_size, normalize, resize_image
+from .preprocess import DEFAULT_SIZE, aspect_size, normalize, resize_image
 
 ROWS = 512  # rows of a label map updated at a time: small temporaries
 
@@ -229,13 +229,13 @@ def keep_best(scores: torch.Tensor, first: int, best: torch.Tensor, label_map: t
 # ---- the predictor -------------------------------------------------------------------------------------
 
 class Predictor:
-    """model: a `SegFormer`, or any module-like object with `id2label` and a forward from normalised
-    pixel values to logits (an exported graph: `segformer.onnx.OnnxModel`).
+    """model: any `segformer.runtimes.InferenceModel`: a `SegFormer`, or a graph a runtime runs
+    (`segformer.runtimes.onnx.OnnxModel`): `id2label`, and a forward from normalised pixel values to logits.
 
     channels_last / compile: the faster CPU paths of eager PyTorch; memory_mb: the memory the
     full-size logits and the windows may take (the chunking above)."""
 
-    def __init__(self, model, *, size: int = 512, mode: str = "resize", window: int = 512, stride: int = 341,
+    def __init__(self, model, *, size: int = DEFAULT_SIZE, mode: str = "resize", window: int = 512, stride: int = 341,
                  tta: bool = False, scales=(0.75, 1.0, 1.25), flip: bool = True, device=None, amp: str = "off",
                  batch_size: int = 4, channels_last: bool = False, compile: bool = False, memory_mb: int = 512,
                  bands: Bands | None = None, temperature: float | None = None):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = 512  # SegformerImageProcessor's size: the input size of a model whose files name none
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -30,6 +30,15 @@ def palette(num_labels: int, id2label: dict[int, str] | None = None) -> list[tup
     return colours
 
 
+def class_colours(predicted: list[str], *candidates) -> tuple:
+    """A colour per predicted class: the first of `candidates` (palettes: the data's, the checkpoint's, ...;
+    None where there is none) with one colour per class, else the known or generated ones (`palette`)."""
+    fitting = next((c for c in candidates if c and len(c) == len(predicted)), None)
+    if fitting is not None:
+        return tuple(map(tuple, fitting))
+    return tuple(palette(len(predicted), dict(enumerate(predicted))))
+
+
 def blend(image: np.ndarray, label_map: np.ndarray, colours, alpha: float = 0.5) -> np.ndarray:
     """(..., H, W, 3) uint8 images and (..., H, W) class ids -> the images with each pixel's class colour
     blended in at opacity `alpha`, uint8."""

@@ -13,6 +13,7 @@ from data import DataError, build_dataset
 from helpers import read_log, run_training
 from segformer import SegFormer
 from segformer.bands import adapt_input_conv, read_bands
+from segformer.errors import ConfigError
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -114,7 +115,7 @@ def test_a_four_band_tiff_set_trains_fine_tunes_from_rgb_infers_geotiff_and_expo
     assert infer.main(infer.get_args(["--onnx", str(tmp_path / "onnx" / "model.onnx"), str(tmp_path / "scene.tif"),
                                       "--out", str(tmp_path / "pred_onnx")])) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pred_onnx" / "scene_mask.png")), mask)
-    with pytest.raises(export.ConfigError, match=r"reads 4-band images at full precision: --label-map"):
+    with pytest.raises(ConfigError, match=r"reads 4-band images at full precision: --label-map"):
         export.export_checkpoint(str(best), tmp_path / "onnx2", label_map=True)
 
 

@@ -104,7 +104,7 @@ def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tm
     import export
     from segformer import SegFormer
     from segformer.checkpoint import describe
-    from segformer.onnx import OnnxModel
+    from segformer.runtimes.onnx import OnnxModel
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoint, model_dir)
     metrics, content = report(model_dir, tmp_path / "report", "--calibrate")

@@ -17,7 +17,8 @@ from segformer.checkpoint import write_preprocessor_config
 from segformer.files import write_json
 from segformer.inference import Predictor
 from segformer.errors import CheckpointError
-from segformer.onnx import onnx_session
+from segformer.runtimes import onnx as onnx_runtime
+from segformer.runtimes.onnx import onnx_session
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_onnx_runtime_equals_eager_at_two_shapes_from_one_export(exported):
     below the 61 pixels the trace assumed."""
     model, _, out, _ = exported
     shapes = [(1, 3, 512, 512), (2, 3, 320, 480), (1, 3, 32, 40)]
-    assert export.check_logits(model, out / "model.onnx", shapes) <= 1e-4
+    assert onnx_runtime.check_logits(model, out / "model.onnx", shapes) <= 1e-4
     operators = [(node.domain, node.op_type) for node in onnx.load(out / "model.onnx").graph.node]
     assert operators.count(("com.microsoft", "MultiHeadAttention")) == 4  # one per block: ONNX Runtime's kernel
     assert ("", "Softmax") not in operators
@@ -69,11 +70,11 @@ def test_the_side_files_carry_size_labels_and_colours(exported):
 def test_int8_is_written_with_its_measured_agreement(exported, tmp_path):
     """Static (the fixture's: calibrated, every convolution and matrix product int8) and dynamic."""
     _, _, out, _ = exported
-    export.quantize_int8(out / "model.onnx", tmp_path / "dynamic.onnx")
+    onnx_runtime.quantize_int8(out / "model.onnx", tmp_path / "dynamic.onnx")
     inputs = export.check_images(None, 64, count=2)
     for int8, kernels in ((out / "model.int8.onnx", {"QLinearConv", "QLinearMatMul"}),
                           (tmp_path / "dynamic.onnx", {"DynamicQuantizeLinear", "ConvInteger"})):
-        assert 0.5 < export.mask_agreement(out / "model.onnx", int8, inputs) <= 1.0
+        assert 0.5 < onnx_runtime.mask_agreement(out / "model.onnx", int8, inputs) <= 1.0
         assert int8.stat().st_size < 0.5 * (out / "model.onnx").stat().st_size  # int8 weights
         optimised = tmp_path / f"{int8.stem}.optimised.onnx"
         options = ort.SessionOptions()
@@ -132,7 +133,7 @@ def test_export_errors_are_one_line(tmp_path, capsys):
                             str(tmp_path / "empty")]) == 2
         assert f"{tmp_path / 'empty'}: no images in it" in capsys.readouterr().err
         assert not (tmp_path / "out" / "model.onnx").exists()
-    from segformer.onnx import OnnxModel
+    from segformer.runtimes.onnx import OnnxModel
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(CheckpointError, match=r"model\.onnx: ONNX Runtime cannot load it"):
         OnnxModel(tmp_path / "model.onnx")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import export
 import infer
 from segformer import SegFormer, SegFormerConfig
 from segformer.images import load_image
@@ -298,3 +299,40 @@ def test_infer_writes_the_confidence_map_and_segment_scores(small_model, tmp_pat
     assert (margin <= top).all() and entropy.shape == (48, 64) and entropy.max() <= 255
     segments = json.loads((tmp_path / "out" / "photo.json").read_text())["segments"]
     assert all(0.2 <= s["score"] <= 1 for s in segments)
+
+
+def test_the_installed_package_alone_does_what_infer_does(tmp_path):
+    """What pyproject installs (its `packages`: neither data/ nor training/) loads a checkpoint for inference
+    and predicts: in a fresh interpreter whose path holds those packages alone, load_for_inference and the
+    Predictor give infer.py's mask, at the size the checkpoint records, with its classes."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    for package in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]:
+        folder = package.replace(".", "/")
+        (site / folder).mkdir(parents=True)
+        for file in (root / folder).glob("*.py"):
+            shutil.copy(file, site / folder / file.name)
+    torch.manual_seed(0)
+    model = randomize_(SegFormer.from_variant("b0", num_labels=3, id2label={0: "sky", 1: "road", 2: "car"}), seed=1)
+    model.save_pretrained(tmp_path / "trained")
+    export.export_checkpoint(str(tmp_path / "trained"), tmp_path / "model", runtime="eager", size=64)
+    random_image(50, 70, seed=4).save(tmp_path / "photo.png")
+    assert infer.main(infer.get_args(["--checkpoint", str(tmp_path / "model"), str(tmp_path / "photo.png"),
+                                      "--out", str(tmp_path / "infer")])) == 0
+    script = (
+        "import importlib.util, sys, numpy, segformer\n"
+        "assert importlib.util.find_spec('data') is None and importlib.util.find_spec('training') is None\n"
+        "assert segformer.__file__.startswith(sys.argv[1]), segformer.__file__\n"
+        "model, facts = segformer.load_for_inference('model')\n"
+        "assert facts.size == 64 and facts.class_names == ('sky', 'road', 'car'), facts\n"
+        "prediction = segformer.Predictor(model, **facts.predictor_options)(segformer.load_image('photo.png'))\n"
+        "numpy.save('library.npy', prediction.label_map.numpy())\n")
+    done = subprocess.run([sys.executable, "-P", "-c", script, str(site)], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "library.npy"),
+                          np.asarray(Image.open(tmp_path / "infer" / "photo_mask.png")))

@@ -10,17 +10,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data.__main__ as doctor
-import export
 import infer
 import train
 from data import SourceLabels, decide_labels
 from data.folders import MMSEG_DEFAULT
 from data.mapping import ADE, IDENTITY
 from helpers import random_image, run_training, write_ade_folder
-from segformer import SegFormer
+from segformer import SegFormer, load_for_inference
 from segformer.checkpoint import describe
 from segformer.errors import CheckpointError, ConfigError
 from segformer.labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
+from segformer.runtimes.onnx import write_side_files
 
 QUICK = ["--size", "32", "--batch-size", "2", "--warmup-steps", "0", "--log-every", "1", "--eval-every", "2",
          "--save-every", "2", "--max-steps", "2", "--no-plots"]
@@ -156,8 +156,8 @@ def test_eval_only_infer_explain_and_export_read_the_checkpoint_the_same_way(tmp
     random_image(30, 20).save(tmp_path / "x.png")
     assert infer.main(infer.get_args(["--checkpoint", str(checkpoint), str(tmp_path / "x.png"), "--out",
                                       str(tmp_path / "pred")])) == 0
-    spec, _ = decide_labels(checkpoint=facts)
-    export.write_sidecars(spec, tmp_path / "side")
+    _, for_inference = load_for_inference(checkpoint)
+    write_side_files(for_inference, tmp_path / "side")
     preprocessor = json.loads((tmp_path / "side" / "preprocessor_config.json").read_text())
     assert preprocessor["size"] == {"height": 32, "width": 32} and preprocessor["do_reduce_labels"] is False
     assert json.loads((tmp_path / "side" / "palette.json").read_text()) == json.loads(

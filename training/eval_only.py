@@ -11,31 +11,31 @@ from tqdm import tqdm
 
 from data import build_dataset, decide_labels
 from data.corruptions import SEVERITIES, Corruption, parse_corruptions
-from segformer import SegFormer
 from segformer.calibration import CALIBRATION_FILE, TEMPERATURES
-from segformer.checkpoint import describe
-from segformer.files import write_json
 from segformer.device import autocast, resolve_amp
-from training.settings import Command
-from training.train_config import TrainConfig
 from segformer.errors import ConfigError
+from segformer.files import write_json
+from segformer.runtimes import load_for_inference
 from training.data import build_eval_loader, open_split
-from training.evaluation import Report, evaluate
 from training.eval_report import write_report
+from training.evaluation import Report, evaluate
+from training.settings import Command
 from training.tables import class_table, robustness_table
+from training.train_config import TrainConfig
 
 
 def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) -> dict:
     """--eval-only: the data through the label spec the checkpoint implies (its classes, input size and
     label reduction, unless a flag says otherwise), then the same `evaluate` as training."""
     config, given = command.config, command.given
-    facts = describe(command.checkpoint)
+    model, loaded = load_for_inference(command.checkpoint, trust_code=command.trust_code, runtime="eager")
+    facts = loaded.checkpoint  # what the checkpoint says of itself: the label spec decides with the data's word
     samples = open_split(config, config.eval_split, train=False)
     spec, notes = decide_labels(data=samples.labels, checkpoint=facts,
                                 reduce_labels=config.reduce_labels if "reduce_labels" in given else None,
-                                size=config.size if "size" in given else None, default_size=config.size)
+                                size=config.size if "size" in given else None)
     config = replace(config, size=spec.size, reduce_labels=spec.reduce_labels, amp=resolve_amp(config.amp, device))
-    model = SegFormer.from_pretrained(facts, trust_code=command.trust_code).to(device)
+    model = model.to(device)
     eval_set = build_dataset(samples, spec=spec, train=False, eval_mode=config.eval_mode, skip_bad=config.skip_bad)
     classes = spec.predicted_classes
     folder = facts.weights.parent
