@@ -113,7 +113,8 @@ def pair_by_stem(images_dir: Path, annotations_dir: Path, *, image_suffix: str |
     return pairs, unpaired
 
 
-def _folder_pairs(images_dir: Path, annotations_dir: Path, **suffixes):
+def folder_pairs(images_dir: Path, annotations_dir: Path, **suffixes):
+    """A split of a layout: images and annotations paired by stem when the split is read."""
     return lambda: pair_by_stem(images_dir, annotations_dir, **suffixes)
 
 
@@ -123,10 +124,10 @@ def ade_layout(root: Path, suffixes: dict) -> FolderLayout:
     images, annotations = root / "images", root / "annotations"
     splits = subfolders(images)
     if not splits:  # flat: one split, convention unknown
-        return FolderLayout("images/ + annotations/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+        return FolderLayout("images/ + annotations/ folder", {"all": folder_pairs(images, annotations, **suffixes)},
                       mapping=ADE, known=False)
     return FolderLayout("ADEChallengeData2016 folder",
-                  {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
+                  {s: folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
                   class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, mapping=ADE)
 
 
@@ -179,10 +180,10 @@ def mmseg_layout(root: Path, suffixes: dict) -> FolderLayout:
     images, annotations = root / "img_dir", root / "ann_dir"
     splits = subfolders(images)
     if not splits:
-        return FolderLayout("img_dir/ + ann_dir/ folder", {"all": _folder_pairs(images, annotations, **suffixes)},
+        return FolderLayout("img_dir/ + ann_dir/ folder", {"all": folder_pairs(images, annotations, **suffixes)},
                       mapping=MMSEG_DEFAULT, known=False)
     return FolderLayout("mmsegmentation img_dir/ + ann_dir/ folder",
-                  {s: _folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
+                  {s: folder_pairs(images / s, annotations / s, **suffixes) for s in splits},
                   mapping=MMSEG_DEFAULT, known=False)
 
 
@@ -313,7 +314,8 @@ class FolderLayoutRule:
     build: Callable[[Found, object], FolderLayout]
 
 
-def _dirs(*names):
+def has_folders(*names):
+    """A row's `find`: the root, where it has all these folders."""
     return lambda f: f.root if all((f.root / name).is_dir() for name in names) else None
 
 
@@ -329,14 +331,14 @@ def _cvat_root(f: Found) -> Path | None:
 FOLDER_LAYOUTS = [
     FolderLayoutRule("dataset.json splits", lambda f: f.manifest.get("splits") or None,
                      lambda f, _: manifest_layout(f.manifest, f.manifest_path.parent, f.suffixes, f.manifest_path)),
-    FolderLayoutRule("Cityscapes", _dirs("leftImg8bit", "gtFine"), lambda f, _: cityscapes_layout(f.root, f.suffixes)),
+    FolderLayoutRule("Cityscapes", has_folders("leftImg8bit", "gtFine"), lambda f, _: cityscapes_layout(f.root, f.suffixes)),
     FolderLayoutRule("CVAT segmentation mask 1.1", _cvat_root, lambda f, root: cvat_mask_layout(root, f.suffixes)),
     FolderLayoutRule("Pascal VOC 2012", lambda f: find_voc_root(f.root), lambda f, root: voc_layout(root, f.suffixes)),
-    FolderLayoutRule("mmsegmentation", _dirs("img_dir", "ann_dir"), lambda f, _: mmseg_layout(f.root, f.suffixes)),
+    FolderLayoutRule("mmsegmentation", has_folders("img_dir", "ann_dir"), lambda f, _: mmseg_layout(f.root, f.suffixes)),
     FolderLayoutRule("COCO JSON", lambda f: coco_annotation_files(f.root) or None,
                      lambda f, files: coco_layout(f.root, f.manifest, f.manifest_path, files,
                                                   lambda split: coco_images_folder(f.root, split, files[split]))),
-    FolderLayoutRule("ADE20K", _dirs("images", "annotations"), lambda f, _: ade_layout(f.root, f.suffixes)),
+    FolderLayoutRule("ADE20K", has_folders("images", "annotations"), lambda f, _: ade_layout(f.root, f.suffixes)),
     FolderLayoutRule("COCO JSON (Roboflow)", lambda f: roboflow_files(f.root) or None,
                      lambda f, files: coco_layout(f.root, f.manifest, f.manifest_path, files,
                                                   lambda split: f.root / split)),
@@ -403,7 +405,7 @@ def manifest_layout(manifest: dict, base: Path, suffixes: dict, path: Path) -> F
         if "list" in spec:
             splits[name] = _list_pairs(base / spec["list"], base)
         else:
-            splits[name] = _folder_pairs(base / spec["images"], base / spec["annotations"], **suffixes)
+            splits[name] = folder_pairs(base / spec["images"], base / spec["annotations"], **suffixes)
     return FolderLayout("dataset.json", splits, mapping=IDENTITY)
 
 
