@@ -26,7 +26,7 @@ from segformer.bands import Bands  # noqa: F401 (the annotations' type)
 
 from segformer.errors import ConfigError
 from segformer.labels import default_name, is_default_names
-from segformer.metrics import predicted_classes
+from segformer.metrics import NamedClasses, predicted_classes
 from segformer.preprocess import DEFAULT_SIZE
 from segformer.visual import class_colours
 
@@ -48,7 +48,7 @@ class SourceLabels:
 
 
 @dataclass(frozen=True)
-class LabelSpec:
+class LabelSpec(NamedClasses):
     """The run's labels, decided once: the model's classes, the mapping of the data's stored values to
     them (None where no data is read), a colour per predicted class, and the model's input size."""
     class_names: tuple[str, ...]
@@ -62,15 +62,6 @@ class LabelSpec:
     @property
     def num_labels(self) -> int:
         return len(self.class_names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.class_names))
-
-    @property
-    def predicted_classes(self) -> list[str]:
-        """The classes of a prediction map: with one label (the binary head) background and that label."""
-        return predicted_classes(list(self.class_names))
 
     def describe(self) -> str:
         """One line for the run's summary: the classes, and which stored values become which class ids."""

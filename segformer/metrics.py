@@ -36,6 +36,21 @@ def predicted_classes(names: list[str]) -> list[str]:
     return list(names) if len(names) > 1 else ["background", names[0]]
 
 
+class NamedClasses:
+    """For a class with `class_names` (a model's classifier's classes): their ids, and the classes of its
+    prediction maps (data.spec.LabelSpec, segformer.runtimes.ModelFacts)."""
+    class_names: tuple[str, ...]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.class_names))
+
+    @property
+    def predicted_classes(self) -> list[str]:
+        """The classes of a prediction map: with one label (the binary head) background and that label."""
+        return predicted_classes(list(self.class_names))
+
+
 def logits_to_predictions(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, K, h, w) logits -> (B, H, W) class ids: upsample (bilinear, align_corners=False), then argmax
     (one channel: 1 where the logit is positive, the sigmoid above 0.5)."""

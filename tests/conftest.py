@@ -1,5 +1,6 @@
 """Fixtures shared by the tests (the helpers they use are in helpers.py)."""
 
+import os
 import random
 
 import numpy as np
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 from helpers import hf_segmentation_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, a thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

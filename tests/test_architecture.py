@@ -37,7 +37,8 @@ def one_block(tmp_path):
 def every_tool_understands(checkpoint, tmp_path, *, trust=(), exports=True):
     """The checkpoint alone rebuilds the model it holds: reloads to the same weights and logits, --eval-only
     reproduces the run's last evaluation, infer.py segments, export.py writes a graph ONNX Runtime runs
-    like eager (or says why not), and the tour draws."""
+    like eager (or says why not; exports=None: not tried, where the graph holds nothing the stock one does
+    not), and the tour draws."""
     model = SegFormer.from_pretrained(checkpoint, trust_code=bool(trust)).eval()
     model.save_pretrained(tmp_path / "again")
     again = SegFormer.from_pretrained(tmp_path / "again", trust_code=bool(trust)).eval()
@@ -50,8 +51,9 @@ def every_tool_understands(checkpoint, tmp_path, *, trust=(), exports=True):
     random_image(40, 56).save(tmp_path / "photo.png")
     assert infer.main(infer.get_args(["--checkpoint", str(checkpoint), str(tmp_path / "photo.png"), "--out",
                                       str(tmp_path / "predictions"), *trust])) == 0
-    code = export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported"), *trust])
-    assert code == (0 if exports else 1)
+    if exports is not None:
+        code = export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported"), *trust])
+        assert code == (0 if exports else 1)
     assert explain.main([str(tmp_path / "photo.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "tour"),
                          *trust]) == 0
     assert (tmp_path / "tour" / "tour.png").is_file()
@@ -74,7 +76,8 @@ def test_example_swap_the_attention(tmp_path, one_block):
 def test_example_swap_the_decoder(tmp_path, one_block):
     """python train.py --decoder mmseg: mmsegmentation 1.x's head, BatchNorm and ReLU on every level."""
     run_training(tmp_path / "run", "--decoder", "mmseg", *one_block, base=QUICK)
-    model = every_tool_understands(tmp_path / "run" / "checkpoint-2", tmp_path)
+    model = every_tool_understands(tmp_path / "run" / "checkpoint-2", tmp_path, exports=None)  # convolutions,
+    # BatchNorm and ReLU: a graph of standard operators, as the export tests' (the suite's time for others)
     assert type(model.decoder).__name__ == "MMSegHead" and len(model.decoder.convs) == 4
 
 
@@ -164,10 +167,12 @@ def test_optimizer_groups_follow_the_structure_not_the_names():
 
 @pytest.mark.parametrize("parts", [{}, {"attention": "linear"}, {"attention": "full"}, {"decoder": "mmseg"},
                                    {"norm": "rms_norm", "activation": "silu"},
-                                   {"attention": TalkingHeadsAttention, "decoder": LightHead, "norm": ScaleNorm}])
+                                   {"attention": TalkingHeadsAttention, "decoder": LightHead}, {"norm": ScaleNorm}])
 def test_every_part_trains_and_reports_its_shapes(parts):
     """Each alternative: quarter-resolution logits at an odd size, every parameter reached by the gradient,
-    and the encoder's declared widths."""
+    and the encoder's declared widths. (A scale-invariant norm is tried with the decoder that reads every
+    stage: a LightHead reads the first and last stages only, so a middle stage's norm scale is cancelled by
+    the next stage's norm and its gradient is zero up to rounding.)"""
     torch.manual_seed(0)
     model = SegFormer.from_variant("b0", num_labels=5, depths=(1, 1, 1, 1), **parts).train()
     logits = model(torch.randn(2, 3, 67, 91))

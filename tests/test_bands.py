@@ -14,6 +14,8 @@ from helpers import read_log, run_training
 from segformer import SegFormer
 from segformer.bands import adapt_input_conv, read_bands
 from segformer.errors import ConfigError
+from segformer.files import write_json
+from segformer.runtimes.onnx import OnnxModel
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -77,10 +79,14 @@ def test_sixteen_bit_bands_are_read_at_full_precision_and_normalised_per_band(tm
 
 
 def test_a_four_band_tiff_set_trains_fine_tunes_from_rgb_infers_geotiff_and_exports(tmp_path, caplog):
+    """A 4-band 16-bit TIFF set trains (B0 with one block per stage: half the export's tracing), fine-tunes
+    from RGB weights, infers with GeoTIFF masks, and exports a graph that holds the checkpoint's calibration."""
     import export
     import infer
     root = write_multiband(tmp_path / "tiles")
-    run_training(tmp_path / "run", "--data", str(root), "--max-steps", "6", "--lr", "1e-3", base=QUICK)
+    (tmp_path / "one_block.json").write_text(json.dumps({"depths": [1, 1, 1, 1]}))
+    run_training(tmp_path / "run", "--data", str(root), "--max-steps", "6", "--lr", "1e-3", "--model",
+                 str(tmp_path / "one_block.json"), base=QUICK)
     losses = [r["loss"] for r in read_log(tmp_path / "run") if "mean_iou" not in r and "loss" in r]
     assert losses[-1] < losses[0]
     best = tmp_path / "run" / "best"
@@ -111,7 +117,12 @@ def test_a_four_band_tiff_set_trains_fine_tunes_from_rgb_infers_geotiff_and_expo
     import explain
     assert explain.main(["--checkpoint", str(best), str(tmp_path / "scene.tif"), "--out", str(tmp_path / "tour")]) == 0
 
+    write_json({"temperature": 2.0}, best / "calibration.json")  # as --calibrate writes it: the graph divides
     export.export_checkpoint(str(best), tmp_path / "onnx")  # checks the graph against the model itself
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        expected = SegFormer.from_pretrained(best).eval()(x) / 2.0
+    assert (OnnxModel(tmp_path / "onnx" / "model.onnx")(x) - expected).abs().max().item() < 1e-4
     assert infer.main(infer.get_args(["--onnx", str(tmp_path / "onnx" / "model.onnx"), str(tmp_path / "scene.tif"),
                                       "--out", str(tmp_path / "pred_onnx")])) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "pred_onnx" / "scene_mask.png")), mask)

@@ -99,12 +99,12 @@ def test_report_needs_eval_only(tmp_path, capsys):
     assert "--report goes with --eval-only" in capsys.readouterr().err
 
 
-def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tmp_path, capsys):
+def test_calibrate_fits_a_temperature_that_the_checkpoint_keeps(checkpoint, tmp_path, capsys):
+    """--calibrate: the temperature of lowest NLL, saved beside the checkpoint (calibration.json), which its
+    facts then carry (the Predictor divides by it: tests/test_inference.py; export.py puts it in the graph:
+    tests/test_bands.py) and a later report measures as fitted."""
     import shutil
-    import export
-    from segformer import SegFormer
-    from segformer.checkpoint import describe
-    from segformer.runtimes.onnx import OnnxModel
+    from segformer import load_for_inference
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoint, model_dir)
     metrics, content = report(model_dir, tmp_path / "report", "--calibrate")
@@ -114,17 +114,12 @@ def test_calibrate_fits_a_temperature_that_infer_and_export_apply(checkpoint, tm
     assert content["calibration"]["after"]["ece"] == pytest.approx(after["ece"], abs=1e-6)
     assert (tmp_path / "report" / "reliability.png").is_file()
     assert "temperature" in capsys.readouterr().out
-    assert describe(model_dir).temperature == pytest.approx(saved["temperature"])
+    _, facts = load_for_inference(model_dir)
+    assert facts.temperature == pytest.approx(saved["temperature"])
+    assert facts.predictor_options["temperature"] == facts.temperature
     _, again = report(model_dir, tmp_path / "again")  # no fit: the saved temperature measured, as fitted
     for key in ("temperature", "ece", "nll", "brier"):
         assert again["calibration"]["after"][key] == pytest.approx(content["calibration"]["after"][key], abs=1e-9)
-    export.export_checkpoint(str(model_dir), tmp_path / "onnx")
-    x = __import__("torch").randn(1, 3, 64, 64)
-    eager = SegFormer.from_pretrained(model_dir).eval()
-    with __import__("torch").no_grad():
-        expected = eager(x) / saved["temperature"]
-    got = OnnxModel(tmp_path / "onnx" / "model.onnx")(x)
-    assert (got - expected).abs().max().item() < 1e-4  # the graph's logits are the calibrated ones
     weights = str(model_dir / "model.safetensors")
     assert train.main(["--eval-only", "--checkpoint", weights, *EVAL, "--calibrate"]) == 2
     assert "--calibrate saves calibration.json beside the checkpoint" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from ..bands import Bands
-from ..metrics import predicted_classes
+from ..metrics import NamedClasses, predicted_classes
 from ..preprocess import DEFAULT_SIZE
 from ..visual import class_colours
 
@@ -80,7 +80,7 @@ def runtime_of(source: str | Path) -> str:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class ModelFacts(NamedClasses):
     """What a model loaded for inference says of itself: the classes it predicts and their colours, the input
     size, the label reduction it was trained with, its bands and its calibration."""
     source: str
@@ -92,15 +92,6 @@ class ModelFacts:
     bands: Bands | None = None  # full-precision images of several bands, normalised per band; None: 8-bit RGB
     temperature: float | None = None  # calibration.json: the Predictor divides the logits by it (None: 1, or in the graph)
     checkpoint: object = field(default=None, repr=False)  # segformer.checkpoint.CheckpointFacts (eager), else None
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.class_names))
-
-    @property
-    def predicted_classes(self) -> list[str]:
-        """The classes of a prediction map: with one label (the binary head) background and that label."""
-        return predicted_classes(list(self.class_names))
 
     @property
     def predictor_options(self) -> dict:
