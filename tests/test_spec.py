@@ -170,3 +170,15 @@ def test_cityscapes_defaults_give_way_to_an_explicit_id2label_of_as_many(tmp_pat
     names = {i: f"mine {i}" for i in range(19)}
     spec, lines = decide_labels(data=cityscapes, id2label=names)
     assert spec.class_names[0] == "mine 0" and "wins over the 19 classes" in lines[0]
+
+
+def test_eval_only_takes_inferences_size_for_a_checkpoint_that_names_none(tmp_path):
+    """A checkpoint without preprocessor_config.json is evaluated at the image processor's 512, as infer.py
+    runs it, not at the training default (128); a --size given still wins."""
+    SegFormer.from_variant("b0", num_labels=7).save_pretrained(tmp_path / "model")
+    for extra, size in (([], 512), (["--size", "64"], 64)):
+        train.execute(["--eval-only", "--checkpoint", str(tmp_path / "model"), "--eval-split", "validation[:1]",
+                       "--report", str(tmp_path / f"report{size}"), *extra])
+        assert json.loads((tmp_path / f"report{size}" / "report.json").read_text())["size"] == size
+    _, facts = load_for_inference(tmp_path / "model")
+    assert facts.size == 512
