@@ -72,8 +72,6 @@ def draw_confusion(plt, matrix: np.ndarray, names: list[str], path: Path) -> Non
     save_figure(plt, figure, path)
 
 
-
-
 CLASSIFICATION_METRICS = ("top1", "top5")  # pretrain.py's
 
 
