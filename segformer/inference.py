@@ -166,7 +166,8 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
             sure = {"max": torch.maximum(p, 1 - p), "margin": (2 * p - 1).abs(), "entropy": -(q * q.log()).sum(0)}
         return (p > 0.5).long(), torch.stack([1 - p, p]) if probabilities else None, sure
     tta = len(views) > 1 or probabilities or confidence
-    fixed = plane * (1 + 0.5 + (len(views) if tta else 0) + (2 if confidence else 0))  # + second best, entropy
+    fixed = plane * (1 + 0.5 + (len(views) if tta else 0) + (len(views) == 1) + (2 if confidence else 0))  # + the
+    # views' log-sums, one view's best logit, the second best and the entropy
     chunk = int(max(1, min(num_labels, (memory - fixed) // (2 * plane))))  # two (chunk, H, W) maps at a time
     chunks = [(first, min(first + chunk, num_labels)) for first in range(0, num_labels, chunk)]
     best = torch.full((H, W), -float("inf"), device=device)
@@ -195,12 +196,18 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
     full = torch.empty((num_labels, H, W), device=device) if probabilities else None
     second = torch.full((H, W), -float("inf"), device=device) if confidence else None
     entropy = torch.zeros((H, W), device=device) if confidence else None
+    # One view: the label map is its logits' own argmax, as without probabilities or confidence (exp(x - L)
+    # can round two logits a last bit apart to one probability, whose tie would go to the lower class).
+    best_logit = torch.full((H, W), -float("inf"), device=device) if len(views) == 1 else None
     for first, last in chunks:
         averaged = None
         for view, log_sum in zip(views, log_sums):  # the softmax of each view, summed
-            softmax = view.classes(first, last).sub_(log_sum).exp_()
+            logits = view.classes(first, last)
+            if best_logit is not None:
+                keep_best(logits, first, best_logit, label_map)
+            softmax = logits.sub_(log_sum).exp_()
             averaged = softmax if averaged is None else averaged.add_(softmax)
-            del softmax
+            del logits, softmax
         averaged /= len(views)
         if full is not None:
             full[first:last] = averaged
@@ -209,7 +216,10 @@ def combine(views: list, num_labels: int, size: tuple[int, int], *, memory: int,
             runner_up = top[1] if len(top) > 1 else torch.full_like(best, -float("inf"))
             second = torch.maximum(torch.minimum(best, top[0]), torch.maximum(second, runner_up))
             entropy -= (averaged * averaged.clamp(min=1e-12).log()).sum(0)
-        keep_best(averaged, first, best, label_map)
+        if best_logit is None:
+            keep_best(averaged, first, best, label_map)
+        else:
+            torch.maximum(best, averaged.amax(0), out=best)
         del averaged
     sure = {"max": best, "margin": best - second, "entropy": entropy} if confidence else None
     del log_sums

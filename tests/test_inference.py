@@ -13,7 +13,7 @@ import export
 import infer
 from segformer import SegFormer, SegFormerConfig
 from segformer.images import load_image
-from segformer.inference import Predictor
+from segformer.inference import Predictor, ResizedView, combine
 
 from helpers import random_image, randomize_
 
@@ -242,7 +242,7 @@ sys.path.insert(0, %r)
 def peak_mb():  # since exec: ru_maxrss would include pytest's own peak, from before exec
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
 from segformer import SegFormer
-from segformer.inference import Predictor
+from segformer.inference import Predictor, ResizedView, combine
 torch.manual_seed(0)
 model = SegFormer.from_variant("b0", num_labels=150)
 image = torch.randint(0, 256, (3, 1500, 2000), dtype=torch.uint8)
@@ -336,3 +336,19 @@ def test_the_installed_package_alone_does_what_infer_does(tmp_path):
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(tmp_path / "library.npy"),
                           np.asarray(Image.open(tmp_path / "infer" / "photo_mask.png")))
+
+
+def test_the_confidence_leaves_the_label_map_the_logits_own_argmax():
+    """Two logits a last bit apart near 0 round to one probability in exp(x - L); the label map under
+    confidence=True (the service's scores) must still be the logits' argmax, as without it (class 1 here;
+    the softmax's tie went to class 0 before)."""
+    low = torch.tensor(0.01)
+    logits = torch.stack([low, torch.nextafter(low, torch.tensor(1.0)), torch.tensor(-3.0)])
+    logits = logits.view(3, 1, 1).expand(3, 4, 4).contiguous()
+    plain, _, _ = combine([ResizedView(logits.clone(), (4, 4), False)], 3, (4, 4), memory=1 << 20,
+                          probabilities=False)
+    sure, _, confidence = combine([ResizedView(logits.clone(), (4, 4), False)], 3, (4, 4), memory=1 << 20,
+                                  probabilities=False, confidence=True)
+    assert plain.unique().tolist() == [1]
+    assert torch.equal(sure, plain)
+    assert confidence["margin"].max() < 1e-6  # the probabilities are tied: the margin says so
