@@ -44,7 +44,7 @@ from segformer.files import atomic_write, writable_folder
 from segformer.images import is_image_file, load_image
 from segformer.inference import Predictor
 from segformer.runtimes import RUNTIMES, load_for_inference
-from segformer.visual import overlay
+from segformer.visual import label_map_image, overlay
 
 DEMO_CHECKPOINT = Path("runs/synthetic/best")
 DEMO_OUT = Path("runs/synthetic/predictions")
@@ -134,7 +134,7 @@ def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, a
     """The mask, overlay and segments of one image (and the confidence map where it was computed), each
     written atomically (complete or absent)."""
     label_map = prediction.label_map.cpu().numpy()
-    mask = Image.fromarray(label_map.astype(np.uint8 if len(names) <= 256 else np.uint16))
+    mask = label_map_image(label_map, len(names))
     total = label_map.size
     top = prediction.confidence["max"].cpu().numpy() if prediction.confidence is not None else None
     segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6),

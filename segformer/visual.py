@@ -52,6 +52,11 @@ def blend(image: np.ndarray, label_map: np.ndarray, colours, alpha: float = 0.5)
     return out
 
 
+def label_map_image(label_map: np.ndarray, num_classes: int) -> Image.Image:
+    """A label map as a PNG-ready image of class ids: mode L, or I;16 past 256 classes."""
+    return Image.fromarray(label_map.astype(np.uint8 if num_classes <= 256 else np.uint16))
+
+
 def overlay(image: Image.Image, label_map: np.ndarray, colours, names: dict, alpha: float = 0.5) -> Image.Image:
     """The image blended with each pixel's class colour, and a legend of the classes present (largest
     first; as many as fit the picture's height)."""

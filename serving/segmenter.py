@@ -1,0 +1,62 @@
+"""The model a service runs: loaded for inference from the library, one Predictor per inference mode, and
+the answer to a request. serve.py, app.py and the Ray deployment each hold one.
+
+    segmenter = Segmenter.load("runs/synthetic/best")               # a checkpoint, hub id or model.onnx
+    predictions = segmenter.predict("resize", [image1, image2])       # one forward pass for both
+    body = segmenter.respond(predictions[0], image1, options)         # serving.protocol's answer
+"""
+
+import torch
+
+from segformer.device import check_device, resolve_amp
+from segformer.errors import ConfigError
+from segformer.inference import Predictor
+from segformer.runtimes import RUNTIMES, load_for_inference
+
+from .protocol import MODES, Options, answer
+
+
+class Segmenter:
+    def __init__(self, model, facts, *, device: str | None = None, amp: str = "off", batch_size: int = 8,
+                 channels_last: bool = False, mode: str = "resize", window: int = 512, stride: int = 341,
+                 memory_mb: int = 512):
+        if facts.bands is not None:
+            raise ConfigError(f"{facts.source} reads {facts.bands.count}-band images; the service takes 8-bit RGB "
+                              f"images: segment multi-band files with infer.py")
+        runtime = RUNTIMES[facts.runtime]
+        device = torch.device(runtime.device(check_device(device) if device else None)
+                              or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device, self.amp = device, resolve_amp(amp, device)
+        self.facts, self.default_mode = facts, mode
+        self.names, self.colours = dict(enumerate(facts.predicted_classes)), facts.palette
+        self.predictors = {  # the modes share the model; each has its own settings
+            name: Predictor(model, **facts.predictor_options, mode=name, window=window, stride=stride,
+                            device=device, amp=self.amp, batch_size=batch_size, memory_mb=memory_mb,
+                            channels_last=channels_last and runtime.torch_module)
+            for name in MODES}
+
+    @classmethod
+    def load(cls, source: str, *, runtime: str | None = None, trust_code: bool = False, threads: int | None = None,
+             size: int | None = None, **options) -> "Segmenter":
+        """A checkpoint (folder, weights file, hub id) or an exported model, as infer.py loads it."""
+        if threads:
+            torch.set_num_threads(threads)
+        model, facts = load_for_inference(source, size=size, trust_code=trust_code, runtime=runtime, threads=threads)
+        return cls(model, facts, **options)
+
+    @torch.inference_mode()
+    def predict(self, mode: str, images: list) -> list:
+        """Predictions of the images, as the mode's Predictor makes them (in resize mode, one forward pass
+        for all of them), each with its confidence (a segment's score)."""
+        return self.predictors[mode](list(images), confidence=True)
+
+    def respond(self, prediction, image, options: Options) -> bytes:
+        return answer(prediction, image, options, colours=self.colours, names=self.names)
+
+    def metadata(self) -> dict:
+        facts = self.facts
+        return {"source": facts.source, "runtime": facts.runtime, "runtime_name": RUNTIMES[facts.runtime].name,
+                "device": str(self.device), "amp": self.amp, "input_size": facts.size,
+                "default_mode": self.default_mode, "modes": list(MODES),
+                "id2label": {str(i): name for i, name in self.names.items()},
+                "palette": [list(c) for c in self.colours]}
