@@ -3,6 +3,8 @@
     python infer.py --checkpoint runs/synthetic/best photo.jpg photos/ --out predictions/
     python infer.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 room.jpg --mode slide --tta
     python infer.py --checkpoint exported/model.onnx photos/ --threads 2   # an export.py graph, through ONNX Runtime
+    python infer.py --checkpoint runs/synthetic/best street.mp4 --smooth 0.6   # a video: an overlay video
+    python infer.py --checkpoint runs/synthetic/best --camera 0 --max-frames 300  # a camera, where one exists
     python infer.py            # demo: the checkpoint `python train.py` wrote, on fresh synthetic scenes
 
 For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <stem>_overlay.png
@@ -11,6 +13,13 @@ For each image: <stem>_mask.png (class ids; mode L, or I;16 past 256 classes), <
 x.jpg) keep their extension in the output names (x_png_mask.png, x_jpg_mask.png). Every output is
 written atomically; an image whose three outputs exist is kept unless --overwrite. An image that fails
 (unreadable, out of memory, ...) is reported and the others go on; the exit status is then 1.
+
+Videos (.mp4, .avi, .mov, .mkv, .webm, ...; read with PyAV) and cameras (--camera INDEX): <stem>_overlay.mp4
+at the input's frame rate (the frames blended with the class colours), <stem>_video.json (frames, the frame
+rate read and the frames per second reached, the label flicker) and, with --video-masks, each frame's mask
+as <stem>_masks/<frame>.png. The label flicker is the mean fraction of pixels whose label changed since the
+previous frame; --smooth DECAY averages the class probabilities over frames to reduce it
+(segformer/video.py).
 
 For labelling tools, to correct the predictions instead of drawing from nothing (pre-labelling):
   --format coco     predictions.coco.json: COCO instances, one annotation per class present in an image,
@@ -44,7 +53,8 @@ from segformer.files import atomic_write, writable_folder
 from segformer.images import is_image_file, load_image
 from segformer.inference import Predictor
 from segformer.runtimes import RUNTIMES, load_for_inference
-from segformer.visual import label_map_image, overlay
+from segformer.video import Frames, TemporalSmoothing, VideoWriter, is_video_file, label_flicker
+from segformer.visual import blend, label_map_image, overlay
 
 DEMO_CHECKPOINT = Path("runs/synthetic/best")
 DEMO_OUT = Path("runs/synthetic/predictions")
@@ -93,22 +103,31 @@ def get_args(argv=None):
     p.add_argument("--polygon-tolerance", type=bounded(float, 0.0, 100.0), default=0.5,
                    help="--format labelme: the polygons' largest distance from the pixel boundary, in pixels "
                         "(0: every boundary corner, exact)")
+    p.add_argument("--camera", type=bounded(int, 0, 63),
+                   help="segment a camera's frames (its index: /dev/video<N> on Linux) into <out>/camera<N>_*")
+    p.add_argument("--smooth", type=bounded(float, 0.0, 0.99), default=0.0,
+                   help="videos: the moving average's decay of the class probabilities over frames, 0..0.99 "
+                        "(0: each frame alone; 0.6: about 2.5 frames of memory); resize and aspect modes")
+    p.add_argument("--video-masks", action="store_true", help="videos: also write each frame's mask")
+    p.add_argument("--max-frames", type=bounded(int, 1, 10**9), help="videos and cameras: stop after this many frames")
     p.add_argument("--trust-code", action="store_true",
                    help="import the code from outside this project that the checkpoint names as a part of its model")
     args = p.parse_args(argv)
+    if args.smooth and args.mode == "slide":
+        p.error("argument --smooth: needs one forward pass per frame: --mode resize or aspect")
     if args.mode == "slide" and args.stride > args.window:
         p.error(f"argument --stride: must be at most --window ({args.window}), got {args.stride}")
     return args
 
 
 def find_images(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """(file, output path without suffix) pairs. A folder's images keep their relative folders; hidden
+    """(file, output path without suffix) pairs, videos included. A folder's images keep their relative folders; hidden
     files (macOS ._* included) are not images; images that share a stem in one folder keep their
     extension in the output name."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for path in sorted(p for p in item.rglob("*") if is_image_file(p)):
+            for path in sorted(p for p in item.rglob("*") if is_image_file(p) or is_video_file(p)):
                 found.append((path, path.parent.relative_to(item)))
         else:
             found.append((item, Path()))  # missing or unreadable files are reported when read
@@ -214,6 +233,64 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
     return None
 
 
+VIDEO_OUTPUTS = ("_overlay.mp4", "_video.json")
+
+
+def segment_video(source, stem: Path, predictor, *, colours, names, alpha, masks: bool,
+                  max_frames: int | None) -> str | None:
+    """Segment a video file's (or a camera's) frames into an overlay video at its frame rate, each frame's
+    mask where asked, and a summary; what went wrong, in one line naming the file, or None."""
+    import time
+    smoothing = predictor.model if isinstance(predictor.model, TemporalSmoothing) else None
+    try:
+        with Frames(source) as frames:
+            if smoothing is not None:
+                smoothing.reset()
+            rate, frame_count = frames.rate, frames.count
+            total = min(frame_count or max_frames or 0, max_frames or frame_count or 0) or None
+            written, previous, flicker, start = 0, None, [], time.perf_counter()
+
+            def write_video(tmp):
+                nonlocal written, previous
+                writer = VideoWriter(tmp, rate)
+                for index, frame in enumerate(tqdm(frames, total=total, desc=frames.name, unit="frame",
+                                                   leave=False)):
+                    if max_frames is not None and index >= max_frames:
+                        break
+                    label_map = predictor(frame).label_map
+                    change = label_flicker(previous, label_map)
+                    if change is not None:
+                        flicker.append(change)
+                    previous = label_map
+                    array = label_map.cpu().numpy()
+                    writer.write(blend(np.asarray(frame), array, colours, alpha))
+                    if masks:
+                        mask = label_map_image(array, len(names))
+                        atomic_write(output_path(stem, "_masks") / f"{index:06d}.png",
+                                     lambda tmp, m=mask: m.save(tmp, format="PNG"))
+                    written += 1
+                writer.close()
+
+            atomic_write(output_path(stem, "_overlay.mp4"), write_video)
+        seconds = time.perf_counter() - start
+    except UserError as e:
+        return one_line(e)
+    except Exception as e:  # out of memory, an unwritable output, ...
+        return f"{source}: {type(e).__name__}: {one_line(e)}"
+    if not written:
+        return f"{source}: no frames"
+    summary = {"video": str(source), "frames": written, "frame_rate": float(rate),
+               "frames_per_second_reached": round(written / seconds, 3),
+               "label_flicker": round(float(np.mean(flicker)), 6) if flicker else None,
+               "smooth": smoothing.decay if smoothing is not None else 0.0}
+    atomic_write(output_path(stem, "_video.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    tqdm.write(f"{source}: {written} frames ({float(rate):g} frames/s) segmented at "
+               f"{summary['frames_per_second_reached']:.1f} frames/s; label flicker "
+               + (f"{100 * summary['label_flicker']:.2f}% of pixels a frame" if flicker else "- (one frame)")
+               + (f" (smoothed, decay {smoothing.decay:g})" if smoothing is not None else ""))
+    return None
+
+
 def one_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "(no message)"
@@ -230,9 +307,11 @@ def main(args) -> int:
         args.out = args.out or str(DEMO_OUT)
         args.inputs = demo_inputs(Path(args.out) / "inputs")
     source = args.checkpoint or args.onnx
-    if not source or not args.inputs:
-        print("error: give --checkpoint (or --onnx) and at least one image or folder (or neither, for the demo)",
-              file=sys.stderr)
+    if source and args.camera is not None:
+        args.inputs = args.inputs or []
+    elif not source or not args.inputs:
+        print("error: give --checkpoint (or --onnx) and at least one image, video or folder, or --camera "
+              "(or none of them, for the demo)", file=sys.stderr)
         return 2
     return run_main(lambda: segment(args, source, demo=demo))
 
@@ -246,22 +325,30 @@ def segment(args, source: str, *, demo: bool) -> int:
     model, facts = load_for_inference(source, size=args.size, trust_code=args.trust_code, threads=args.threads,
                                       runtime="onnx" if args.onnx else None)
     runtime = RUNTIMES[facts.runtime]  # where it runs; channels-last and compile are PyTorch's own
-    predictor = Predictor(model, **facts.predictor_options, mode=args.mode, window=args.window, stride=args.stride,
-                          tta=args.tta, scales=args.scales, device=runtime.device(args.device), amp=args.amp,
-                          channels_last=args.channels_last and runtime.torch_module,
-                          compile=args.compile and runtime.torch_module, memory_mb=args.memory_mb)
+    options = dict(**facts.predictor_options, mode=args.mode, window=args.window, stride=args.stride, tta=args.tta,
+                   scales=args.scales, device=runtime.device(args.device), amp=args.amp,
+                   channels_last=args.channels_last and runtime.torch_module, memory_mb=args.memory_mb)
+    predictor = Predictor(model, **options, compile=args.compile and runtime.torch_module)
+    video_predictor = Predictor(TemporalSmoothing(model, args.smooth), **options) if args.smooth else predictor
     names, colours = dict(enumerate(facts.predicted_classes)), facts.palette
     out = writable_folder(args.out or "predictions")
 
     files = find_images(args.inputs)
+    cameras = [(args.camera, Path(f"camera{args.camera}"))] if args.camera is not None else []
     failed, kept, written = [], [], 0
-    for path, relative in tqdm(files, desc="segmenting", unit="image", disable=len(files) < 2):
+    for path, relative in tqdm(files + cameras, desc="segmenting", unit="file", disable=len(files + cameras) < 2):
         stem = out / relative
-        if not args.overwrite and all(output_path(stem, s).exists() for s in ("_mask.png", "_overlay.png", ".json")):
+        video = isinstance(path, int) or is_video_file(path)
+        outputs = VIDEO_OUTPUTS if video else ("_mask.png", "_overlay.png", ".json")
+        if not args.overwrite and not isinstance(path, int) and all(output_path(stem, s).exists() for s in outputs):
             kept.append(path)
             continue
-        problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha,
-                              confidence=args.confidence)
+        if video:
+            problem = segment_video(path, stem, video_predictor, colours=colours, names=names, alpha=args.alpha,
+                                    masks=args.video_masks, max_frames=args.max_frames)
+        else:
+            problem = segment_one(path, stem, predictor, colours=colours, names=names, alpha=args.alpha,
+                                  confidence=args.confidence)
         if problem:  # reported, and the other images go on
             failed.append(problem)
             tqdm.write(f"error: {problem}", file=sys.stderr)
@@ -269,8 +356,9 @@ def segment(args, source: str, *, demo: bool) -> int:
             written += 1
 
     if args.format and not failed:
-        write_formats(args.format, files, out, names, tolerance=args.polygon_tolerance)
-    print(f"{written} image(s) segmented into {out}/", end="")
+        write_formats(args.format, [(p, r) for p, r in files if not is_video_file(p)], out, names,
+                      tolerance=args.polygon_tolerance)
+    print(f"{written} file(s) segmented into {out}/", end="")
     print(f"; {len(kept)} skipped because their outputs exist (--overwrite to replace)" if kept else "", end="")
     print(f"; {len(failed)} failed:" if failed else "")
     for problem in failed:

@@ -326,7 +326,7 @@ def test_infer_outputs_are_atomic_and_an_interrupted_image_is_redone(saved_model
                                                                     "b_overlay.png"]  # no temporaries, b done
     monkeypatch.setattr(infer, "overlay", overlay)
     assert infer.main(infer.get_args(args)) == 0  # a is redone (not 'already done'), b kept
-    assert "1 image(s) segmented" in capsys.readouterr().out and (tmp_path / "out" / "a.json").is_file()
+    assert "1 file(s) segmented" in capsys.readouterr().out and (tmp_path / "out" / "a.json").is_file()
 
 
 def test_infer_images_sharing_a_stem_get_their_own_outputs(saved_model, tmp_path):

@@ -137,7 +137,7 @@ def test_bad_files_are_reported_skipped_and_fail_the_run(small_model, tmp_path, 
     assert infer.main(infer.get_args(args)) == 1
     out = capsys.readouterr()
     assert "broken.jpg: cannot decode image" in out.err
-    assert "2 image(s) segmented" in out.out and "2 failed" in out.out and "missing.png" in out.out
+    assert "2 file(s) segmented" in out.out and "2 failed" in out.out and "missing.png" in out.out
     assert (tmp_path / "out" / "good_mask.png").is_file() and (tmp_path / "out" / "sub" / "nested_mask.png").is_file()
 
     # existing outputs are kept unless --overwrite
