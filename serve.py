@@ -62,12 +62,14 @@ def get_args(argv=None):
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """Bound before uvicorn starts, so that --port 0's real port can be printed (and a taken port is one line)."""
+    """Bound before uvicorn starts, so that --port 0's real port can be printed (and a taken port is one line);
+    a client that connects before the warm-up is over waits for it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog from now on, until the model is ready to answer
     except OSError as e:
         sock.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
