@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import io
 import itertools
-import os
-import statistics
 import subprocess
 import sys
 import time

@@ -5,7 +5,7 @@ refusal as `{"error": "<one line>"}` with a 4xx status (a bug is a 500 in the sa
     GET  /metadata   classes (id2label), input size, runtime, device, batching settings and counts, limits
     POST /predict    the image -> serving.protocol's answer (JSON segments, or a PNG)
 
-Ray Serve's ingress takes a Starlette request too: serving/ray_serving.py reads it with `read_request`.
+Ray Serve's ingress takes a Starlette request too: serving/ray_serving.py answers it with `answer_predict`.
 """
 
 import asyncio
@@ -72,6 +72,25 @@ def replaying(body: bytes):
     return receive
 
 
+async def answer_predict(request: Request, segmenter, limits: Limits, submit) -> Response:
+    """A POST /predict answered: `await submit(mode, image)` gives the image's prediction (the batcher's,
+    or Ray Serve's batch); every refusal is a JSON error with its 4xx (503: full, or out of memory)."""
+    try:
+        data, options = await read_request(request, limits, default_mode=segmenter.default_mode)
+        image = await asyncio.to_thread(decode_image, data, limits)
+    except BadRequest as e:
+        return error(e.status, str(e))
+    try:
+        prediction = await submit(options.mode, image)
+    except QueueFull as e:
+        return error(503, str(e))
+    except (MemoryError, torch.OutOfMemoryError):  # this image alone: the others in its batch were answered
+        return error(503, f"out of memory for this {image.width} x {image.height} image in mode={options.mode}; "
+                          f"send a smaller image, or mode=resize")
+    body = await asyncio.to_thread(segmenter.respond, prediction, image, options)
+    return Response(body, media_type=options.media_type)
+
+
 def build_app(segmenter, batcher: Batcher, limits: Limits) -> Starlette:
     """The service: `batcher` runs `segmenter.predict` on gathered requests."""
     state = {"ready": False}
@@ -86,20 +105,7 @@ def build_app(segmenter, batcher: Batcher, limits: Limits) -> Starlette:
                              "limits": limits.describe()})
 
     async def predict(request):
-        try:
-            data, options = await read_request(request, limits, default_mode=segmenter.default_mode)
-            image = await asyncio.to_thread(decode_image, data, limits)
-        except BadRequest as e:
-            return error(e.status, str(e))
-        try:
-            prediction = await batcher.submit(options.mode, image)
-        except QueueFull as e:
-            return error(503, str(e))
-        except (MemoryError, torch.OutOfMemoryError):  # this image alone: the others in its batch were answered
-            return error(503, f"out of memory for this {image.width} x {image.height} image in mode={options.mode}; "
-                              f"send a smaller image, or mode=resize")
-        body = await asyncio.to_thread(segmenter.respond, prediction, image, options)
-        return Response(body, media_type=options.media_type)
+        return await answer_predict(request, segmenter, limits, batcher.submit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,7 +1,10 @@
 """Helpers shared by the tests: reference models from `transformers` (the test oracle) with random
 weights, small images, tiny training runs."""
 
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +86,26 @@ def run_training(out, *extra, base=TINY):
 
 def read_log(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app on uvicorn in a thread, at a free loopback port: its base URL; stopped on leaving."""
+    import uvicorn
+
+    import serve
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    sock = serve.listening_socket("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    try:
+        assert server.started, "the server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -3,7 +3,6 @@ image, wait for the result, check what the page shows. The page must not reach b
 
 import io
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -149,6 +149,6 @@ def test_the_gpu_check_runs_every_path_on_the_cpu():
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                             "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "6/6 checks passed" in done.stdout
-    for check in ("parity", "amp", "train.py", "torchrun", "predictor", "export"):
+    assert "5/5 checks passed" in done.stdout  # the export check is this file's other tests' work
+    for check in ("parity", "amp", "train.py", "torchrun", "predictor"):
         assert f"{check:12}PASS" in done.stdout

@@ -26,6 +26,7 @@ import infer
 import serve
 from segformer import SegFormer
 from segformer.checkpoint import write_preprocessor_config
+from segformer.cli import run_main
 from segformer.images import load_image
 from segformer.runtimes import load_for_inference
 from serving.batcher import Batcher
@@ -33,30 +34,9 @@ from serving.http import build_app
 from serving.protocol import Limits, decode_mask
 from serving.segmenter import Segmenter
 
-from helpers import random_image, randomize_
+from helpers import random_image, randomize_, running
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """The app on uvicorn in a thread, at a free loopback port: its base URL; stopped on leaving."""
-    import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    sock = serve.listening_socket("127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started or not thread.is_alive():
-            break
-        time.sleep(0.05)
-    try:
-        assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +230,7 @@ def test_serve_py_answers_the_request_in_flight_on_sigterm(checkpoint, images):
     """The command line: the port it prints, a request that waits in a batch, SIGTERM: it is answered, and
     the server exits by the signal, cleanly."""
     command = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(checkpoint), "--port", "0",
-               "--max-wait-ms", "3000"]
+               "--max-wait-ms", "1500"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -279,7 +259,7 @@ def test_serve_py_answers_the_request_in_flight_on_sigterm(checkpoint, images):
     assert "Traceback" not in errors and "Finished server process" in errors
 
 
-def test_serve_py_without_a_model_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(tmp_path / "missing")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+def test_serve_py_without_a_model_is_one_line(tmp_path, capsys):
+    assert run_main(lambda: serve.serve(serve.get_args(["--checkpoint", str(tmp_path / "missing")]))) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "missing" in error and len(error.splitlines()) == 1
