@@ -109,3 +109,13 @@ def running(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def tiny_checkpoint(folder: Path, num_labels: int, seed: int) -> Path:
+    """A random-weight B0 of `num_labels` classes saved as a checkpoint folder whose input size is 64."""
+    from segformer import SegFormer
+    from segformer.checkpoint import write_preprocessor_config
+    torch.manual_seed(0)
+    randomize_(SegFormer.from_variant("b0", num_labels=num_labels), seed=seed).save_pretrained(folder)
+    write_preprocessor_config(folder, size=64, reduce_labels=False)
+    return folder

@@ -6,16 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app
-from segformer import SegFormer
-from segformer.checkpoint import write_preprocessor_config
 from segformer.images import load_image
 from serving.segmenter import Segmenter
 
-from helpers import random_image, randomize_
+from helpers import random_image, tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,10 +21,7 @@ FLAGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("app") / "model"
-    torch.manual_seed(0)
-    randomize_(SegFormer.from_variant("b0", num_labels=6), seed=5).save_pretrained(folder)
-    write_preprocessor_config(folder, size=64, reduce_labels=False)
+    folder = tiny_checkpoint(tmp_path_factory.mktemp("app") / "model", num_labels=6, seed=5)
     segmenter = Segmenter.load(str(folder))
     blocks = app.Demo(segmenter).blocks(app.sample_images(None, count=2))
     port = app.free_port("127.0.0.1")

@@ -5,19 +5,16 @@ end of the module."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import infer
-from segformer import SegFormer
-from segformer.checkpoint import write_preprocessor_config
 from serving.batcher import Batcher
 from serving.http import build_app
 from serving.protocol import Limits
 from serving.ray_serving import batch_inference, deployment, runtime_env
 from serving.segmenter import Segmenter
 
-from helpers import random_image, randomize_, running
+from helpers import random_image, tiny_checkpoint, running
 
 LIMITS = Limits(max_bytes=500_000, max_pixels=2_000_000)
 
@@ -25,10 +22,7 @@ LIMITS = Limits(max_bytes=500_000, max_pixels=2_000_000)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray") / "model"
-    torch.manual_seed(0)
-    randomize_(SegFormer.from_variant("b0", num_labels=5), seed=6).save_pretrained(folder)
-    write_preprocessor_config(folder, size=64, reduce_labels=False)
-    return folder
+    return tiny_checkpoint(folder, num_labels=5, seed=6)
 
 
 @pytest.fixture(scope="module")

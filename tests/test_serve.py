@@ -24,8 +24,6 @@ from PIL import Image
 
 import infer
 import serve
-from segformer import SegFormer
-from segformer.checkpoint import write_preprocessor_config
 from segformer.cli import run_main
 from segformer.images import load_image
 from segformer.runtimes import load_for_inference
@@ -34,7 +32,7 @@ from serving.http import build_app
 from serving.protocol import Limits, decode_mask
 from serving.segmenter import Segmenter
 
-from helpers import random_image, randomize_, running
+from helpers import random_image, tiny_checkpoint, running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / "model"
-    torch.manual_seed(0)
-    randomize_(SegFormer.from_variant("b0", num_labels=5), seed=2).save_pretrained(folder)
-    write_preprocessor_config(folder, size=64, reduce_labels=False)
-    return folder
+    return tiny_checkpoint(folder, num_labels=5, seed=2)
 
 
 @pytest.fixture(scope="module")

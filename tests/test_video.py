@@ -10,20 +10,16 @@ from PIL import Image
 
 import infer
 from segformer import SegFormer
-from segformer.checkpoint import write_preprocessor_config
 from segformer.inference import Predictor
 from segformer.video import Frames, TemporalSmoothing, VideoWriter, label_flicker
 
-from helpers import random_image, randomize_
+from helpers import random_image, randomize_, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("video") / "model"
-    torch.manual_seed(0)
-    randomize_(SegFormer.from_variant("b0", num_labels=4), seed=3).save_pretrained(folder)
-    write_preprocessor_config(folder, size=64, reduce_labels=False)
-    return folder
+    return tiny_checkpoint(folder, num_labels=4, seed=3)
 
 
 def noisy_clip(path, frames=8, rate=Fraction(12)):
