@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -240,14 +241,13 @@ def segment_video(source, stem: Path, predictor, *, colours, names, alpha, masks
                   max_frames: int | None) -> str | None:
     """Segment a video file's (or a camera's) frames into an overlay video at its frame rate, each frame's
     mask where asked, and a summary; what went wrong, in one line naming the file, or None."""
-    import time
     smoothing = predictor.model if isinstance(predictor.model, TemporalSmoothing) else None
     try:
         with Frames(source) as frames:
             if smoothing is not None:
                 smoothing.reset()
             rate, frame_count = frames.rate, frames.count
-            total = min(frame_count or max_frames or 0, max_frames or frame_count or 0) or None
+            total = min(filter(None, (frame_count, max_frames)), default=None)  # for the progress bar
             written, previous, flicker, start = 0, None, [], time.perf_counter()
 
             def write_video(tmp):

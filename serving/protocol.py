@@ -91,23 +91,27 @@ def parse_options(query: list[tuple[str, str]], accept: str | None, *, default_m
         raise BadRequest(400, f"query option alpha={given['alpha']!r}: expected a number in 0..1") from None
     if not 0 <= alpha <= 1:
         raise BadRequest(400, f"query option alpha={alpha}: expected a number in 0..1")
-    media = "application/json" if output == "segments" else "image/png"
-    if accept and not accepts(accept, media):
-        raise BadRequest(406, f"output={output} is {media}, which the Accept header ({accept}) refuses")
-    return Options(mode, output, alpha)
+    options = Options(mode, output, alpha)
+    if accept and not accepts(accept, options.media_type):
+        raise BadRequest(406, f"output={output} is {options.media_type}, which the Accept header ({accept}) refuses")
+    return options
+
+
+def accepted_kinds(accept: str | None) -> list[str]:
+    """The media types an Accept header names, in its order, without their parameters."""
+    return [part.split(";")[0].strip().lower() for part in (accept or "").split(",")]
 
 
 def wants_png(accept: str | None) -> bool:
     """Accept names image/png (and not JSON before it)."""
-    kinds = [part.split(";")[0].strip().lower() for part in (accept or "").split(",")]
+    kinds = accepted_kinds(accept)
     return "image/png" in kinds and ("application/json" not in kinds
                                      or kinds.index("image/png") < kinds.index("application/json"))
 
 
 def accepts(accept: str, media: str) -> bool:
-    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
     major = media.split("/")[0]
-    return any(kind in (media, f"{major}/*", "*/*", "") for kind in kinds)
+    return any(kind in (media, f"{major}/*", "*/*", "") for kind in accepted_kinds(accept))
 
 
 def body_kind(content_type: str | None) -> str:

@@ -19,7 +19,6 @@ Ray ships the checkout as the job's working_dir (without runs/, .git/ and other 
 
 import argparse
 import asyncio
-import io
 import sys
 from pathlib import Path
 
@@ -163,6 +162,8 @@ def batch_inference(source: str, out: str, *, images: str | None = None, dataset
     classes, error) of what was done. Ray must be initialised."""
     import ray
     from segformer.images import IMAGE_SUFFIXES
+
+    from .protocol import png
     if (images is None) == (dataset is None):
         raise ValueError("give images (a folder) or dataset (a datasets split), one of them")
     root = None
@@ -171,17 +172,11 @@ def batch_inference(source: str, out: str, *, images: str | None = None, dataset
         data = ray.data.read_binary_files(root, include_paths=True,
                                           file_extensions=[s.lstrip(".") for s in IMAGE_SUFFIXES])
     else:
-        data = ray.data.from_items([{"bytes": png_bytes(row[image_column]), "path": f"{i:06d}.png"}
+        data = ray.data.from_items([{"bytes": png(row[image_column]), "path": f"{i:06d}.png"}
                                     for i, row in enumerate(dataset)])
     results = data.map_batches(MaskWriter, batch_size=batch_size, concurrency=workers, num_cpus=cpus_per_worker,
                                fn_constructor_args=(source, str(out), root, segmenter_options or {}))
     return results.take_all()
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # ---- the command line ------------------------------------------------------------------------------------

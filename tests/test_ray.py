@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import infer
+from app import free_port
 from serving.batcher import Batcher
 from serving.http import build_app
 from serving.protocol import Limits
@@ -47,17 +48,10 @@ def local_ray():
         ray.shutdown()
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ray_serve_answers_as_serve_py(local_ray, checkpoint, photos):
     import httpx
     from ray import serve
-    port = free_port()
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(str(checkpoint), max_batch=4, limits=LIMITS, segmenter_options={"device": "cpu"}),
               route_prefix="/")

@@ -29,7 +29,7 @@ from segformer.images import load_image
 from segformer.runtimes import load_for_inference
 from serving.batcher import Batcher
 from serving.http import build_app
-from serving.protocol import Limits, decode_mask
+from serving.protocol import Limits, decode_mask, png
 from serving.segmenter import Segmenter
 
 from helpers import random_image, tiny_checkpoint, running
@@ -116,12 +116,6 @@ def png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def chunked(data: bytes):
     """A body sent without Content-Length (Transfer-Encoding: chunked), that cannot be refused by its header."""
     for start in range(0, len(data), 65536):
@@ -131,10 +125,10 @@ def chunked(data: bytes):
 BAD_REQUESTS = {  # name: (request options, status, words the error must hold)
     "empty body": (dict(content=b""), 400, "no image"),
     "not an image": (dict(content=b"GIF89a but not really" * 10), 400, "not an image"),
-    "truncated image": (dict(content=png_bytes(random_image(60, 60))[:400]), 400, "cannot decode"),
+    "truncated image": (dict(content=png(random_image(60, 60))[:400]), 400, "cannot decode"),
     "decompression bomb (header)": (dict(content=png_claiming(9000, 9000)), 413, "9000 x 9000"),
     "decompression bomb past PIL's limit": (dict(content=png_claiming(30000, 30000)), 413, "900000000 pixels"),
-    "decompression bomb (real)": (dict(content=png_bytes(Image.new("L", (1200, 1000)))), 413, "1200 x 1000"),
+    "decompression bomb (real)": (dict(content=png(Image.new("L", (1200, 1000)))), 413, "1200 x 1000"),
     "over the size limit": (dict(content=os.urandom(400_000)), 413, "at most 300000"),
     "over the size limit, chunked": (dict(content=chunked(os.urandom(400_000))), 413, "at most 300000"),
     "wrong content type": (dict(content=b"{}", headers={"Content-Type": "application/json"}), 415, "Content-Type"),
@@ -185,7 +179,7 @@ def test_concurrent_requests_run_as_one_batch_and_a_failing_one_fails_alone(chec
     segmenter = Segmenter(recording, facts, device="cpu", batch_size=8)
     alone = {path.name: segmenter.predict("resize", [load_image(path)])[0].label_map.numpy()
              for path in images}
-    bodies = [path.read_bytes() for path in images] * 3 + [png_bytes(Image.new("RGB", (50, 40), (9, 9, 9)))]
+    bodies = [path.read_bytes() for path in images] * 3 + [png(Image.new("RGB", (50, 40), (9, 9, 9)))]
     names = [path.name for path in images] * 3 + ["uniform"]
 
     async def send_all(url):
