@@ -52,6 +52,7 @@ from segformer.images import is_image_file, read_image, to_tensor
 from segformer.preprocess import normalize, resize_image
 from segformer.runtimes import RUNTIMES, ExportOptions, load_for_inference
 from segformer.runtimes.onnx import CALIBRATION_COUNT
+from segformer.runtimes.openvino import CALIBRATION_COUNT as OV_CALIBRATION
 
 
 def check_images(folder: str | None, size: int, count: int = 8, split: str = "test") -> list[torch.Tensor]:
@@ -87,12 +88,16 @@ def get_args(argv=None):
     p.add_argument("--int8", nargs="?", const="dynamic", choices=["dynamic", "static"],
                    help="also write model.int8.onnx and report its mask agreement with fp32: dynamic (the default; "
                         "no data) or static (calibrated; the fast one)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                   help="--runtime openvino: how the CPU runs it: fp32 (the default, forced where the CPU would "
+                        "pick bf16), bf16 (where the CPU has it), int8 (NNCF, calibrated on --calibration-images)")
     p.add_argument("--calibration-images", metavar="DIR",
-                   help=f"--int8 static: the first {CALIBRATION_COUNT} images of this folder (recursively) set the "
-                        "activation ranges; use images like the ones the model will see (default: generated "
+                   help=f"--int8 static (--precision int8): the first {CALIBRATION_COUNT} ({OV_CALIBRATION}) images "
+                        "of this folder (recursively) set the activation ranges; use images like the ones the model will see (default: generated "
                         "training scenes, right only for the built-in demo data)")
     p.add_argument("--check-images", metavar="DIR",
-                   help="a folder of images for the int8 agreement (default: generated test scenes)")
+                   help="a folder of images for int8's and bf16's label agreement with fp32 (default: generated test "
+                        "scenes)")
     p.add_argument("--trust-code", action="store_true",
                    help="import the code from outside this project that the checkpoint names as a part of its model")
     return p.parse_args(argv)
@@ -100,13 +105,14 @@ def get_args(argv=None):
 
 def export_checkpoint(checkpoint: str, out: Path, *, runtime: str = "onnx", label_map: bool = False,
                       size: int | None = None, portable: bool = False, int8: str | None = None,
-                      calibration_folder: str | None = None, check_folder: str | None = None,
+                      precision: str | None = None, calibration_folder: str | None = None, check_folder: str | None = None,
                       trust_code: bool = False):
     """Everything main does: the checkpoint loaded for inference, then written by `runtime`'s writer (a row of
     segformer.runtimes.RUNTIMES); returns what the writer returns (ONNX: the ONNXProgram). A problem is a
     UserError naming it."""
     model, facts = load_for_inference(checkpoint, size=size, trust_code=trust_code, runtime="eager")
-    options = ExportOptions(label_map=label_map, portable=portable, int8=int8, calibration_folder=calibration_folder,
+    options = ExportOptions(label_map=label_map, portable=portable, int8=int8, precision=precision,
+                            calibration_folder=calibration_folder,
                             check_folder=check_folder, images=check_images)
     return RUNTIMES[runtime].code().write(model, facts, out, options)
 
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
     args = get_args(argv)
     return run_main(lambda: export_checkpoint(
         args.checkpoint, Path(args.out), runtime=args.runtime, label_map=args.label_map, size=args.size,
-        portable=args.portable, int8=args.int8, calibration_folder=args.calibration_images,
+        portable=args.portable, int8=args.int8, precision=args.precision, calibration_folder=args.calibration_images,
         check_folder=args.check_images, trust_code=args.trust_code))
 
 

@@ -66,7 +66,9 @@ def get_args(argv=None):
     p.add_argument("inputs", nargs="*", help="image files or folders (walked recursively)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="checkpoint directory, weights file or hub id, or a model export.py "
-                                             "wrote (model.onnx: run by its runtime, segformer/runtimes/; its side "
+                                             "wrote (model.onnx, model.xml (OpenVINO), model.pt2 (AOTInductor, with "
+                                             "--trust-code), model.pte (ExecuTorch): run by its runtime, "
+                                             "segformer/runtimes/; its side "
                                              "files give the input size and class names)")
     source.add_argument("--onnx", help="an ONNX graph written by export.py, run by ONNX Runtime (as --checkpoint "
                                        "FILE.onnx)")

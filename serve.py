@@ -2,6 +2,7 @@
 
     python serve.py --checkpoint runs/synthetic/best                      # http://127.0.0.1:8000
     python serve.py --checkpoint exported/model.onnx --threads 2          # an export.py graph, on ONNX Runtime
+    python serve.py --checkpoint ov/model.xml --threads 2                 # on OpenVINO (fp32, bf16 or int8)
     curl --data-binary @photo.jpg localhost:8000/predict                  # [{"label", "score", "mask"}, ...]
     curl --data-binary @photo.jpg -H 'Accept: image/png' localhost:8000/predict -o mask.png   # the class ids
     curl -F image=@photo.jpg 'localhost:8000/predict?mode=slide&output=overlay' -o overlay.png
@@ -31,7 +32,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help=f"checkpoint directory, weights file or hub id, or an exported model "
-                                             f"(model.onnx) (default: {DEFAULT_CHECKPOINT}, what train.py writes)")
+                                             f"(model.onnx, model.xml, model.pt2 with --trust-code, model.pte) (default: {DEFAULT_CHECKPOINT}, what train.py writes)")
     source.add_argument("--onnx", help="an ONNX graph written by export.py (as --checkpoint FILE.onnx)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port (0: any free one; it is printed)")

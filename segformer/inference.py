@@ -40,6 +40,7 @@ from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
 from .device import AMP_DTYPES, autocast
+from .errors import ConfigError
 from .preprocess import DEFAULT_SIZE, aspect_size, normalize, resize_image
 
 ROWS = 512  # rows of a label map updated at a time: small temporaries
@@ -266,6 +267,10 @@ class Predictor:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if mode == "slide" and not 0 < stride <= window:
             raise ValueError(f"the stride ({stride}) must be in 1..window ({window})")
+        side = getattr(model, "input_side", None)  # a graph of one input size (ExecuTorch's)
+        if side is not None and (tta or not (mode == "resize" and size == side or mode == "slide" and window == side)):
+            raise ConfigError(f"{model.path} takes {side}x{side} inputs only (exported at that size): --mode resize "
+                              f"at its size, or --mode slide --window {side}, without --tta")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = model.eval().to(self.device)
         if channels_last:

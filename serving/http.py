@@ -77,6 +77,7 @@ async def answer_predict(request: Request, segmenter, limits: Limits, submit) ->
     or Ray Serve's batch); every refusal is a JSON error with its 4xx (503: full, or out of memory)."""
     try:
         data, options = await read_request(request, limits, default_mode=segmenter.default_mode)
+        segmenter.check_mode(options.mode)
         image = await asyncio.to_thread(decode_image, data, limits)
     except BadRequest as e:
         return error(e.status, str(e))

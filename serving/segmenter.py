@@ -13,7 +13,7 @@ from segformer.errors import ConfigError
 from segformer.inference import Predictor
 from segformer.runtimes import RUNTIMES, load_for_inference
 
-from .protocol import MODES, Options, answer
+from .protocol import MODES, BadRequest, Options, answer
 
 
 class Segmenter:
@@ -29,11 +29,17 @@ class Segmenter:
         self.device, self.amp = device, resolve_amp(amp, device)
         self.facts, self.default_mode = facts, mode
         self.names, self.colours = dict(enumerate(facts.predicted_classes)), facts.palette
-        self.predictors = {  # the modes share the model; each has its own settings
-            name: Predictor(model, **facts.predictor_options, mode=name, window=window, stride=stride,
-                            device=device, amp=self.amp, batch_size=batch_size, memory_mb=memory_mb,
-                            channels_last=channels_last and runtime.torch_module)
-            for name in MODES}
+        self.predictors, self.refused_modes = {}, {}  # the modes share the model; each has its own settings
+        for name in MODES:
+            try:
+                self.predictors[name] = Predictor(
+                    model, **facts.predictor_options, mode=name, window=window, stride=stride, device=device,
+                    amp=self.amp, batch_size=batch_size, memory_mb=memory_mb,
+                    channels_last=channels_last and runtime.torch_module)
+            except ConfigError as e:  # a graph of one input size runs some modes only; the default it must run
+                if name == mode:
+                    raise
+                self.refused_modes[name] = str(e)
 
     @classmethod
     def load(cls, source: str, *, runtime: str | None = None, trust_code: bool = False, threads: int | None = None,
@@ -44,10 +50,16 @@ class Segmenter:
         model, facts = load_for_inference(source, size=size, trust_code=trust_code, runtime=runtime, threads=threads)
         return cls(model, facts, **options)
 
+    def check_mode(self, mode: str) -> None:
+        """A mode this model cannot run (a graph of one input size) is the request's 400, with why."""
+        if mode not in self.predictors:
+            raise BadRequest(400, f"mode={mode}: {self.refused_modes.get(mode, 'not a mode')}")
+
     @torch.inference_mode()
     def predict(self, mode: str, images: list) -> list:
         """Predictions of the images, as the mode's Predictor makes them (in resize mode, one forward pass
         for all of them), each with its confidence (a segment's score)."""
+        self.check_mode(mode)
         return self.predictors[mode](list(images), confidence=True)
 
     def respond(self, prediction, image, options: Options) -> bytes:
@@ -57,6 +69,6 @@ class Segmenter:
         facts = self.facts
         return {"source": facts.source, "runtime": facts.runtime, "runtime_name": RUNTIMES[facts.runtime].name,
                 "device": str(self.device), "amp": self.amp, "input_size": facts.size,
-                "default_mode": self.default_mode, "modes": list(MODES),
+                "default_mode": self.default_mode, "modes": list(self.predictors),
                 "id2label": {str(i): name for i, name in self.names.items()},
                 "palette": [list(c) for c in self.colours]}

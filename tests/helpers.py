@@ -119,3 +119,17 @@ def tiny_checkpoint(folder: Path, num_labels: int, seed: int) -> Path:
     randomize_(SegFormer.from_variant("b0", num_labels=num_labels), seed=seed).save_pretrained(folder)
     write_preprocessor_config(folder, size=64, reduce_labels=False)
     return folder
+
+
+def shallow_checkpoint(folder: Path):
+    """(model, folder): a random-weight B0 with one block per stage (every kind of module, the least to trace
+    and compile), 5 classes, input size 64, with a palette; what the export tests export."""
+    from segformer import SegFormer
+    from segformer.checkpoint import write_preprocessor_config
+    from segformer.files import write_json
+    torch.manual_seed(0)
+    model = randomize_(SegFormer.from_variant("b0", num_labels=5, depths=(1, 1, 1, 1)), seed=3).eval()
+    model.save_pretrained(folder)
+    write_preprocessor_config(folder, size=64, reduce_labels=False)
+    write_json([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], folder / "palette.json")
+    return model, folder

@@ -20,7 +20,7 @@ from segformer import SegFormer, load_for_inference
 from segformer.checkpoint import describe
 from segformer.errors import CheckpointError, ConfigError
 from segformer.labels import ADE20K_CLASSES, CITYSCAPES_CLASSES
-from segformer.runtimes.onnx import write_side_files
+from segformer.runtimes.graph import write_side_files
 
 QUICK = ["--size", "32", "--batch-size", "2", "--warmup-steps", "0", "--log-every", "1", "--eval-every", "2",
          "--save-every", "2", "--max-steps", "2", "--no-plots"]

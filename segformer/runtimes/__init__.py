@@ -59,6 +59,10 @@ class Runtime:
 RUNTIMES = {
     "eager": Runtime("PyTorch (eager)", "segformer.runtimes.eager", torch_module=True),
     "onnx": Runtime("ONNX Runtime", "segformer.runtimes.onnx", (".onnx",), extra="onnx", devices=("cpu",)),
+    "openvino": Runtime("OpenVINO", "segformer.runtimes.openvino", (".xml",), extra="openvino", devices=("cpu",)),
+    "aoti": Runtime("AOTInductor", "segformer.runtimes.aoti", (".pt2",), devices=("cpu",)),
+    "executorch": Runtime("ExecuTorch (XNNPACK)", "segformer.runtimes.executorch", (".pte",), extra="executorch",
+                          devices=("cpu",)),
 }
 
 
@@ -67,7 +71,8 @@ class ExportOptions:
     """What export.py asks of a runtime's writer (each writer refuses what it cannot do, naming the flag)."""
     label_map: bool = False  # uint8 image in, label map at its size out: pre- and post-processing in the graph
     portable: bool = False  # standard operators only, for any runtime of the format
-    int8: str | None = None  # "dynamic" or "static" quantization, with its agreement with fp32 measured
+    int8: str | None = None  # ONNX: "dynamic" or "static" quantization, with its agreement with fp32 measured
+    precision: str | None = None  # OpenVINO: "fp32", "bf16" or "int8" (None: fp32)
     calibration_folder: str | None = None  # static int8: images whose activation ranges fix the scales
     check_folder: str | None = None  # int8: images for the agreement
     images: Callable | None = None  # (folder or None, size, *, count, split) -> normalised (3, size, size) inputs

@@ -13,25 +13,18 @@ onnxscript are an optional dependency (`pip install -e ".[onnx]"`), imported her
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import read_side_files, write_preprocessor_config
 from ..errors import CheckpointError, ConfigError, ExportError
-from ..files import writable_folder, write_json
+from ..files import writable_folder
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-
-MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
-# The traced graph serves every size; tracing assumes every stage's reduced key/value map is at least 2 x 2
-# (a size of 1 broadcasts differently), which holds from 61 pixels up. Stating it lets torch.export trace
-# once instead of failing and retrying (half the export time); ONNX Runtime still runs 32 x 32 exactly.
-TRACE_MIN_SIDE = 61
+from .graph import (GraphModel, bake_temperature, check_parity, check_size, dynamic_shapes, example_input,
+                    label_agreement, largest_difference, write_side_files)
 CALIBRATION_COUNT = 16  # images whose activation ranges fix the static int8 scales
 
 
@@ -98,20 +91,17 @@ def export_onnx(model: nn.Module, path: str | Path, *, label_map_size: int | Non
     Runtime's fused operator unless `portable`. Returns the `torch.onnx.ONNXProgram`, whose
     `exported_program` is the torch.export graph it came from."""
     model = model.eval()
-    batch = torch.export.Dim("batch", max=1024)
-    height = torch.export.Dim("height", min=TRACE_MIN_SIDE, max=16384)
-    width = torch.export.Dim("width", min=TRACE_MIN_SIDE, max=16384)
     if label_map_size:
         graph, example, names = LabelMapGraph(model, label_map_size).eval(), \
             torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), (["image"], ["label_map"])
-    else:  # a batch of 2 in the example: a batch of 1 would be specialised
-        graph, example, names = model, torch.randn(2, model.config.in_channels, 96, 128), (["pixel_values"], ["logits"])
+    else:
+        graph, example, names = model, example_input(model), (["pixel_values"], ["logits"])
     translations = None if portable else attention_as_onnxruntime_operator()
     log = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (example,), dynamo=True, input_names=names[0], output_names=names[1],
-                                    dynamic_shapes={names[0][0]: {0: batch, 2: height, 3: width}},
+                                    dynamic_shapes=dynamic_shapes(names[0][0]),
                                     verbose=False, custom_translation_table=translations)
     program.save(str(path))
     return program
@@ -172,37 +162,23 @@ def quantize_int8(source: str | Path, target: str | Path, calibration: list[torc
 
 def check_logits(model: nn.Module, path: Path, shapes) -> float:
     """The largest |ONNX Runtime - eager| over random inputs of the given shapes."""
-    runner, worst = onnx_session(path), 0.0
-    generator = torch.Generator().manual_seed(0)
-    for shape in shapes:
-        x = torch.randn(shape, generator=generator)
-        with torch.no_grad():
-            expected = model(x)
-        got = torch.from_numpy(runner.run(None, {"pixel_values": x.numpy()})[0])
-        if got.shape != expected.shape:
-            raise RuntimeError(f"{path}: logits of shape {tuple(got.shape)} for {shape}, expected "
-                               f"{tuple(expected.shape)}")
-        worst = max(worst, (got - expected).abs().max().item())
-    return worst
+    return largest_difference(OnnxModel.run_session(onnx_session(path)), model, shapes)
 
 
 def mask_agreement(reference: Path, candidate: Path, inputs: list[torch.Tensor]) -> float:
     """The fraction of pixels whose class the two graphs agree on (label maps at the logits' size)."""
-    a, b = onnx_session(reference), onnx_session(candidate)
-    same = total = 0
-    for x in inputs:
-        feed = {"pixel_values": x[None].numpy()}
-        ours, theirs = (np.asarray(s.run(None, feed)[0]).argmax(1) for s in (a, b))
-        same, total = same + int((ours == theirs).sum()), total + ours.size
-    return same / total
+    return label_agreement(OnnxModel.run_session(onnx_session(reference)),
+                           OnnxModel.run_session(onnx_session(candidate)), inputs)
+
 
 def write(model: nn.Module, facts, out: Path, options) -> "torch.onnx.ONNXProgram":
     """export.py's ONNX export of a model loaded for inference (`facts`: its ModelFacts; `options`: the
     ExportOptions asked for): the graph, checked against the model, its side files and, with `options.int8`,
     model.int8.onnx with its agreement measured. Returns the ONNXProgram. A problem is a UserError naming it."""
     size, label_map, int8 = facts.size, options.label_map, options.int8
-    if size < MIN_SIDE:
-        raise ConfigError(f"--size {size}: at least {MIN_SIDE}")
+    check_size(facts)
+    if options.precision:
+        raise ConfigError("--precision goes with --runtime openvino (ONNX's int8: --int8 static or dynamic)")
     if facts.bands is not None and (label_map or int8):
         raise ConfigError(f"{facts.source} reads {facts.bands.count}-band images at full precision: --label-map and "
                           f"--int8 take 8-bit RGB images; export the logits graph (without them), which takes the "
@@ -216,32 +192,14 @@ def write(model: nn.Module, facts, out: Path, options) -> "torch.onnx.ONNXProgra
         if int8 == "static":
             calibration = options.images(options.calibration_folder, size, count=CALIBRATION_COUNT, split="train")
         inputs = options.images(options.check_folder, size)
-    if facts.temperature and not label_map:  # calibration.json: logits / T, baked into the classifier
-        classifier = getattr(model.decoder, "classifier", None)
-        if not isinstance(classifier, torch.nn.Conv2d):
-            raise ExportError(f"{facts.source}: its decoder {model.config.decoder} has no `classifier` convolution to "
-                              f"divide by the temperature of calibration.json; move that file aside to export")
-        with torch.no_grad():
-            classifier.weight /= facts.temperature
-            if classifier.bias is not None:
-                classifier.bias /= facts.temperature
-        print(f"the logits are divided by the temperature {facts.temperature:.4g} of calibration.json (in the graph)")
+    if not label_map:
+        bake_temperature(model, facts)
     path = writable_folder(out) / "model.onnx"
     print(f"exporting {facts.source} ({model.config.describe()}, {model.config.num_labels} classes) "
           f"to {path} ...")
     program = export_any(model, path, label_map_size=size if label_map else None, portable=options.portable)
     if not label_map:
-        try:
-            bands = model.config.in_channels
-            worst = check_logits(model, path, [(1, bands, size, size), (2, bands, 320, 480)])
-        except Exception as e:  # a graph that runs at the traced size only, an operator ORT lacks
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"{path}: ONNX Runtime cannot run the graph of {model.config.describe()} at every size "
-                              f"({first})") from None
-        print(f"ONNX Runtime vs eager, 1x{bands}x{size}x{size} and 2x{bands}x320x480: max |logits difference| "
-              f"{worst:.2e}")
-        if worst > 1e-4:
-            raise ExportError(f"{path} does not reproduce the model (max difference {worst:.2e} > 1e-4)")
+        check_parity(OnnxModel.run_session(onnx_session(path)), model, facts, path, "ONNX Runtime")
     write_side_files(facts, out)
     if int8:
         quantize_int8(path, out / "model.int8.onnx", calibration)
@@ -253,13 +211,6 @@ def write(model: nn.Module, facts, out: Path, options) -> "torch.onnx.ONNXProgra
               f"{100 * agreement:.2f}% of pixels ({checked})")
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
     return program
-
-
-def write_side_files(facts, out: Path) -> None:
-    """What a service needs beside the graph: the preprocessing, the class names, the colours."""
-    write_preprocessor_config(out, size=facts.size, reduce_labels=facts.reduce_labels, bands=facts.bands)
-    write_json({str(i): name for i, name in facts.id2label.items()}, out / "id2label.json")
-    write_json([list(c) for c in facts.palette], out / "palette.json")
 
 
 # ---- the runner ---------------------------------------------------------------------------------------------
@@ -286,41 +237,33 @@ def onnx_session(path: str | Path, threads: int | None = None, *, spinning: bool
         raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(e).strip().splitlines()[0]})") from None
 
 
-class OnnxModel:
+class OnnxModel(GraphModel):
     """The logits graph of export.py: pixel_values (B, 3, H, W) -> logits (B, K, H/4, W/4), on the CPU."""
+    runtime = "ONNX Runtime's CPU provider"
 
     def __init__(self, path: str | Path, *, threads: int | None = None):
-        path = Path(path)
         self.session = onnx_session(path, threads)
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != ["pixel_values"]:
             raise CheckpointError(f"{path}: a graph with inputs {inputs}; this needs export.py's logits graph "
                                   f"(pixel_values -> logits), not --label-map")
-        names = path.parent / "id2label.json"
-        if not names.is_file():
-            raise CheckpointError(f"{names}: the class names export.py writes beside the graph are missing")
-        try:
-            id2label = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
-        except (ValueError, AttributeError) as e:
-            raise CheckpointError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
-        self.id2label, self.path = dict(sorted(id2label.items())), path
-        self.side_files = read_side_files(path.parent)  # input size, normalisation, colours
+        super().__init__(path)
+        self.run = self.run_session(self.session)
+
+    @staticmethod
+    def run_session(session):
+        """A session of the logits graph as a function of tensors."""
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            feed = {"pixel_values": pixel_values.detach().float().cpu().numpy()}
+            return torch.from_numpy(session.run(None, feed)[0])
+        return run
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = self.session.run(None, {"pixel_values": pixel_values.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(logits)
-
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def to(self, device=None, memory_format=None) -> "OnnxModel":
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("OnnxModel runs on the CPU (ONNX Runtime's CPU provider)")  # a caller's mistake
-        return self
+        return self.run(pixel_values)
 
 
 def load(source: str | Path, *, trust_code: bool = False, threads: int | None = None):
     """(OnnxModel, what the files beside the graph say). The temperature is in the graph already: not
     applied again. No code is imported from a graph: `trust_code` has nothing to allow."""
     model = OnnxModel(source, threads=threads)
-    return model, {**model.side_files, "class_names": tuple(model.id2label.values()), "temperature": None}
+    return model, model.facts()
