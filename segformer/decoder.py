@@ -62,6 +62,10 @@ class AllMLPDecoder(nn.Module):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Conv2d(D, config.num_labels, kernel_size=1)
         self.folded = config.fold_decoder if folded is None else folded
+        # How the folded form upsamples the coarse levels: "matmul", one batched matrix product (the fastest
+        # in eager PyTorch and ONNX Runtime), or "interpolate", three bilinear resamplings (OpenVINO runs
+        # those in bf16 but the matrix product in fp32: its export sets this). The same numbers either way.
+        self.upsampling = "matmul"
         if self.folded:
             self.check_folding()
 
@@ -111,9 +115,14 @@ class AllMLPDecoder(nn.Module):
         levels = [F.conv2d(x, weight[:, :, None, None], bias)  # (B, D, H_i, W_i): project and fuse in one map
                   for x, (weight, bias) in zip(features, self.level_maps())]
         coarse = levels[1:]
-        rows = torch.cat([bilinear_matrix(H, y.shape[-2], y) for y in coarse], dim=1)  # (H, sum H_i)
-        columns = torch.cat([y @ bilinear_matrix(W, y.shape[-1], y).T for y in coarse], dim=2)  # (B, D, sum H_i, W)
-        fused = levels[0] + rows @ columns  # (B, D, H, W): the coarse levels upsampled and added
+        if self.upsampling == "interpolate":
+            fused = levels[0]
+            for y in coarse:
+                fused = fused + F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False)
+        else:
+            rows = torch.cat([bilinear_matrix(H, y.shape[-2], y) for y in coarse], dim=1)  # (H, sum H_i)
+            columns = torch.cat([y @ bilinear_matrix(W, y.shape[-1], y).T for y in coarse], dim=2)  # (B, D, sum H_i, W)
+            fused = levels[0] + rows @ columns  # (B, D, H, W): the coarse levels upsampled and added
         x = F.relu(self.norm(fused) if self.training else fused)  # at evaluation the norm is in the maps
         return self.classifier(self.dropout(x))  # (B, num_labels, H, W)
 
