@@ -266,8 +266,9 @@ def main():
     parser.add_argument("--model", default="b0", help="variant b0..b5 with random weights (default b0)")
     parser.add_argument("--num-labels", type=int, default=150, help="its classes (default 150, ADE20K)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="input sides timed (default 512)")
-    parser.add_argument("--images", help="images for the agreement and the int8 calibration (default: "
-                                         "generated scenes)")
+    parser.add_argument("--images", help="images for the agreement (default: generated test scenes)")
+    parser.add_argument("--calibration-images", help="images the int8 rows are calibrated on (default: generated "
+                                                     "training scenes)")
     parser.add_argument("--threads", type=int, default=2, help="threads of every runtime (default 2)")
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds, one call of every path each")
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes to compile)")
@@ -295,8 +296,9 @@ def main():
     with quiet():
         reference = SegformerForSemanticSegmentation.from_pretrained(tmp / "model").eval()
     images = check_images(args.images, model_size, count=16)
-    calibration = check_images(args.images, model_size, count=32, split="train") if args.images else \
-        check_images(None, model_size, count=32, split="train")
+    # int8 is calibrated on other images than the agreement is measured on: --calibration-images, else
+    # generated training scenes (export.py's default)
+    calibration = check_images(args.calibration_images, model_size, count=32, split="train")
     print(f"{what}; {args.threads} threads; torch {torch.__version__}; agreement on "
           f"{len(images)} {'images of ' + args.images if args.images else 'generated test scenes'} at "
           f"{model_size}x{model_size}", flush=True)

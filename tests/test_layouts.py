@@ -285,6 +285,23 @@ def test_default_loss_is_the_reference_cross_entropy_bit_for_bit(batch):
     assert segmentation_loss(logits, labels).item() == expected.item()
 
 
+def test_the_memory_efficient_loss_is_the_cross_entropy_with_its_gradient():
+    """train.py's fused form (UpsampledCrossEntropy: bands of rows, softmax - one-hot in place) against
+    the plain one, on channels-last logits as the decoder gives them and on contiguous ones; 150 rows: the
+    last band is a short one."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 7, (2, 150, 98), generator=g)
+    labels[:, :9] = 255
+    for layout in (torch.channels_last, torch.contiguous_format):
+        logits = torch.randn(2, 7, 38, 25, generator=g).contiguous(memory_format=layout)
+        plain, fused = (logits.clone().requires_grad_() for _ in range(2))
+        expected = segmentation_loss(plain, labels)
+        got = segmentation_loss(fused, labels, memory_efficient=True)
+        expected.backward(), got.backward()
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(fused.grad, plain.grad, rtol=1e-5, atol=1e-10)
+
+
 def test_weighted_and_smoothed_cross_entropy(batch):
     logits, labels = batch
     weights = torch.tensor([0.5, 1.0, 2.0, 4.0])

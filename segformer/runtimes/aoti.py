@@ -8,8 +8,8 @@ alone:
     python infer.py --checkpoint aoti/model.pt2 --trust-code photo.jpg
 
 A package is native code: infer.py and serve.py load one only with --trust-code (as they import code a
-checkpoint names). Compiled for the CPU it is exported on (its instruction set: a package built with AVX-512 needs a CPU with
-it), in fp32. Compiling takes a few minutes for B0 on two cores (a C++ compiler is needed: gcc or clang).
+checkpoint names). Compiled for the CPU it is exported on (its instruction set: a package built with
+AVX-512 needs a CPU with it), in fp32. Compiling takes a few minutes for B0 on two cores (a C++ compiler is needed: gcc or clang).
 """
 
 import contextlib
