@@ -54,14 +54,17 @@ from training.train_config import TrainConfig, parse_command_line
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 
-def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, trust_code: bool) -> SegFormer:
+def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, trust_code: bool,
+                given: frozenset = frozenset()) -> SegFormer:
     """The model to train: the resumed checkpoint's, --pretrained weights (with a fresh classifier where the
     classes differ), or fresh weights of --model (b0..b5 or a config.json) with the parts the flags name.
-    Parts named by a file (a checkpoint, a config.json) that are code from outside this project are imported
-    with --trust-code, or where the same names were given on the command line."""
+    Parts named by a file (a checkpoint, a config.json, a resumed run's saved settings) that are code from
+    outside this project are imported with --trust-code, or where the same names were typed on this command
+    line (`given`: the settings it gives)."""
     labels = dict(num_labels=spec.num_labels, id2label=spec.id2label,
                   in_channels=spec.bands.count if spec.bands else 3)  # 3-band weights are adapted to other bands
-    typed = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
+    parts = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
+    typed = {part: name for part, name in parts.items() if part in given}  # the user's own word, this time
     options = dict(fold_decoder=config.fold_decoder) | (
         {"drop_path_rate": config.drop_path_rate} if config.drop_path_rate is not None else {})
     if resumed is not None and not config.lora_rank:  # (a LoRA run's checkpoint holds merged weights: the model is
@@ -70,16 +73,17 @@ def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, t
     if config.pretrained:
         facts = describe(config.pretrained)
         trusted = trust_code or untrusted_parts(facts.config).items() <= typed.items()
-        return SegFormer.from_pretrained(facts, **labels, trust_code=trusted, **options, **typed)
+        return SegFormer.from_pretrained(facts, **labels, trust_code=trusted, **options, **parts)
     if config.model in VARIANTS:
         base = SegFormerConfig.from_variant(config.model)
     elif Path(config.model).is_file():
         base = read_model_config(config.model)
     else:
         raise ConfigError(f"--model {config.model}: expected one of {', '.join(VARIANTS)} or a config.json")
-    model_config = replace(base, **typed, **labels, **options)
+    model_config = replace(base, **parts, **labels, **options)
     resolve_all(model_config, trust_code=trust_code or untrusted_parts(model_config).items() <= typed.items(),
-                source=f"--model {config.model}")
+                source=f"--resume {resumed.source}: its training_args.json" if resumed
+                else f"--model {config.model}")
     return SegFormer(model_config)
 
 
@@ -175,7 +179,7 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
                           f"{config.batch_size} x {config.grad_accum} x {world_size} processes")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    raw_model = build_model(config, spec, resumed=resumed, trust_code=command.trust_code)
+    raw_model = build_model(config, spec, resumed=resumed, trust_code=command.trust_code, given=command.given)
     frozen = freeze_stages(raw_model, config.freeze_stages)  # no gradient, no optimizer state, evaluation mode
     if config.lora_rank:
         add_lora(raw_model, rank=config.lora_rank, alpha=config.lora_alpha)

@@ -172,3 +172,21 @@ def test_a_run_with_every_control_resumes_exactly(tmp_path):
         straight = load_file(tmp_path / "straight" / "checkpoint-4" / name)
         resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / name)
         assert all(torch.equal(straight[key], resumed[key]) for key in straight), name
+
+
+def test_resuming_a_lora_run_imports_the_code_its_settings_name_only_with_trust_code(tmp_path):
+    """A LoRA run is rebuilt from its saved settings on --resume; a part those settings name by import path is
+    code a file names, not the user's word this time: refused without --trust-code, in one line."""
+    pytest.importorskip("peft")
+    from segformer.errors import CheckpointError
+    run = build(tmp_path / "run", "--lora-rank", "4", "--decoder", "custom_parts:LightHead", "--trust-code")
+    steps(run, 1)
+    path = train.save(run, "checkpoint-1")
+    resume = ["--resume", str(path), "--out", str(tmp_path / "resumed")]
+    with pytest.raises(CheckpointError, match=r"--resume .*checkpoint-1: its training_args.json names code from "
+                                              r"outside this project \(decoder custom_parts:LightHead\).*--trust-code"):
+        train.build_run(parse_command_line(resume), rank=0, world_size=1, device=torch.device("cpu"))
+    resumed = train.build_run(parse_command_line(resume + ["--trust-code"]), rank=0, world_size=1,
+                              device=torch.device("cpu"))
+    resumed.log.close()
+    assert type(resumed.raw_model.decoder).__name__ == "LightHead"
