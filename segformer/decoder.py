@@ -124,8 +124,10 @@ class AllMLPDecoder(nn.Module):
             rows = torch.cat([bilinear_matrix(H, y.shape[-2], y) for y in coarse], dim=1)  # (H, sum H_i)
             # The product is laid out as the stride-4 level it is added to (adding maps of two layouts, or
             # making one contiguous for the product, costs more than the product): contiguous (B, D, H, W),
-            # or channels-last, as the convolutions give it for a batch of more than one.
-            if levels[0].is_contiguous():
+            # or channels-last, as the convolutions give it for a batch of more than one. A graph being traced
+            # (torch.export, torch.compile) takes the first form: its reshapes hold at every size, and the
+            # compiler lays memory out itself.
+            if levels[0].is_contiguous() or torch.compiler.is_compiling():
                 columns = torch.cat([y @ bilinear_matrix(W, y.shape[-1], y).T  # (B, D, sum H_i, W)
                                      for y in coarse], dim=2)
                 upsampled = rows @ columns  # (B, D, H, W)
