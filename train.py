@@ -169,6 +169,9 @@ class Run:
 
 def build_run(command: Command, *, rank: int, world_size: int, device: torch.device) -> Run:
     """Labels, data, model, optimizer, schedule and, on --resume, the saved state: everything but the loop."""
+    if command.config.ema_best and command.config.ema is None:  # said now, not at the first evaluation
+        raise ConfigError("--ema-best keeps best/ from the moving average's evaluations: it needs --ema DECAY "
+                          "(e.g. --ema 0.999)")
     seed_everything(command.config.seed)  # the same initial weights on every process
     resumed = describe(command.resume) if command.resume else None
     config, spec, train_loader, eval_loader = open_data(command.config, resumed=resumed, rank=rank,

@@ -81,6 +81,9 @@ class Calibration:
         return self.temperatures[int(self.sums[:, 0].argmin())]
 
 
+TEMPERATURE_RANGE = (0.01, 100.0)  # what calibration.json may hold: dividing logits by it stays meaningful
+
+
 def read_temperature(folder: Path) -> float | None:
     """The temperature saved beside a checkpoint (calibration.json), or None."""
     path = Path(folder) / CALIBRATION_FILE
@@ -91,7 +94,9 @@ def read_temperature(folder: Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         from .errors import CheckpointError
         raise CheckpointError(f"{path}: expected {{\"temperature\": a positive number}} ({e})") from None
-    if not value > 0:
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:  # NaN, infinity, 0, a denormal: every pixel's probabilities would be wrong
         from .errors import CheckpointError
-        raise CheckpointError(f"{path}: the temperature must be positive, got {value}")
+        raise CheckpointError(f"{path}: the temperature must be a number in {low:g}..{high:g} (--calibrate fits "
+                              f"{TEMPERATURES[0]:g}..{TEMPERATURES[-1]:g}), got {value}")
     return value

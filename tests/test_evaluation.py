@@ -267,3 +267,16 @@ def test_spatter_is_imagenet_c_spatter_drop_for_drop():
             expected = np.clip(x * (1 - m[..., None]) + np.array([63, 42, 20]) / 255 * m[..., None], 0, 1) * 255
         assert np.abs(got.astype(float) - expected).max() <= 0.5 + 1e-6, severity  # ours rounded to uint8
         assert np.abs(got.astype(float) - image).mean() > 1, severity
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "5e-324", "0", "-2", "1e300"])
+def test_a_temperature_that_would_wreck_every_mask_is_refused_by_name(tmp_path, value):
+    """calibration.json is read before any logits are divided by it: an infinite temperature made every pixel
+    class 0, a denormal one every probability NaN, and JSON got -Infinity written back."""
+    from segformer.calibration import read_temperature
+    from segformer.errors import CheckpointError
+    (tmp_path / "calibration.json").write_text(f'{{"temperature": {value}}}')
+    with pytest.raises(CheckpointError, match=r"calibration\.json: the temperature must be a number in 0\.01\.\.100"):
+        read_temperature(tmp_path)
+    (tmp_path / "calibration.json").write_text('{"temperature": 1.7}')
+    assert read_temperature(tmp_path) == 1.7

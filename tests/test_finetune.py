@@ -190,3 +190,11 @@ def test_resuming_a_lora_run_imports_the_code_its_settings_name_only_with_trust_
                               device=torch.device("cpu"))
     resumed.log.close()
     assert type(resumed.raw_model.decoder).__name__ == "LightHead"
+
+
+def test_ema_best_without_a_moving_average_is_refused_before_any_step(tmp_path):
+    """It crashed at the first evaluation, losing the steps trained until then."""
+    from segformer.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"--ema-best .* needs --ema DECAY"):
+        build(tmp_path, "--ema-best")
+    assert not list(tmp_path.iterdir())  # nothing written: not even the run folder's lock
