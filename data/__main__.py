@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from segformer.cli import run_main
+from segformer.errors import DataError
 from segformer.labels import read_id2label
 
 from . import measure_bands
@@ -105,7 +106,20 @@ def main(argv=None) -> int:
 
 
 def doctor(args) -> int:
-    """What the data holds, split by split; 1 where it found problems."""
+    """What the data holds, split by split; 1 where it found problems. A file whose structure is wrong in
+    several places (a labelling tool's export) has each of them listed."""
+    try:
+        return examine(args)
+    except DataError as e:
+        if not getattr(e, "problems", None):
+            raise
+        for problem in e.problems:
+            print(f"   {problem}")
+        print(f"\n{len(e.problems)} problem(s) found")
+        return 1
+
+
+def examine(args) -> int:
     splits = folder_splits(args.source, args.dataset_config)
     layout = open_source(args.source, (args.split or ["train"])[0], train=True, test_size=0, strict=False,
                          dataset_config=args.dataset_config, image_column=args.image_column,

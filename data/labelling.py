@@ -27,7 +27,6 @@ image the JSON names but the folder lacks, a shape LabelMe does not define.
 import base64
 import contextlib
 import io
-import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from segformer.errors import DataError
+from segformer.files import read_json
 from segformer.images import decode
 
 from .mapping import IGNORE_INDEX
@@ -86,12 +86,20 @@ class CocoFile:
 
     @cached_property
     def coco(self):
+        """pycocotools' index of the file, built once its structure is checked (coco_problems)."""
         COCO, _ = _pycocotools()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-                return COCO(str(self.path))
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-            raise DataError(f"{self.path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
+        content = read_json(self.path, error=DataError)
+        problems = coco_problems(content, self.path, background=self.uncovered == "background")
+        if problems:
+            more = f" (and {len(problems) - 1} more: python -m data doctor lists them)" if len(problems) > 1 else ""
+            error = DataError(problems[0] + more)
+            error.problems = problems  # every one, for the doctor
+            raise error
+        coco = COCO()
+        coco.dataset = content
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco.createIndex()
+        return coco
 
     @cached_property
     def category_ids(self) -> list[int]:
@@ -171,6 +179,91 @@ class CocoFile:
         return float(self.coco.annToMask(annotation).sum())
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def coco_problems(content, path: Path, *, background: bool) -> list[str]:
+    """Every problem of a COCO file's structure, each one line naming the entry: what pycocotools would take
+    silently (an image id used twice: one image dropped and its annotations drawn on the other; more
+    classes than the label maps hold) or fail on with a traceback (a missing size, an area that is text)."""
+    if not isinstance(content, dict):
+        return [f"{path}: expected a COCO JSON object, got {type(content).__name__}"]
+    problems = []
+    for key in ("images", "categories", "annotations"):
+        if not isinstance(content.get(key, []), list):
+            problems.append(f"{path}: \"{key}\" must be a list, got {type(content[key]).__name__}")
+    if problems:
+        return problems
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # what PIL refuses to decode
+    images, categories = {}, {}
+    for i, entry in enumerate(content.get("images", [])):
+        where = f"{path}: images[{i}]"
+        if not isinstance(entry, dict) or not is_id(entry.get("id")):
+            problems.append(f"{where}: expected an object with an integer \"id\"")
+            continue
+        where = f"{path}: image id {entry['id']}"
+        if entry["id"] in images:
+            problems.append(f"{where}: the id is used by two images ({images[entry['id']]!r} and "
+                            f"{entry.get('file_name')!r}); each image needs its own")
+        images[entry["id"]] = entry.get("file_name")
+        if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+            problems.append(f"{where}: expected a \"file_name\" string")
+        size = [entry.get(key) for key in ("height", "width")]
+        if not all(is_id(v) and v > 0 for v in size):
+            problems.append(f"{where}: \"height\" and \"width\" must be positive integers, got {size}")
+        elif size[0] * size[1] > limit:
+            problems.append(f"{where}: declares {size[1]}x{size[0]} pixels, more than the {limit:,} an image may have")
+    for i, entry in enumerate(content.get("categories", [])):
+        if not isinstance(entry, dict) or not is_id(entry.get("id")):
+            problems.append(f"{path}: categories[{i}]: expected an object with an integer \"id\"")
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{path}: category id {entry['id']}: expected a non-empty \"name\"")
+        elif name in categories.values():
+            problems.append(f"{path}: category id {entry['id']}: the name {name!r} is another category's too")
+        if entry["id"] in categories:
+            problems.append(f"{path}: category id {entry['id']}: the id is used by two categories")
+        categories[entry["id"]] = name
+    classes = len(categories) + background
+    if classes > IGNORE_INDEX:
+        problems.append(f"{path}: {len(categories)} categories{' and the background' if background else ''} make "
+                        f"{classes} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; {IGNORE_INDEX} "
+                        f"is the ignore index): merge categories, or drop some from the file")
+    seen = set()
+    for i, annotation in enumerate(content.get("annotations", [])):
+        if not isinstance(annotation, dict) or not is_id(annotation.get("id")):
+            problems.append(f"{path}: annotations[{i}]: expected an object with an integer \"id\"")
+            continue
+        where = f"{path}: annotation id {annotation['id']}"
+        if annotation["id"] in seen:
+            problems.append(f"{where}: the id is used by two annotations")
+        seen.add(annotation["id"])
+        if annotation.get("image_id") not in images:
+            problems.append(f"{where}: image_id {annotation.get('image_id')!r} is not one of the file's images")
+        if annotation.get("category_id") not in categories:
+            problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not one of the file's "
+                            f"categories {sorted(categories)}")
+        if "area" in annotation and not is_number(annotation["area"]):
+            problems.append(f"{where}: \"area\" must be a number, got {annotation['area']!r}")
+        segmentation = annotation.get("segmentation")
+        if isinstance(segmentation, list):
+            if not segmentation or not all(isinstance(p, list) and all(map(is_number, p)) for p in segmentation):
+                problems.append(f"{where}: \"segmentation\" must be polygons, lists of numbers x0, y0, x1, y1, ...; "
+                                f"got {str(segmentation)[:60]}")
+        elif isinstance(segmentation, dict):
+            if "counts" not in segmentation or not isinstance(segmentation.get("size"), list):
+                problems.append(f"{where}: an RLE \"segmentation\" needs \"counts\" and \"size\"")
+        else:
+            problems.append(f"{where}: no \"segmentation\" (polygons or RLE)")
+    return problems
+
+
 def coco_rules(manifest: dict, path: Path) -> dict:
     """The manifest's "uncovered" and "crowd" choices, checked."""
     rules = {}
@@ -190,17 +283,14 @@ LABELME_IGNORE, LABELME_AREA_SHAPES, LABELME_NO_AREA = "__ignore__", ("polygon",
 
 def is_labelme(path: Path) -> bool:
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        content = read_json(path, error=DataError)
+    except DataError:
         return False
     return isinstance(content, dict) and "shapes" in content and ("imagePath" in content or "imageData" in content)
 
 
 def read_labelme(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: not a LabelMe JSON file ({type(e).__name__}: {e})") from None
+    content = read_json(path, error=DataError)
     if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
         raise DataError(f"{path}: not a LabelMe JSON file (no \"shapes\" list)")
     return content

@@ -9,7 +9,6 @@ the images in which c appears, and weight(c) = median over classes of freq / fre
 as common as the median weighs 1, rarer ones more. A class that never appears weighs 1.
 """
 
-import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from segformer.errors import DataError
+from segformer.files import read_json
 
 from .dataset import annotation_to_tensor
 from .mapping import IGNORE_INDEX, LabelMapping
@@ -113,10 +113,7 @@ def median_frequency_weights(stats: SplitStats) -> list[float]:
 def read_class_weights(path: str | Path, class_names: list[str]) -> list[float]:
     """A JSON file: a list of one weight per class, or an object {class id or name: weight} (others 1)."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read class weights ({e})") from None
+    raw = read_json(path, error=DataError)
     K = len(class_names)
     if isinstance(raw, list):
         if len(raw) != K:

@@ -14,12 +14,13 @@ logarithmic grid of temperatures all counted in one pass (`TEMPERATURES`, 0.25 t
 the checkpoint (`calibration.json`) and applied by `Predictor` and the ONNX export.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .files import read_json
 
 BINS = 15
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 8.0, 61))  # ratio 1.06 between neighbours
@@ -90,8 +91,8 @@ def read_temperature(folder: Path) -> float | None:
     if not path.is_file():
         return None
     try:
-        value = float(json.loads(path.read_text())["temperature"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        value = float(read_json(path)["temperature"])
+    except (ValueError, KeyError, TypeError) as e:
         from .errors import CheckpointError
         raise CheckpointError(f"{path}: expected {{\"temperature\": a positive number}} ({e})") from None
     low, high = TEMPERATURE_RANGE

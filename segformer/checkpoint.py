@@ -15,7 +15,7 @@ from .bands import Bands
 from .calibration import read_temperature
 from .config import SegFormerConfig
 from .errors import CheckpointError, ConfigError
-from .files import read_json_object, write_json
+from .files import read_json, read_json_object, write_json
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -239,8 +239,8 @@ def read_side_files(folder: Path) -> dict:
 def _read_palette(file: Path) -> tuple | None:
     if not file.is_file():
         return None
+    colours = read_json(file)
     try:
-        colours = json.loads(file.read_text())
         palette = tuple(tuple(int(v) for v in colour) for colour in colours)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: expected a list of [r, g, b] colours ({e})") from None

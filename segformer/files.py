@@ -6,6 +6,8 @@ a run folder, a report or a prediction is written to a temporary name, fsynced a
 import io
 import json
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,12 +74,37 @@ def write_torch(obj, path: str | Path) -> None:
     write_bytes(buffer.getvalue(), path)
 
 
-def read_json_object(path: Path, *, error: type[UserError] = CheckpointError) -> dict:
-    """A JSON file that must hold an object; anything else is an `error` naming the file."""
+JSON_LIMIT = 1 << 30  # bytes: COCO's largest official annotation files are under 500 MB
+
+
+def read_json(path: Path, *, error: type[UserError] = CheckpointError, limit: int = JSON_LIMIT):
+    """The value of a JSON file, read the one way every reader reads one: a regular file (not a FIFO that
+    would block, a device such as /dev/zero behind a symlink that would fill the memory, a folder) of at most
+    `limit` bytes, valid UTF-8 JSON, nested within Python's recursion limit. Anything else is an `error`
+    naming the file and what it is."""
+    path = Path(path)
     try:
-        value = json.loads(Path(path).read_text())
+        info = path.stat()  # through symlinks: what would be read
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
+            "a device or socket"
+        raise error(f"{path}: {kind}, not a file; expected a JSON file")
+    if info.st_size > limit:
+        raise error(f"{path}: {info.st_size / 2**20:.0f} MB; a JSON file of at most {limit / 2**20:.0f} MB is read")
+    try:
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels)") \
+            from None
+
+
+def read_json_object(path: Path, *, error: type[UserError] = CheckpointError) -> dict:
+    """A JSON file that must hold an object; anything else is an `error` naming the file."""
+    value = read_json(path, error=error)
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -2,10 +2,10 @@
 guide downloads `ade20k-id2label.json` from the hub; we work offline), and a reader for any
 `id2label.json`. Colours for other label sets: `segformer.visual.palette`."""
 
-import json
 from pathlib import Path
 
 from .errors import DataError
+from .files import read_json
 
 # The 150 classes by reduced id (0 = wall), exactly as the hub's `ade20k-id2label.json` lists them,
 # including the trailing space of "bed ". Pixel value k of an ADE annotation is class k - 1; 0 is unlabelled.
@@ -105,10 +105,7 @@ def is_default_names(names) -> bool:
 def read_id2label(path: str | Path) -> dict[int, str]:
     """Read an `id2label.json` ({"0": "wall", ...}); ids must be 0..N-1."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read an id2label JSON object ({e})") from None
+    raw = read_json(path, error=DataError)
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: expected a JSON object mapping ids to names ({{\"0\": \"wall\", ...}}), got "
                         f"{type(raw).__name__ if raw else 'nothing'}")

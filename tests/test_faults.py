@@ -690,3 +690,27 @@ def test_a_stop_during_evaluation_saves_without_waiting_for_it(tmp_path, monkeyp
     assert code == 143 and len(seen) == 1  # one batch of 20, then the stop
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not any("mean_iou" in r for r in read_log(tmp_path))  # an evaluation cut short counts for nothing
+
+
+def test_a_json_file_that_is_not_a_file_or_is_nested_without_end_is_named_not_read(tmp_path):
+    """Every JSON reader goes through segformer.files.read_json: a FIFO named like an annotation would block
+    forever, a symlink to /dev/zero would fill the memory, 100,000 levels gave a raw RecursionError."""
+    import os
+
+    from data.labelling import is_labelme
+    from segformer.errors import DataError
+    from segformer.files import read_json, read_json_object
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "folder.json").mkdir()
+    for name, said in (("fifo.json", "a FIFO, not a file"), ("zero.json", "a device or socket, not a file"),
+                       ("deep.json", "JSON nested too deeply to read"), ("folder.json", "a folder, not a file")):
+        with pytest.raises(DataError, match=f"{name}: {said}"):
+            read_json(tmp_path / name, error=DataError)
+        assert not is_labelme(tmp_path / name)
+    with pytest.raises(DataError, match=r"dataset.json: 1 MB; a JSON file of at most 0 MB"):
+        (tmp_path / "dataset.json").write_text(" " * 2**20 + "{}")
+        read_json(tmp_path / "dataset.json", error=DataError, limit=1000)
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json_object(tmp_path / "ok.json") == {"a": [1, 2]}

@@ -182,7 +182,7 @@ def test_coco_rules_rle_crowd_uncovered_and_overlap_order(tmp_path):
     (lambda d: d["annotations"][0]["segmentation"][0].__setitem__(0, 300.0),
      r"instances_train.json annotation id 1 \(image img0.png\): polygon point \(300, 4\) is outside the 56x40 image"),
     (lambda d: d["annotations"][1].__setitem__("category_id", 7),
-     r"annotation id 2 \(image img0.png\): category 7 is not one of the file's categories \[1, 2\]"),
+     r"instances_train.json: annotation id 2: category_id 7 is not one of the file's categories \[1, 2\]"),
     (lambda d: d["images"].append({"id": 9, "file_name": "gone.png", "height": H, "width": W}),
      r"instances_train.json: image id 9, gone.png: not in .*images"),
 ])
@@ -295,3 +295,54 @@ def test_infer_writes_coco_and_labelme_that_read_back_as_the_predicted_masks(tmp
     read = build_dataset(str(tmp_path / "pred" / "labelme"), "train", test_size=0)
     assert read.class_names == ["sky", "sea", "boat"]  # labels.txt keeps the ids
     assert all(np.array_equal(read.load(i)[1].numpy(), masks[i]) for i in range(2))
+
+
+def test_every_structural_problem_of_a_coco_file_is_named_and_the_doctor_lists_them_all(tmp_path, capsys):
+    """What pycocotools took silently (an image id used twice: one image dropped, its annotations drawn on
+    the other) or failed on with a traceback, each kind named by its entry; train.py stops at the first in
+    one line, `python -m data doctor` lists them all."""
+    import train
+    from data.__main__ import main as doctor
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    for i in range(2):
+        random_image(H, W, seed=i).save(tmp_path / "images" / f"img{i}.png")
+    document = coco_json(["img0.png", "img1.png"], SHAPES[:2])
+    document["images"].append({"id": 2, "file_name": "img1.png", "height": H, "width": W})  # id 2 again
+    document["images"].append({"id": 3, "file_name": "img0.png", "width": W})  # no height
+    document["images"].append({"id": 4, "file_name": "img0.png", "height": 200000, "width": 200000})  # a bomb
+    document["annotations"][0]["area"] = "12"
+    document["annotations"][1]["segmentation"] = []
+    document["annotations"][2]["segmentation"] = [[1, 2, "x", 4, 5, 6]]
+    document["categories"].append({"id": 9, "name": "cat"})  # a name twice: a class would vanish
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(document))
+    expected = [r"image id 2: the id is used by two images \('img1.png' and 'img1.png'\)",
+                r"image id 3: \"height\" and \"width\" must be positive integers, got \[None, 56\]",
+                r"image id 4: declares 200000x200000 pixels, more than the [\d,]+ an image may have",
+                r"category id 9: the name 'cat' is another category's too",
+                r"annotation id 1: \"area\" must be a number, got '12'",
+                r"annotation id 2: \"segmentation\" must be polygons",
+                r"annotation id 3: \"segmentation\" must be polygons"]
+    assert doctor([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    for message in expected:
+        assert __import__("re").search(r"instances_train.json: " + message, out), message
+    assert "7 problem(s) found" in out
+    code = train.main(["--data", str(tmp_path), "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-plots",
+                       "--size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "image id 2: the id is used by two images" in err and "(and 6 more: python -m data doctor" in err
+
+
+@pytest.mark.parametrize("count, background", [(255, True), (254, True), (300, False)])
+def test_more_classes_than_the_label_maps_hold_is_refused_not_ignored(tmp_path, count, background):
+    """With the background, 255 categories made the last one class 255, the ignore index: its pixels silently
+    ignored; more than 256 overflowed the uint8 drawing."""
+    from data.labelling import coco_problems
+    document = {"images": [], "annotations": [], "categories": [{"id": i, "name": f"c{i}"} for i in range(count)]}
+    problems = coco_problems(document, tmp_path / "c.json", background=background)
+    if count + background <= 255:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and f"{count} categories" in problems[0] and "the label maps hold 255" in problems[0]

@@ -18,7 +18,6 @@ and log, where and how fast to run) apply and are recorded.
 """
 
 import argparse
-import json
 import math
 import textwrap
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,6 +26,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 from segformer.config import VARIANTS
 from segformer.errors import ConfigError
+from segformer.files import read_json
 
 
 def setting(default, help: str, *, low=None, high=None, may_change: bool = False, flag: bool = True):
@@ -56,10 +56,7 @@ class Settings:
     def load(cls, path: str | Path):
         """Read a `training_args.json`; anything unknown, missing or mistyped is named with the file."""
         path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the run's settings ({type(e).__name__}: {e})") from None
+        values = read_json(path, error=ConfigError)  # not a file, not JSON, too deep: named
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}

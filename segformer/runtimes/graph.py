@@ -9,7 +9,6 @@ classes are, the side files say: preprocessor_config.json, id2label.json, palett
 """
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import torch
 
 from ..checkpoint import read_side_files, write_preprocessor_config
 from ..errors import CheckpointError, ConfigError, ExportError
-from ..files import write_json
+from ..files import read_json, write_json
 
 MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
 # A traced graph serves every size; tracing assumes every stage's reduced key/value map is at least 2 x 2
@@ -139,7 +138,7 @@ class GraphModel:
         if not names.is_file():
             raise CheckpointError(f"{names}: the class names export.py writes beside the graph are missing")
         try:
-            id2label = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
+            id2label = {int(k): str(v) for k, v in read_json(names).items()}
         except (ValueError, AttributeError) as e:
             raise CheckpointError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
         self.id2label, self.path = dict(sorted(id2label.items())), path

@@ -4,7 +4,7 @@ run by OpenVINO's CPU plugin in the precision it was exported for:
 
     python export.py --checkpoint runs/synthetic/best --out ov/ --runtime openvino                    # fp32
     python export.py --checkpoint runs/synthetic/best --out ov/ --runtime openvino --precision bf16
-    python export.py --checkpoint runs/synthetic/best --out ov/ --runtime openvino --precision int8 \
+    python export.py --checkpoint runs/synthetic/best --out ov/ --runtime openvino --precision int8 \\
         --calibration-images photos/
     python infer.py --checkpoint ov/model.xml photo.jpg                       # or serve.py --checkpoint ov/model.xml
 
