@@ -179,6 +179,12 @@ class CocoFile:
         return float(self.coco.annToMask(annotation).sum())
 
 
+def declared_pixel_limit() -> int:
+    """The most pixels an annotation may say its image has: what PIL refuses to decode (twice its warning
+    limit); checked before a label map of that size is allocated."""
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -199,7 +205,7 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
             problems.append(f"{path}: \"{key}\" must be a list, got {type(content[key]).__name__}")
     if problems:
         return problems
-    limit = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # what PIL refuses to decode
+    limit = declared_pixel_limit()
     images, categories = {}, {}
     for i, entry in enumerate(content.get("images", [])):
         where = f"{path}: images[{i}]"
@@ -356,6 +362,9 @@ def shape_polygon(shape: dict, where: str) -> list[float] | None:
     """A LabelMe shape as one polygon [x0, y0, ...] (labelme2coco's conversion), None for shapes with no area."""
     kind = shape.get("shape_type") or "polygon"
     points = shape.get("points") or []
+    if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(is_number, p))
+                                               for p in points):
+        raise DataError(f"{where}: \"points\" must be [x, y] pairs of numbers, got {str(points)[:60]}")
     if kind in LABELME_NO_AREA:
         return None
     if kind not in LABELME_AREA_SHAPES:
@@ -383,10 +392,16 @@ def shape_polygon(shape: dict, where: str) -> list[float] | None:
 
 def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
     content = read_labelme(path)
-    try:
-        height, width = int(content["imageHeight"]), int(content["imageWidth"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{path}: no imageHeight / imageWidth") from None
+    height, width = content.get("imageHeight"), content.get("imageWidth")
+    if not (is_id(height) and is_id(width) and height > 0 and width > 0):
+        raise DataError(f"{path}: \"imageHeight\" and \"imageWidth\" must be positive integers, got "
+                        f"{[height, width]}")
+    if height * width > declared_pixel_limit():  # before a label map of that size is allocated
+        raise DataError(f"{path}: declares a {width}x{height} image, more than the {declared_pixel_limit():,} "
+                        f"pixels an image may have")
+    if len(class_names) > IGNORE_INDEX:
+        raise DataError(f"{path}: {len(class_names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
+                        f"{IGNORE_INDEX} is the ignore index): merge labels")
     ids = {name: i for i, name in enumerate(class_names)}
     label = np.full((height, width), ids.get("background", IGNORE_INDEX), np.uint8)
     for number, shape in enumerate(content["shapes"]):

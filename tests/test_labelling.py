@@ -346,3 +346,22 @@ def test_more_classes_than_the_label_maps_hold_is_refused_not_ignored(tmp_path, 
         assert problems == []
     else:
         assert len(problems) == 1 and f"{count} categories" in problems[0] and "the label maps hold 255" in problems[0]
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda d: d.update(imageHeight=200000, imageWidth=200000), r"declares a 200000x200000 image, more than"),
+    (lambda d: d.update(imageHeight="40"), r"\"imageHeight\" and \"imageWidth\" must be positive integers"),
+    (lambda d: d["shapes"][0].update(points=[[4, "a"], [30, 6], [16, 30]]), r"shape 0 \('cat'\): \"points\" must be"),
+    (lambda d: d["shapes"][0].update(points=[[4, 4, 4], [30, 6], [16, 30]]), r"shape 0 \('cat'\): \"points\" must be"),
+])
+def test_a_bad_labelme_file_is_named_before_anything_is_drawn(tmp_path, change, said):
+    """A 300-byte file claiming a 200000 x 200000 image allocated 40 GB before anything else was checked;
+    points that are not numbers gave a traceback."""
+    from data.labelling import draw_labelme
+    from segformer.errors import DataError
+    shapes = [{"label": "cat", "shape_type": "polygon", "points": [[4, 4], [30, 6], [16, 30]]}]
+    document = {"imagePath": "a.png", "imageData": None, "imageHeight": H, "imageWidth": W, "shapes": shapes}
+    change(document)
+    (tmp_path / "a.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=r"a.json.*" + said):
+        draw_labelme(tmp_path / "a.json", ("background", "cat"))
