@@ -42,6 +42,17 @@ def read_manifest(path: Path) -> dict:
     classes = manifest.get("classes")
     if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         fail("classes", "must be a non-empty list of class names")
+    if classes is not None:
+        empty = [i for i, name in enumerate(classes) if not name.strip()]
+        if empty:
+            fail("classes", f"class {empty[0]} has an empty name; every class needs one")
+        twice = sorted({name for name in classes if classes.count(name) > 1})
+        if twice:
+            fail("classes", f"names {twice[0]!r} twice (classes {[i for i, n in enumerate(classes) if n == twice[0]]}): "
+                            f"a name is one class")
+        if len(classes) > IGNORE_INDEX:
+            fail("classes", f"has {len(classes)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
+                            f"{IGNORE_INDEX} is the ignore index)")
     if manifest.get("annotation_format", "index") not in ("index", "rgb"):
         fail("annotation_format", f"must be \"index\" or \"rgb\", got {manifest['annotation_format']!r}")
     palette = manifest.get("palette")

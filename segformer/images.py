@@ -48,12 +48,15 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
     naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
     errors found later. Any mode: see `to_rgb` for images, annotations keep theirs."""
     data, name = file_bytes(data, name)
+    if not data:
+        raise DataError(f"{name}: an empty file (0 bytes); expected an image")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as e:  # not an image, truncated, a decompression bomb, a broken EXIF block
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+        reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer: the file is named already
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
     image.filename = name
     return image
 

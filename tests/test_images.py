@@ -112,3 +112,16 @@ def test_inference_sees_a_16_bit_image_as_training_does(tmp_path):
     from segformer.inference import Predictor
     expected = Predictor(model, size=32, device="cpu")(read_image(path)).label_map
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "grey16_mask.png")), expected.numpy())
+
+
+def test_an_empty_or_unreadable_image_file_is_named_without_pils_buffer(tmp_path):
+    """A zero-byte file said "cannot identify image file <_io.BytesIO object at 0x...>"."""
+    from segformer.errors import DataError
+    from segformer.images import decode
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"empty\.png: an empty file \(0 bytes\); expected an image"):
+        decode(tmp_path / "empty.png")
+    with pytest.raises(DataError, match=r"junk\.png: cannot decode image \(UnidentifiedImageError: cannot identify "
+                                        r"image file\)$"):
+        decode(tmp_path / "junk.png")

@@ -204,6 +204,10 @@ def test_an_unknown_colour_is_named_with_its_pixel_count_or_ignored(tmp_path):
     ({"label_map": {"3": 9}}, r"key 'label_map' entry '3': 9 must map a raw value to a class id 0\.\.3 or 255"),
     ({"classes": "sea"}, r"key 'classes' must be a non-empty list"),
     ({"clases": ["x"]}, r"key 'clases' is not a manifest key"),
+    ({"classes": ["sea", "boat", "sea", "rock"]}, r"key 'classes' names 'sea' twice \(classes \[0, 2\]\)"),
+    ({"classes": ["sea", " ", "buoy", "rock"]}, r"key 'classes' class 1 has an empty name"),
+    ({"classes": [f"c{i}" for i in range(256)]},
+     r"key 'classes' has 256 classes; the label maps hold 255"),
 ])
 def test_a_manifest_that_contradicts_itself_or_the_files_names_the_key(tmp_path, change, message):
     write_photos(tmp_path / "e", rgb=False)
