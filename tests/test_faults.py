@@ -714,3 +714,18 @@ def test_a_json_file_that_is_not_a_file_or_is_nested_without_end_is_named_not_re
         read_json(tmp_path / "dataset.json", error=DataError, limit=1000)
     (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
     assert read_json_object(tmp_path / "ok.json") == {"a": [1, 2]}
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    """train.py --out and --eval-only --report on a file system that refuses writes (/sys: read-only even
+    for root): the run lock gave a raw OSError, the report one only after the whole evaluation."""
+    import train
+    from helpers import TINY, tiny_checkpoint
+    assert train.main(list(TINY) + ["--out", "/sys/segformer-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--out /sys/segformer-run: cannot write there" in err and "Traceback" not in err
+    checkpoint = tiny_checkpoint(tmp_path / "model", num_labels=3, seed=0)
+    assert train.main(["--eval-only", "--checkpoint", str(checkpoint), "--report", "/sys/segformer-report",
+                       "--eval-split", "validation[:2]"]) == 2
+    err = capsys.readouterr().err
+    assert "--report /sys/segformer-report: cannot write there" in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ from data.corruptions import SEVERITIES, Corruption, parse_corruptions
 from segformer.calibration import CALIBRATION_FILE, TEMPERATURES
 from segformer.device import autocast, resolve_amp
 from segformer.errors import ConfigError
-from segformer.files import write_json
+from segformer.files import writable_folder, write_json
 from segformer.runtimes import load_for_inference
 from training.data import build_eval_loader, open_split
 from training.eval_report import write_report
@@ -28,6 +28,8 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     """--eval-only: the data through the label spec the checkpoint implies (its classes, input size and
     label reduction, unless a flag says otherwise), then the same `evaluate` as training."""
     config, given = command.config, command.given
+    if command.report:  # a folder it cannot write is said now, not after the whole evaluation
+        writable_folder(command.report, "--report")
     model, loaded = load_for_inference(command.checkpoint, trust_code=command.trust_code, runtime="eager")
     facts = loaded.checkpoint  # what the checkpoint says of itself: the label spec decides with the data's word
     samples = open_split(config, config.eval_split, train=False)
@@ -42,6 +44,8 @@ def evaluate_checkpoint(command: Command, *, rank: int, device: torch.device) ->
     if command.calibrate and not Path(command.checkpoint).is_dir():
         raise ConfigError(f"--calibrate saves calibration.json beside the checkpoint: {command.checkpoint} is not a "
                           f"local checkpoint folder")
+    if command.calibrate:  # calibration.json goes beside the checkpoint: writable, before the evaluation
+        writable_folder(folder, "--calibrate, beside the checkpoint,")
     fitting = command.calibrate and len(classes) > 1
     temperatures = TEMPERATURES if fitting else (1.0, *([facts.temperature] if facts.temperature else []))
     report = Report(len(classes), device=device, temperatures=temperatures) \

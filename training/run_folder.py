@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from segformer.checkpoint import write_preprocessor_config
-from segformer.files import atomic_write, write_json, write_torch
+from segformer.files import atomic_write, writable_folder, write_json, write_torch
 from segformer.errors import CheckpointError, ConfigError, UserError
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -49,9 +49,12 @@ class RunLock:
 
     def __init__(self, out: Path):
         import fcntl
-        out.mkdir(parents=True, exist_ok=True)
+        writable_folder(out)  # a file there, no permission, a read-only or full disk: one line, before any work
         self.path = out / ".lock"
-        self.file = open(self.path, "a+")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot write its lock file ({e.strerror or type(e).__name__})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
