@@ -385,7 +385,7 @@ def test_a_broken_training_args_is_named(tmp_path):
     quick(tmp_path / "run", "--max-steps", "1")
     path = tmp_path / "run" / "checkpoint-1" / "training_args.json"
     path.write_text(path.read_text()[:50])
-    with pytest.raises(ConfigError, match=r"training_args\.json: cannot read the run's settings"):
+    with pytest.raises(ConfigError, match=r"training_args\.json: not valid JSON"):
         train.execute(["--resume", str(tmp_path / "run" / "checkpoint-1")])
 
 
@@ -501,6 +501,7 @@ def test_a_new_run_starts_a_new_log_and_a_torn_last_record_is_dropped(tmp_path, 
     torn by a power loss must not stop --resume; the log is fsynced at each checkpoint."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     (tmp_path / "evaluations" / "step-7").mkdir(parents=True)
+    (tmp_path / ".lock").write_text("pid 1 on host\n")  # the killed run's lock file: a run of ours was here
     quick(tmp_path, "--max-steps", "2")
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 2] and all(r["loss"] != 9.0 for r in read_log(tmp_path))
     assert not (tmp_path / "evaluations" / "step-7").exists()
@@ -729,3 +730,25 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp
                        "--eval-split", "validation[:2]"]) == 2
     err = capsys.readouterr().err
     assert "--report /sys/segformer-report: cannot write there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_no_run_has_used_keeps_the_users_files_without_overwrite(tmp_path, capsys, monkeypatch):
+    """--out W, W holding no checkpoint but a TensorBoard folder of other experiments and the user's own
+    metrics.jsonl: a new run deleted them; --out '' did the same to the working directory. Refused, the
+    files intact and no lock file left behind (so a second try is refused too)."""
+    import train
+    from helpers import TINY
+    folder = tmp_path / "experiments"
+    (folder / "tensorboard" / "other").mkdir(parents=True)
+    (folder / "tensorboard" / "other" / "events").write_text("theirs")
+    (folder / "metrics.jsonl").write_text('{"theirs": 1}\n')
+    for out in (str(folder), ""):
+        monkeypatch.chdir(folder)
+        for _ in range(2):
+            assert train.main(list(TINY) + ["--out", out]) == 2
+            err = capsys.readouterr().err
+            assert "holds metrics.jsonl, tensorboard, which no run of this project wrote" in err, err
+            assert "--overwrite" in err and "Traceback" not in err
+        assert (folder / "tensorboard" / "other" / "events").read_text() == "theirs"
+        assert (folder / "metrics.jsonl").read_text() == '{"theirs": 1}\n'
+        assert not (folder / ".lock").exists()

@@ -279,7 +279,12 @@ def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, 
             lock = RunLock(out)
             for note in clean_up_after_a_kill(out):
                 print(note)
-            check_output_dir(out, resume=command.resume, overwrite=command.overwrite)
+            try:
+                check_output_dir(out, resume=command.resume, overwrite=command.overwrite, ran_here=not lock.first)
+            except UserError:
+                lock.release(forget=True)  # refused before it started: no trace of it, not even its lock file
+                lock = None
+                raise
         run = build_run(command, rank=rank, world_size=world_size, device=device)
         try:
             return train(run)

@@ -51,6 +51,7 @@ class RunLock:
         import fcntl
         writable_folder(out)  # a file there, no permission, a read-only or full disk: one line, before any work
         self.path = out / ".lock"
+        self.first = not self.path.exists()  # no run of this project has used the folder before
         try:
             self.file = open(self.path, "a+")
         except OSError as e:
@@ -68,8 +69,12 @@ class RunLock:
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
 
-    def release(self) -> None:
+    def release(self, *, forget: bool = False) -> None:
+        """Drop the lock; `forget`: and leave no trace of this run in a folder no run had used (a run
+        refused before its start)."""
         self.file.close()  # closing the file drops the lock
+        if forget and self.first:
+            self.path.unlink(missing_ok=True)
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -219,10 +224,13 @@ def load_training_state(directory: Path) -> dict:
 RUN_FILES = ("metrics.jsonl", "evaluations", "curves.png", "per_class_iou.png", "tensorboard")  # what a run logs
 
 
-def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None:
+def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool, ran_here: bool = True) -> None:
     """A new run never overwrites an earlier one unless asked to; nor does a resumed run write into a
     folder that holds another run. A run that starts afresh in `out` (new, or resumed into another folder)
-    starts with a new log: what a run killed before its first checkpoint logged there is removed."""
+    starts with a new log: what a run killed before its first checkpoint logged there is removed, but only
+    where a run of this project ran (`ran_here`: its lock file was there); files of the same names in a
+    folder no run has used (a TensorBoard folder of other experiments, the user's evaluations) are the
+    user's, and replaced only with --overwrite."""
     checkpoints = list_checkpoints(out)[::-1]
     earlier = checkpoints + ([out / "best"] if (out / "best").exists() else [])
     if resume is not None and resume.resolve().parent == out.resolve():
@@ -232,6 +240,10 @@ def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool) -> None
         newest = f"continue it with --resume {checkpoints[0]}, " if checkpoints and resume is None else ""
         raise ConfigError(f"--out {out} already holds {what} ({', '.join(p.name for p in earlier[:4])}): {newest}"
                           f"choose another --out, or pass --overwrite to replace it")
+    theirs = [name for name in RUN_FILES if (out / name).exists()]
+    if theirs and not earlier and not ran_here and not overwrite:
+        raise ConfigError(f"--out {out.resolve()} holds {', '.join(theirs)}, which no run of this project wrote, and "
+                          f"a run would replace them: choose another --out, or pass --overwrite to replace them")
     for path in earlier + [out / name for name in RUN_FILES]:
         if path.is_dir():
             shutil.rmtree(path)
