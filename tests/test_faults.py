@@ -570,9 +570,11 @@ def test_resuming_from_best_does_not_overwrite_newer_checkpoints(tmp_path, capsy
             train.execute(["--resume", str(tmp_path / "best")])
         assert (tmp_path / "checkpoint-4" / "model.safetensors").read_bytes() == newest
     capsys.readouterr()
-    train.execute(["--resume", str(tmp_path / "checkpoint-2")])
-    assert "rewinding to step 2: checkpoint-3, checkpoint-4 and the log after step 2 are replaced" in \
-        capsys.readouterr().out
+    train.execute(["--resume", str(tmp_path / "checkpoint-2"), "--max-steps", "3"])  # a shorter timeline
+    assert "rewinding to step 2: checkpoint-3, checkpoint-4 removed (the steps after it are trained again) and " \
+           "the log after step 2 cut" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert max(r["step"] for r in read_log(tmp_path)) == 3  # the abandoned step 4 is in neither
     train.execute(["--resume", str(tmp_path / "best"), "--out", str(tmp_path / "branch"), "--max-steps", "5"])
     assert (tmp_path / "branch" / "checkpoint-5").is_dir()
 

@@ -253,7 +253,8 @@ def check_output_dir(out: Path, *, resume: Path | None, overwrite: bool, ran_her
 
 def check_rewind(out: Path, resumed: Path, step: int) -> None:
     """Resuming from a checkpoint older than the run's newest rewinds it: said for a checkpoint-<step> (its
-    later checkpoints and log records are replaced as it trains again); refused for best/, whose step no name
+    later checkpoints are removed and its log cut at the step, so that no later resume mixes the abandoned
+    steps with the new ones); refused for best/, whose step no name
     shows, so that the newer checkpoints are not lost by mistake."""
     newer = [p.name for p in list_checkpoints(out) if int(p.name.split("-")[1]) > step]
     if not newer:
@@ -262,8 +263,10 @@ def check_rewind(out: Path, resumed: Path, step: int) -> None:
         raise ConfigError(f"--resume {resumed}: it holds step {step}, but {out} has newer checkpoints "
                           f"({', '.join(newer)}), which resuming here would overwrite; continue the run with "
                           f"--resume {out / newer[-1]}, or branch from {resumed.name} with --out <new folder>")
-    print(f"rewinding to step {step}: {', '.join(newer)} and the log after step {step} are replaced as the run "
-          f"trains again")
+    for name in newer:  # the abandoned steps go now: a shorter rewound run kept them, and mixed two timelines
+        shutil.rmtree(out / name)
+    print(f"rewinding to step {step}: {', '.join(newer)} removed (the steps after it are trained again) and the log "
+          f"after step {step} cut")
 
 
 def prune_checkpoints(out: Path, keep: int | None) -> None:
