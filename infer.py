@@ -221,6 +221,10 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
         pixels = load_image(path) if predictor.bands is None else read_bands(path)
         if predictor.bands is not None:
             to_band_tensor(pixels, str(path), predictor.bands.count)  # the band count, checked
+            nodata = int((~np.isfinite(pixels)).all(-1).sum()) if np.issubdtype(pixels.dtype, np.floating) else 0
+            if nodata:  # the Predictor reads them as the bands' means: their classes are a guess, said so
+                print(f"{path}: {nodata} pixels have no finite value in any band (no data); read as the bands' "
+                      f"means, their classes in the mask are the model's guess there")
     except UserError as e:  # unreadable, not an image, missing: the message names the file
         return one_line(e)
     try:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
 from segformer.errors import DataError
-from segformer.bands import to_band_tensor
+from segformer.bands import fill_nonfinite, to_band_tensor
 from segformer.images import to_tensor
 
 from .mapping import IDENTITY, IGNORE_INDEX, LabelMapping
@@ -119,6 +119,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
                             f"{image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
                             f"annotation must be drawn on the image as a viewer shows it)")
+        if bands is not None:  # a raster's no-data (NaN, infinity): the band mean in, the pixel's label ignored
+            image, nodata = fill_nonfinite(image, bands)
+            if nodata is not None:
+                labels = torch.where(nodata, IGNORE_INDEX, labels)
         highest = max(self.num_labels, 2) - 1  # one class: the binary head's 0/1 masks
         bad = labels[(labels > highest) & (labels != IGNORE_INDEX)].unique()
         if len(bad):

@@ -105,19 +105,37 @@ def to_band_tensor(array: np.ndarray, name: str, count: int) -> torch.Tensor:
 
 
 def band_statistics(arrays) -> Bands:
-    """Per-band mean and standard deviation over all pixels of some (H, W, C) arrays (float64 sums); a
-    constant band gets std 1 (its values minus the mean, unscaled)."""
-    count, total, squares, pixels = None, None, None, 0
+    """Per-band mean and standard deviation over the finite values of some (H, W, C) arrays (float64 sums;
+    NaN and infinity, a float raster's no-data, are left out); a constant band gets std 1 (its values minus
+    the mean, unscaled). A band with no finite value at all is a ValueError naming it."""
+    count, total, squares, pixels = None, None, None, None
     for array in arrays:
         values = array.reshape(-1, array.shape[-1]).astype(np.float64)
         if count is None:
-            count, total, squares = values.shape[1], np.zeros(values.shape[1]), np.zeros(values.shape[1])
+            count, total, squares, pixels = (values.shape[1], np.zeros(values.shape[1]), np.zeros(values.shape[1]),
+                                             np.zeros(values.shape[1]))
+        finite = np.isfinite(values)
+        values = np.where(finite, values, 0.0)
         total += values.sum(0)
         squares += (values ** 2).sum(0)
-        pixels += len(values)
+        pixels += finite.sum(0)
+    if (pixels == 0).any():
+        raise ValueError(f"band {int(np.argmax(pixels == 0)) + 1} has no finite value in the images measured")
     mean = total / pixels
     std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 0))
     return Bands(count, tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std))  # constant: 1
+
+
+def fill_nonfinite(image: torch.Tensor, bands: Bands) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float (C, H, W) image in stored units with its NaN and infinite values (a raster's no-data) set to
+    their band's mean, so that nothing non-finite reaches the model (a resize would spread it, the logits
+    would be NaN), and the (H, W) bool map of the pixels that had no finite value in any band (None when
+    every value is finite): training ignores their labels, inference says how many there were."""
+    finite = torch.isfinite(image)
+    if bool(finite.all()):
+        return image, None
+    mean = torch.tensor(bands.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    return torch.where(finite, image, mean), ~finite.any(0)
 
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:

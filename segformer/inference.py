@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .bands import Bands, to_band_tensor
+from .bands import Bands, fill_nonfinite, to_band_tensor
 from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
@@ -316,11 +316,13 @@ class Predictor:
         if self.bands is None:
             return to_tensor(image)
         if isinstance(image, np.ndarray):
-            return to_band_tensor(image, "an image", self.bands.count)
-        if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == self.bands.count:
-            return image.float()
-        raise TypeError(f"expected an (H, W, {self.bands.count}) array or a ({self.bands.count}, H, W) tensor of "
-                        f"stored values, got {type(image).__name__}")
+            image = to_band_tensor(image, "an image", self.bands.count)
+        elif isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == self.bands.count:
+            image = image.float()
+        else:
+            raise TypeError(f"expected an (H, W, {self.bands.count}) array or a ({self.bands.count}, H, W) tensor of "
+                            f"stored values, got {type(image).__name__}")
+        return fill_nonfinite(image, self.bands)[0]  # no-data values as the band mean: never NaN logits
 
     def views(self, images: list[torch.Tensor]) -> list[list]:
         """For each image, its views (every scale, and flipped where asked): their low-resolution results."""

@@ -150,3 +150,34 @@ def test_an_rgb_checkpoint_is_not_evaluated_on_band_data(tmp_path):
     with pytest.raises(train.ConfigError, match=r"reads 8-bit RGB images, the data .* holds 4-band images"):
         train.execute(["--eval-only", "--checkpoint", str(tmp_path / "rgb"), "--data", str(root),
                        "--eval-split", "val", "--size", "64"])
+
+
+def test_no_data_values_of_a_float_raster_never_reach_the_model(tmp_path, capsys):
+    """A float GeoTIFF with NaN pixels (a raster's no-data): the measured statistics were NaN (the doctor said
+    "no problems found"), training died with a NaN loss naming no file, and infer.py wrote a mask of class 0
+    and exited 0. Now the statistics leave them out, training ignores their labels, infer.py says how many
+    pixels had no value, and no logit is NaN."""
+    from segformer.inference import Predictor
+    root = write_multiband(tmp_path / "tiles", val=2)
+    for path in sorted((root / "img_dir").rglob("*.tif")):
+        image = tifffile.imread(path).astype(np.float32)
+        image[:8, :8] = np.nan  # no data in every band
+        image[20, 20, 1] = np.inf  # one band of one pixel
+        tifffile.imwrite(path, image)
+    dataset = build_dataset(str(root), "train", train=False, size=64)
+    assert all(np.isfinite(dataset.spec.bands.mean)) and all(np.isfinite(dataset.spec.bands.std))
+    sample = dataset[0]
+    assert torch.isfinite(sample["pixel_values"]).all()
+    assert (sample["labels"][:8, :8] == 255).all() and (sample["labels"][8:] != 255).all()
+    run_training(tmp_path / "run", "--data", str(root), "--max-steps", "2", *QUICK)
+    assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path / "run") if "loss" in r)
+    model = SegFormer.from_pretrained(tmp_path / "run" / "checkpoint-2").eval()
+    predictor = Predictor(model, size=64, bands=dataset.spec.bands, device="cpu")
+    raw = read_bands(root / "img_dir" / "val" / "tile0.tif")
+    probabilities = predictor(raw, probabilities=True).probabilities
+    assert torch.isfinite(probabilities).all()
+    import infer
+    capsys.readouterr()
+    assert infer.main(infer.get_args(["--checkpoint", str(tmp_path / "run" / "checkpoint-2"),
+                                      str(root / "img_dir" / "val" / "tile0.tif"), "--out", str(tmp_path / "masks")])) == 0
+    assert "tile0.tif: 64 pixels have no finite value in any band (no data)" in capsys.readouterr().out
