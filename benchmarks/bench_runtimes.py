@@ -116,7 +116,7 @@ class Rows:
         self.rows, self.notes = {}, {}
 
     def add(self, name, build):
-        if self.args.only and name != self.args.only:
+        if self.args.only and name not in (self.args.only, "eager fp32"):
             return
         print(f"  building {name} ...", flush=True)
         started = time.perf_counter()
@@ -258,7 +258,9 @@ def int8_scopes(args, ours, images, calibration) -> None:
                "classifier, attention's q and k": [".*classifier.*", ".*attn\\.q/.*", ".*attn\\.k/.*"],
                "classifier, spatial reductions": [".*classifier.*", ".*attn\\.sr.*"],
                "classifier, stage 1 (all of it)": [".*classifier.*", ".*stages\\.0\\..*"],
-               "KEPT_IN_FLOAT: classifier, spatial reductions, stage 1's patch embedding": runtime.KEPT_IN_FLOAT}
+               "classifier, spatial reductions, stage 1's patch embedding":
+                   [".*classifier.*", ".*attn\\.sr.*", ".*stages\\.0\\.patch_embed.*"],
+               "KEPT_IN_FLOAT: classifier, spatial reductions, stages 1-2's patch embeddings": runtime.KEPT_IN_FLOAT}
     print(f"\n{'kept in float':76}{'agreement with fp32':>20}")
     for name, patterns in choices.items():
         quantized = runtime.quantize(graph, calibration, kept_in_float=patterns)
@@ -281,6 +283,8 @@ def main():
     parser.add_argument("--aoti", action="store_true", help="also AOTInductor (minutes to compile, each side)")
     parser.add_argument("--executorch", action="store_true", help="also ExecuTorch (a minute or two per size)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    parser.add_argument("--only", metavar="ROW", help="only this row (and eager fp32, the reference of the "
+                                                      "agreement), by its name in the table")
     parser.add_argument("--work", help="a folder for the exported graphs, reused when run again (default: a new "
                                        "temporary one)")
     parser.add_argument("--memory", action="store_true",
@@ -289,7 +293,8 @@ def main():
     parser.add_argument("--int8-scopes", action="store_true",
                         help="only OpenVINO int8's agreement for several choices of what stays in float")
     args = parser.parse_args()
-    args.cache, args.only = {}, args.memory_of[0] if args.memory_of else None
+    args.cache = {}
+    args.only = args.memory_of[0] if args.memory_of else args.only
     torch.set_num_threads(args.threads)
     from transformers import SegformerForSemanticSegmentation
     torch.manual_seed(0)
