@@ -83,7 +83,17 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             series = tiff.series[0]
+            if len(tiff.series) > 1:  # pages of other images (not bands): the first would be read without a word
+                raise DataError(f"{name}: a TIFF of {len(tiff.series)} images; expected one (its bands as samples "
+                                f"or planes of one image): save the one you mean as its own file")
+            pixels = math.prod(n for n, axis in zip(series.shape, series.axes) if axis in "YX")
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # as PIL's decoding limit, before decoding
+            if pixels > limit:
+                raise DataError(f"{name}: a TIFF of {pixels:,} pixels ({'x'.join(map(str, series.shape))} "
+                                f"{series.axes}); at most {limit:,} are decoded")
             array, axes = series.asarray(), series.axes
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{name}: cannot decode TIFF ({type(e).__name__}: {e})") from None
     if axes == "YX":

@@ -52,11 +52,15 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
         raise DataError(f"{name}: an empty file (0 bytes); expected an image")
     try:
         image = Image.open(io.BytesIO(data))
+        frames = getattr(image, "n_frames", 1)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as e:  # not an image, truncated, a decompression bomb, a broken EXIF block
         reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer: the file is named already
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
+    if frames > 1:  # an animation or a multi-page file: its first frame would be read without a word
+        raise DataError(f"{name}: {frames} frames or pages; expected one image (a video goes to infer.py as a "
+                        f"video file; save the frame or page you mean as its own image)")
     image.filename = name
     return image
 

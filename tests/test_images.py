@@ -125,3 +125,27 @@ def test_an_empty_or_unreadable_image_file_is_named_without_pils_buffer(tmp_path
     with pytest.raises(DataError, match=r"junk\.png: cannot decode image \(UnidentifiedImageError: cannot identify "
                                         r"image file\)$"):
         decode(tmp_path / "junk.png")
+
+
+def test_an_animation_or_a_huge_tiff_is_named_not_read_in_part_or_whole(tmp_path):
+    """An animated image or a multi-page file was read at its first frame without a word; a tiled TIFF of a
+    few MB that decodes to 30000 x 30000 x 4 was decoded whole (the PIL path had a pixel limit, not TIFF's)."""
+    tifffile = pytest.importorskip("tifffile")
+    from segformer.bands import read_bands
+    from segformer.errors import DataError
+    from segformer.images import decode
+    frames = [random_image(20, 30, seed=i) for i in range(3)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"moving\.gif: 3 frames or pages; expected one image"):
+        decode(tmp_path / "moving.gif")
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tiff:
+        tiff.write(np.zeros((20, 30), np.uint16))
+        tiff.write(np.zeros((10, 10), np.uint8))
+    with pytest.raises(DataError, match=r"pages\.tif: a TIFF of 2 images; expected one"):
+        read_bands(tmp_path / "pages.tif")
+    with tifffile.TiffWriter(tmp_path / "huge.tif", bigtiff=True) as tiff:  # tiles of zeros: a small file
+        tiff.write(shape=(14000, 14000), dtype=np.uint8, tile=(2048, 2048), compression="zlib",
+                   data=iter(np.zeros((2048, 2048), np.uint8) for _ in range(7 * 7)))
+    assert (tmp_path / "huge.tif").stat().st_size < 50_000_000
+    with pytest.raises(DataError, match=r"huge\.tif: a TIFF of 196,000,000 pixels .*at most [\d,]+ are decoded"):
+        read_bands(tmp_path / "huge.tif")
