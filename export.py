@@ -8,6 +8,11 @@ for any ONNX runtime), and check it.
     python export.py --checkpoint runs/synthetic/best --out portable/ --portable   # standard ONNX operators only
     python export.py --checkpoint nvidia/segformer-b0-finetuned-ade-512-512 --out local/ --runtime eager
     python infer.py --checkpoint exported/model.onnx photo.jpg --out predictions/   # the same CLI, through ORT
+    python export.py --checkpoint runs/synthetic/best --out ov/ --runtime openvino --precision bf16  # model.xml
+    python export.py --checkpoint runs/synthetic/best --out ov8/ --runtime openvino --precision int8 \\
+        --calibration-images DIR --check-images DIR                               # NNCF, its agreement printed
+    python export.py --checkpoint runs/synthetic/best --out aoti/ --runtime aoti   # model.pt2 (AOTInductor)
+    python export.py --checkpoint runs/synthetic/best --out et/ --runtime executorch  # model.pte (XNNPACK)
 
 The graphs (batch, height and width are dynamic: one file serves every image size):
   default      pixel_values (B, 3, H, W) float32, normalised as the image processor does (a model of
@@ -16,6 +21,13 @@ The graphs (batch, height and width are dynamic: one file serves every image siz
   --label-map  image (B, 3, H, W) uint8 RGB -> label_map (B, H, W) int64: the processor's resize to
                size x size (bilinear, antialiased) and normalisation, the model, the upsampling of the
                logits to the image's own size and the argmax, all in the graph: a service needs no numpy.
+
+--runtime openvino writes OpenVINO IR (model.xml + .bin) converted straight from PyTorch, run in the
+--precision asked for: fp32 (forced: on a CPU with AMX OpenVINO would pick bf16), bf16, or int8 through
+NNCF (segformer/runtimes/openvino.py says what stays in float, and why). --runtime aoti compiles an
+AOTInductor package (minutes; native code, so infer.py and serve.py load it only with --trust-code), and
+--runtime executorch lowers an ExecuTorch program for XNNPACK at the model's input size (phones; one input
+size). Each is checked against eager after writing and run by infer.py and serve.py by its suffix.
 
 --runtime eager writes the checkpoint itself (model.safetensors, config.json and the side files inference
 reads), for a service that runs PyTorch from a local folder.
