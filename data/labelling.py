@@ -36,7 +36,7 @@ from PIL import Image
 
 from segformer.errors import DataError
 from segformer.files import read_json
-from segformer.images import decode
+from segformer.images import decode, declared_pixel_limit
 
 from .mapping import IGNORE_INDEX
 
@@ -177,12 +177,6 @@ class CocoFile:
 
     def _area(self, annotation) -> float:
         return float(self.coco.annToMask(annotation).sum())
-
-
-def declared_pixel_limit() -> int:
-    """The most pixels an annotation may say its image has: what PIL refuses to decode (twice its warning
-    limit); checked before a label map of that size is allocated."""
-    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 def is_number(value) -> bool:

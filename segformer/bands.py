@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .images import file_bytes
+from .images import declared_pixel_limit, file_bytes
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -87,7 +87,7 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
                 raise DataError(f"{name}: a TIFF of {len(tiff.series)} images; expected one (its bands as samples "
                                 f"or planes of one image): save the one you mean as its own file")
             pixels = math.prod(n for n, axis in zip(series.shape, series.axes) if axis in "YX")
-            limit = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # as PIL's decoding limit, before decoding
+            limit = declared_pixel_limit()  # as PIL's decoding limit, before decoding
             if pixels > limit:
                 raise DataError(f"{name}: a TIFF of {pixels:,} pixels ({'x'.join(map(str, series.shape))} "
                                 f"{series.axes}); at most {limit:,} are decoded")

@@ -43,6 +43,12 @@ def file_bytes(data: bytes | str | Path, name: str | None = None) -> tuple[bytes
     return data, name
 
 
+def declared_pixel_limit() -> int:
+    """The most pixels a file or an annotation may say an image has: what PIL refuses to decode (twice its
+    warning limit); checked before anything of that size is allocated or decoded."""
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
     """An image file (its bytes or its path), decoded fully now (a corrupt or truncated file fails here,
     naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
