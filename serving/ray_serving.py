@@ -19,7 +19,9 @@ Ray ships the checkout as the job's working_dir (without runs/, .git/ and other 
 
 import argparse
 import asyncio
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +187,9 @@ def get_args(argv=None):
     from segformer.cli import bounded
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="a Ray cluster to join ('auto': the one this machine belongs to; default: a "
-                                     "local Ray started here)")
+                                     "new local Ray started here, stopped on exit)")
+    p.add_argument("--object-store-mb", type=bounded(int, 75, 2**24),
+                   help="the local Ray's object store, in MiB (default: Ray's, 30%% of the memory)")
     commands = p.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="the HTTP service on Ray Serve")
     batch = commands.add_parser("batch", help="masks of a folder or a datasets split, with Ray Data")
@@ -219,15 +223,25 @@ def main(args) -> int:
     except ImportError:
         from segformer.errors import ConfigError
         raise ConfigError("Ray is not installed: pip install -e '.[ray]'") from None
-    ray.init(address=args.address, runtime_env=runtime_env(args.address), include_dashboard=False,
-             log_to_driver=False)
+    if args.object_store_mb and args.address:
+        print("error: --object-store-mb sizes a local Ray; a cluster (--address) has its own", file=sys.stderr)
+        return 2
+    ray.init(address=args.address or "local", runtime_env=runtime_env(args.address), include_dashboard=False,
+             log_to_driver=False, object_store_memory=args.object_store_mb and args.object_store_mb * 2**20)
     options = {"device": "cuda" if args.gpus else "cpu"}
     if args.command == "serve":
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(deployment(args.checkpoint, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              replicas=args.replicas, autoscale=tuple(args.autoscale) if args.autoscale else None,
-                             cpus_per_replica=args.cpus, gpus_per_replica=args.gpus, segmenter_options=options),
-                  blocking=True)
+                             cpus_per_replica=args.cpus, gpus_per_replica=args.gpus, segmenter_options=options))
+        print(f"Ray Serve: {args.checkpoint} on http://{args.host}:{args.port}", flush=True)  # the replicas are up
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        serve.shutdown()  # the deployment, then (a local Ray) the instance started above
+        ray.shutdown()
         return 0
     if not args.images and not args.dataset:
         print("error: batch needs --images FOLDER or --dataset NAME", file=sys.stderr)
