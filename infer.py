@@ -29,7 +29,9 @@ For labelling tools, to correct the predictions instead of drawing from nothing 
                     pixel boundaries and simplified within --polygon-tolerance pixels, largest first
 Both read back as data (train.py --data): a folder with predictions.coco.json as
 annotations/instances_<split>.json, or the labelme/ folder, where the images lie beside the JSON files
-it points to.
+it points to. The LabelMe files name the images where they are (imagePath relative to the file); where
+that is outside the labelme/ folder, train.py reads them with --allow-outside-data (the data section of
+the README: a dataset's files may name only files inside it).
 """
 
 import argparse

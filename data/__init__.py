@@ -31,7 +31,7 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
                   eval_mode: str = "resize", test_size: float | None = None, split_seed: int = 0,
                   image_column: str = "image", annotation_column: str = "annotation",
                   dataset_config: str | None = None, seed: int = 0, skip_bad: bool = False,
-                  corruption=None) -> SegmentationDataset:
+                  corruption=None, allow_outside: bool = False) -> SegmentationDataset:
     """A dataset yielding what the guide's transformed dataset yields, as bytes (see `data.dataset`).
 
     source: "synthetic", a dataset folder, a `save_to_disk` directory, parquet file(s) (a glob is
@@ -48,10 +48,11 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
         and take its train part when `train`, its test part otherwise (the guide uses 0.2).
     seed: augmentation seed; skip_bad: warn and skip bad samples instead of raising; corruption: a
         `data.corruptions.Corruption` applied to every image as decoded (the robustness evaluation).
+    allow_outside: read the files that the data's own files name outside its folder (`data.sources`' path rule).
     """
     samples = source if isinstance(source, Samples) else open_source(
         source, split, train=train, test_size=test_size, split_seed=split_seed, image_column=image_column,
-        annotation_column=annotation_column, dataset_config=dataset_config)
+        annotation_column=annotation_column, dataset_config=dataset_config, allow_outside=allow_outside)
     if len(samples) == 0:
         raise DataError(f"{source}: split {split!r} is empty")
     if spec is None:

@@ -38,6 +38,9 @@ def get_args(argv=None):
                    help="the ADE convention (0 ignored, k -> k-1); default: the data's own")
     p.add_argument("--image-column", default="image")
     p.add_argument("--annotation-column", default="annotation")
+    p.add_argument("--allow-outside-data", action="store_true",
+                   help="read the files that the data's own files name outside the folder (default: list them "
+                        "as problems, as train.py refuses them)")
     p.add_argument("--top", type=int, default=30, help="classes to list, most pixels first (default 30)")
     return p.parse_args(argv)
 
@@ -53,7 +56,8 @@ def folder_splits(source: str, dataset_config: str | None) -> dict[str, int] | N
 
 def report(args, split: str) -> dict:
     samples = open_source(args.source, split, train=True, test_size=0, strict=False, dataset_config=args.dataset_config,
-                          image_column=args.image_column, annotation_column=args.annotation_column)
+                          image_column=args.image_column, annotation_column=args.annotation_column,
+                          allow_outside=args.allow_outside_data)
     spec, notes = decide_labels(data=samples.labels, num_labels=args.num_labels, reduce_labels=args.reduce_labels,
                                 id2label=read_id2label(args.id2label) if args.id2label else None,
                                 id2label_origin=f"--id2label {args.id2label}")
@@ -64,6 +68,10 @@ def report(args, split: str) -> dict:
         print(f"   unpaired: {name}")
     if len(samples.unpaired) > 10:
         print(f"   ... {len(samples.unpaired) - 10} more unpaired files")
+    for name in samples.outside[:10]:
+        print(f"   outside the folder (left out; --allow-outside-data reads it): {name}")
+    if len(samples.outside) > 10:
+        print(f"   ... {len(samples.outside) - 10} more files outside the folder")
     stats = collect(samples, spec.mapping, spec.num_labels, description=f"reading {split}")
     sizes = stats.sizes.most_common(5)
     print("   image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes)
@@ -136,7 +144,7 @@ def examine(args) -> int:
               + ", ".join(f"{c.strip()} {w:.3g}" for c, w in list(zip(train["classes"], weights))[:args.top])
               + (" ..." if len(weights) > args.top else ""))
     problems = sum(len(r["stats"].outside) + len(r["stats"].unreadable) + len(r["samples"].unpaired)
-                   for r in reports.values())
+                   + len(r["samples"].outside) for r in reports.values())
     print(f"\n{problems} problem(s) found" if problems else "\nno problems found")
     return 1 if problems else 0
 

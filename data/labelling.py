@@ -36,7 +36,7 @@ from PIL import Image
 
 from segformer.errors import DataError
 from segformer.files import read_json
-from segformer.images import decode, declared_pixel_limit
+from segformer.images import check_pixel_count, decode, declared_pixel_limit, pixel_count_problem
 
 from .mapping import IGNORE_INDEX
 
@@ -217,7 +217,7 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
         if not all(is_id(v) and v > 0 for v in size):
             problems.append(f"{where}: \"height\" and \"width\" must be positive integers, got {size}")
         elif size[0] * size[1] > limit:
-            problems.append(f"{where}: declares {size[1]}x{size[0]} pixels, more than the {limit:,} an image may have")
+            problems.append(pixel_count_problem(size[1], size[0], where, limit, declared=True))
     for i, entry in enumerate(content.get("categories", [])):
         if not isinstance(entry, dict) or not is_id(entry.get("id")):
             problems.append(f"{path}: categories[{i}]: expected an object with an integer \"id\"")
@@ -390,9 +390,7 @@ def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
     if not (is_id(height) and is_id(width) and height > 0 and width > 0):
         raise DataError(f"{path}: \"imageHeight\" and \"imageWidth\" must be positive integers, got "
                         f"{[height, width]}")
-    if height * width > declared_pixel_limit():  # before a label map of that size is allocated
-        raise DataError(f"{path}: declares a {width}x{height} image, more than the {declared_pixel_limit():,} "
-                        f"pixels an image may have")
+    check_pixel_count(width, height, str(path), declared=True)  # before a label map of that size is allocated
     if len(class_names) > IGNORE_INDEX:
         raise DataError(f"{path}: {len(class_names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
                         f"{IGNORE_INDEX} is the ignore index): merge labels")

@@ -20,10 +20,19 @@ takes its train part, otherwise its test part, so training never sees a validati
 Folders: hidden files (macOS `._*` AppleDouble files included) are not samples, nor are directories
 named like images; a file that cannot be read (a symlink loop, no permission) is a `DataError` naming
 it when its sample is loaded, which `skip_bad` can skip.
+
+The path rule: a file that the data's own files name (a COCO `file_name`, a LabelMe `imagePath`, a line of a
+split list, a `dataset.json` folder) must lie inside the dataset folder, or inside the folder of a
+`--dataset-config` given on the command line. An absolute path, or `..` above the folder, is refused with
+one line naming the file that names it, unless the run allows it (`allow_outside`, train.py's
+`--allow-outside-data`): a downloaded dataset cannot make a run read, and train on, any file of the machine.
+The test is on the path as written (symbolic links inside the folder are followed: they are the machine's
+own; every file read must still be a regular file).
 """
 
 import glob
 import io
+import os
 import re
 from pathlib import Path
 
@@ -88,8 +97,9 @@ class Samples:
     """The samples of one split: `indices` into a source, what the source says of its labels (`labels`),
     and the files of a folder that found no partner (`unpaired`, listed where `open_source(strict=False)`)."""
 
-    def __init__(self, source, indices, *, labels: SourceLabels, unpaired=(), generated: bool = False):
+    def __init__(self, source, indices, *, labels: SourceLabels, unpaired=(), outside=(), generated: bool = False):
         self.source, self.indices, self.labels, self.unpaired = source, list(indices), labels, list(unpaired)
+        self.outside = list(outside)  # files named from outside the folder, left out (open_source(strict=False))
         self.generated = generated  # made on the fly (the synthetic scenes): no file to go bad
 
     @property
@@ -203,12 +213,30 @@ def _read(path: Path, name: str | None = None) -> bytes:
                         f"({e.strerror or type(e).__name__})") from None
 
 
+def outside_folders(pairs, folders: list[Path]) -> dict[int, str]:
+    """The pairs (image, annotation) with a file whose path, as written, leaves every one of `folders`:
+    {index: '<file>, named by <annotation>'}."""
+    bases = [os.path.normpath(os.path.abspath(folder)) for folder in folders]
+
+    def outside(path) -> bool:
+        where = os.path.normpath(os.path.abspath(path))
+        return all(os.path.commonpath([base, where]) != base for base in bases)
+
+    found = {}
+    for i, (image, annotation) in enumerate(pairs):
+        for file in (image, annotation):
+            if isinstance(file, Path) and outside(file) and i not in found:
+                found[i] = f"{file}" + ("" if file is annotation else f", named by {annotation}")
+    return found
+
+
 def open_source(source: str, split: str, *, train: bool, test_size: float | None = None, split_seed: int = 0,
                 image_column: str = "image", annotation_column: str = "annotation",
-                dataset_config: str | None = None, strict: bool = True) -> Samples:
+                dataset_config: str | None = None, strict: bool = True, allow_outside: bool = False) -> Samples:
     """The samples of `split` of `source` (see module docstring). `dataset_config`: a manifest to read
-    instead of the folder's own `dataset.json`. `strict=False` lists unpaired files in `.unpaired`
-    instead of refusing them (the dataset doctor)."""
+    instead of the folder's own `dataset.json`. `strict=False` lists unpaired files in `.unpaired` and
+    files from outside the folder in `.outside` instead of refusing them (the dataset doctor).
+    `allow_outside`: read files that the data names outside its folder (the path rule, above)."""
     from segformer.labels import ADE20K_CLASSES, ADE20K_PALETTE
     name, bounds, percent = parse_split(split)
     if source == "synthetic":
@@ -220,13 +248,20 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
             native_size=SYNTHETIC_SIZE), generated=True)
 
     path = Path(source)
-    labels, unpaired = None, []  # what the source says of its labels
+    labels, unpaired, outside = None, [], []  # what the source says of its labels
     manifest = Path(dataset_config) if dataset_config else None
     if path.is_dir() and (layout := detect_folder_layout(path, manifest)):
         pairs, unpaired, single = layout.split(name, path)
         if unpaired and strict:
             raise DataError(f"{len(unpaired)} unpaired files (an image without annotation or the reverse): "
                             + ", ".join(unpaired[:10]) + (" ..." if len(unpaired) > 10 else ""))
+        found = {} if allow_outside else outside_folders(pairs, [path] + ([manifest.parent] if manifest else []))
+        if found and strict:
+            raise DataError(f"{path}: {len(found)} file(s) named by the data lie outside the folder: "
+                            + "; ".join(list(found.values())[:3]) + (" ..." if len(found) > 3 else "")
+                            + " (a dataset may name only its own files; --allow-outside-data to read them)")
+        outside = list(found.values())
+        pairs = [pair for i, pair in enumerate(pairs) if i not in found]
         data = FilePairs(pairs, raw=layout.bands is not None)
         labels = SourceLabels(source, layout.name, class_names=layout.class_names, palette=layout.palette,
                               mapping=layout.mapping, known=layout.known,
@@ -261,7 +296,7 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
     indices = apply_slice(indices, bounds, percent)
     if test_size:
         indices = holdout(indices, train=train, test_size=test_size, seed=split_seed, source=source)
-    return Samples(data, indices, labels=labels, unpaired=unpaired)
+    return Samples(data, indices, labels=labels, unpaired=unpaired, outside=outside)
 
 
 def _manifest_labels(path: Path, source: str, description: str) -> SourceLabels:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .images import declared_pixel_limit, file_bytes
+from .images import check_pixel_count, file_bytes
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -86,11 +86,8 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
             if len(tiff.series) > 1:  # pages of other images (not bands): the first would be read without a word
                 raise DataError(f"{name}: a TIFF of {len(tiff.series)} images; expected one (its bands as samples "
                                 f"or planes of one image): save the one you mean as its own file")
-            pixels = math.prod(n for n, axis in zip(series.shape, series.axes) if axis in "YX")
-            limit = declared_pixel_limit()  # as PIL's decoding limit, before decoding
-            if pixels > limit:
-                raise DataError(f"{name}: a TIFF of {pixels:,} pixels ({'x'.join(map(str, series.shape))} "
-                                f"{series.axes}); at most {limit:,} are decoded")
+            sizes = dict(zip(series.axes, series.shape))
+            check_pixel_count(sizes.get("X", 1), sizes.get("Y", 1), name)  # from the header, before decoding
             array, axes = series.asarray(), series.axes
     except DataError:
         raise

@@ -12,6 +12,7 @@ Two rules, decided here and nowhere else:
 """
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,34 @@ def file_bytes(data: bytes | str | Path, name: str | None = None) -> tuple[bytes
     return data, name
 
 
+PIXEL_LIMIT_VARIABLE = "SEGFORMER_MAX_IMAGE_PIXELS"
+
+
 def declared_pixel_limit() -> int:
-    """The most pixels a file or an annotation may say an image has: what PIL refuses to decode (twice its
-    warning limit); checked before anything of that size is allocated or decoded."""
-    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+    """The most pixels an image may have, for every decoder (PIL, tifffile, rasterio) and every size a file
+    declares (a COCO image entry, a LabelMe canvas): checked from the header or the declaration, before
+    anything of that size is allocated or decoded. PIL's own refusal (twice its warning limit, 178,956,970)
+    unless the environment variable SEGFORMER_MAX_IMAGE_PIXELS sets another, which PIL then follows too."""
+    value = os.environ.get(PIXEL_LIMIT_VARIABLE)
+    if value is None:
+        return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+    if not value.strip().isdigit() or int(value) < 1:
+        from .errors import ConfigError
+        raise ConfigError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: expected a positive whole number of pixels")
+    Image.MAX_IMAGE_PIXELS = (int(value) + 1) // 2  # PIL refuses beyond twice this: beyond ours, we refuse first
+    return int(value)
+
+
+def check_pixel_count(width: int, height: int, name: str, *, declared: bool = False) -> None:
+    """The one refusal of an image beyond `declared_pixel_limit()`, named by `name`."""
+    limit = declared_pixel_limit()
+    if width * height > limit:
+        raise DataError(pixel_count_problem(width, height, name, limit, declared=declared))
+
+
+def pixel_count_problem(width: int, height: int, name: str, limit: int, *, declared: bool = False) -> str:
+    return (f"{name}: {'declares' if declared else 'is'} {width}x{height} pixels, more than the {limit:,} an image "
+            f"may have ({PIXEL_LIMIT_VARIABLE} raises the limit)")
 
 
 def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
@@ -56,12 +81,17 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
     data, name = file_bytes(data, name)
     if not data:
         raise DataError(f"{name}: an empty file (0 bytes); expected an image")
+    limit = declared_pixel_limit()  # also sets PIL's own, where SEGFORMER_MAX_IMAGE_PIXELS is given
     try:
         image = Image.open(io.BytesIO(data))
+        if image.width * image.height > limit:  # PIL's header check: the same line as every decoder's
+            raise DataError(pixel_count_problem(image.width, image.height, name, limit))
         frames = getattr(image, "n_frames", 1)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except Exception as e:  # not an image, truncated, a decompression bomb, a broken EXIF block
+    except DataError:
+        raise
+    except Exception as e:  # not an image, truncated, a broken EXIF block
         reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer: the file is named already
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
     if frames > 1:  # an animation or a multi-page file: its first frame would be read without a word

@@ -147,5 +147,38 @@ def test_an_animation_or_a_huge_tiff_is_named_not_read_in_part_or_whole(tmp_path
         tiff.write(shape=(14000, 14000), dtype=np.uint8, tile=(2048, 2048), compression="zlib",
                    data=iter(np.zeros((2048, 2048), np.uint8) for _ in range(7 * 7)))
     assert (tmp_path / "huge.tif").stat().st_size < 50_000_000
-    with pytest.raises(DataError, match=r"huge\.tif: a TIFF of 196,000,000 pixels .*at most [\d,]+ are decoded"):
+    with pytest.raises(DataError, match=r"huge\.tif: is 14000x14000 pixels, more than the [\d,]+ an image may have"):
         read_bands(tmp_path / "huge.tif")
+
+
+def test_one_configurable_pixel_limit_for_every_decoder_and_declared_size(tmp_path, monkeypatch):
+    """PIL, tifffile and a LabelMe canvas refuse beyond the same limit in the same line; the environment
+    variable sets it for all of them (PIL's own check follows), and a bad value is one line."""
+    import json
+
+    import tifffile
+
+    from data.labelling import draw_labelme
+    from segformer.bands import read_bands
+    from segformer.errors import ConfigError, DataError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    random_image(40, 50, seed=0).save(tmp_path / "photo.png")
+    tifffile.imwrite(tmp_path / "bands.tif", np.zeros((40, 50, 4), np.uint16))
+    document = {"imagePath": "photo.png", "imageData": None, "imageHeight": 40, "imageWidth": 50, "shapes": []}
+    (tmp_path / "canvas.json").write_text(json.dumps(document))
+    assert decode(tmp_path / "photo.png").size == (50, 40) and read_bands(tmp_path / "bands.tif").shape == (40, 50, 4)
+    monkeypatch.setenv("SEGFORMER_MAX_IMAGE_PIXELS", "1999")
+    refusals = [(lambda: decode(tmp_path / "photo.png"), "photo.png: is 50x40"),
+                (lambda: read_bands(tmp_path / "bands.tif"), "bands.tif: is 50x40"),
+                (lambda: draw_labelme(tmp_path / "canvas.json", ("background",)), "canvas.json: declares 50x40")]
+    for read, said in refusals:
+        with pytest.raises(DataError) as refused:
+            read()
+        assert str(refused.value).endswith(f"{said} pixels, more than the 1,999 an image may have "
+                                           f"(SEGFORMER_MAX_IMAGE_PIXELS raises the limit)")
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own check (at twice this) follows the same limit
+    monkeypatch.setenv("SEGFORMER_MAX_IMAGE_PIXELS", "2000")
+    assert decode(tmp_path / "photo.png").size == (50, 40)
+    monkeypatch.setenv("SEGFORMER_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ConfigError, match="SEGFORMER_MAX_IMAGE_PIXELS='lots': expected a positive whole number"):
+        decode(tmp_path / "photo.png")

@@ -292,7 +292,9 @@ def test_infer_writes_coco_and_labelme_that_read_back_as_the_predicted_masks(tmp
     assert read.class_names == ["sky", "sea", "boat"]
     assert all(np.array_equal(read.load(i)[1].numpy(), masks[i]) for i in range(2))
 
-    read = build_dataset(str(tmp_path / "pred" / "labelme"), "train", test_size=0)
+    with pytest.raises(DataError, match=r"2 file\(s\) named by the data lie outside the folder"):
+        build_dataset(str(tmp_path / "pred" / "labelme"), "train", test_size=0)  # they name the photos where they are
+    read = build_dataset(str(tmp_path / "pred" / "labelme"), "train", test_size=0, allow_outside=True)
     assert read.class_names == ["sky", "sea", "boat"]  # labels.txt keeps the ids
     assert all(np.array_equal(read.load(i)[1].numpy(), masks[i]) for i in range(2))
 
@@ -349,7 +351,7 @@ def test_more_classes_than_the_label_maps_hold_is_refused_not_ignored(tmp_path, 
 
 
 @pytest.mark.parametrize("change, said", [
-    (lambda d: d.update(imageHeight=200000, imageWidth=200000), r"declares a 200000x200000 image, more than"),
+    (lambda d: d.update(imageHeight=200000, imageWidth=200000), r"declares 200000x200000 pixels, more than"),
     (lambda d: d.update(imageHeight="40"), r"\"imageHeight\" and \"imageWidth\" must be positive integers"),
     (lambda d: d["shapes"][0].update(points=[[4, "a"], [30, 6], [16, 30]]), r"shape 0 \('cat'\): \"points\" must be"),
     (lambda d: d["shapes"][0].update(points=[[4, 4, 4], [30, 6], [16, 30]]), r"shape 0 \('cat'\): \"points\" must be"),
@@ -365,3 +367,43 @@ def test_a_bad_labelme_file_is_named_before_anything_is_drawn(tmp_path, change, 
     (tmp_path / "a.json").write_text(json.dumps(document))
     with pytest.raises(DataError, match=r"a.json.*" + said):
         draw_labelme(tmp_path / "a.json", ("background", "cat"))
+
+
+def test_files_named_from_outside_the_data_folder_are_refused_unless_allowed(tmp_path, capsys):
+    """A COCO file_name with `../..` or an absolute path, a LabelMe imagePath likewise: read and trained on
+    with no word before. Now train.py refuses in one line naming the file and what names it, the doctor lists
+    each as a problem, and --allow-outside-data reads them."""
+    import train
+    from data.__main__ import main as doctor
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(2):
+        random_image(H, W, seed=i).save(elsewhere / f"secret{i}.png")
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    random_image(H, W, seed=3).save(coco / "images" / "own.png")
+    names = ["own.png", "../../elsewhere/secret0.png", str(elsewhere / "secret1.png")]
+    (coco / "annotations" / "instances_train.json").write_text(json.dumps(coco_json(names, SHAPES)))
+    labelme = tmp_path / "labelme"
+    labelme.mkdir()
+    random_image(H, W, seed=4).save(labelme / "own.png")
+    for name, image in (("own", "own.png"), ("away", str(elsewhere / "secret0.png"))):
+        document = {"imagePath": image, "imageData": None, "imageHeight": H, "imageWidth": W,
+                    "shapes": [{"label": "cat", "shape_type": "polygon", "points": [[4, 4], [30, 6], [16, 30]]}]}
+        (labelme / f"{name}.json").write_text(json.dumps(document))
+    for folder, count, named in ((coco, 2, "instances_train.json image id 2 (../../elsewhere/secret0.png)"),
+                                 (labelme, 1, "away.json")):
+        code = train.main(["--data", str(folder), "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-plots",
+                           "--size", "32"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"{count} file(s) named by the data lie outside the folder" in err and named in err, err
+        assert "secret0.png" in err and "--allow-outside-data" in err
+        assert doctor([str(folder)]) == 1
+        out = capsys.readouterr().out
+        assert out.count("outside the folder (left out; --allow-outside-data reads it)") == count
+        assert f"{count} problem(s) found" in out
+    assert train.main(["--data", str(coco), "--max-steps", "1", "--out", str(tmp_path / "allowed"), "--no-plots",
+                       "--size", "32", "--batch-size", "2", "--allow-outside-data"]) == 0
+    assert "2 training / 1 validation samples" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from training.distributed import broadcast
 def open_split(config: TrainConfig, split: str, *, train: bool):
     return open_source(config.data, split, train=train, test_size=config.test_size,
                        image_column=config.image_column, annotation_column=config.annotation_column,
-                       dataset_config=config.dataset_config)
+                       dataset_config=config.dataset_config, allow_outside=config.allow_outside_data)
 
 
 def decide_run_labels(config: TrainConfig, samples, *, resumed: CheckpointFacts | None):

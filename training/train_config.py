@@ -31,6 +31,9 @@ class TrainConfig(Settings):
                                      low=1, high=MAX_LABELS)
     reduce_labels: bool | None = setting(None, "ADE convention: annotation 0 is 'unlabelled' (ignored) and k is "
                                                "class k-1 (default: the data source's convention)")
+    allow_outside_data: bool = setting(False, "read the files that the data's own files (COCO file_name, LabelMe "
+                                              "imagePath, split lists) name outside the data folder",
+                                       may_change=True)
     skip_bad: bool = setting(False, "skip undecodable or invalid samples with a warning instead of stopping",
                              may_change=True)
     size: int = setting(128, "training crop / resize size and evaluation size", low=SIZE_RANGE[0], high=SIZE_RANGE[1])
