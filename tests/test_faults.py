@@ -281,6 +281,28 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     SegFormer.from_pretrained(tmp_path / "checkpoint-1")  # intact
 
 
+def test_a_disk_that_fills_up_between_checkpoints_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """The log, a plot or an evaluation written to a full disk gave a raw OSError traceback; now one line naming
+    the file and the last checkpoint, which --resume continues from with the log cut back to it."""
+    from training import run_log
+    write = run_log.json.dumps
+
+    def full_at_step_3(record, **options):  # the log line of step 3 (json.dumps serves every JSON writer)
+        if isinstance(record, dict) and record.get("step") == 3 and "loss" in record:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(record, **options)
+    monkeypatch.setattr(run_log.json, "dumps", full_at_step_3)
+    code = train.main(QUICK + ["--out", str(tmp_path), "--max-steps", "4", "--save-every", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    err = err.splitlines()[-1].split("\r")[-1]  # after the progress bar
+    assert err.startswith(f"error: no space left on device while writing {tmp_path / 'metrics.jsonl'}; the last "
+                          f"checkpoint on disk is {tmp_path / 'checkpoint-2'}, intact"), err
+    monkeypatch.setattr(run_log.json, "dumps", write)
+    assert train.main(["--resume", str(tmp_path / "checkpoint-2")]) == 0
+    assert [r["step"] for r in read_log(tmp_path) if "mean_iou" not in r] == [1, 2, 3, 4]
+
+
 def test_folders_named_like_checkpoints_are_not_the_runs(tmp_path):
     (tmp_path / "checkpoint-final").mkdir(parents=True)
     quick(tmp_path, "--max-steps", "3", "--save-total-limit", "1")

@@ -6,6 +6,7 @@ finite (`Diverged`, `non_finite_tensor`), the identity of a training split (`sam
 state saved and restored (`checkpoint_state`, `restore_loop_state`), a run in its folder
 (`run_in_out_folder`) and the command line's exit status (`exit_status`)."""
 
+import errno
 import hashlib
 import os
 import signal
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from data import IGNORE_INDEX, DataError
 from segformer.cli import run_main
-from segformer.errors import ConfigError, UserError
+from segformer.errors import CheckpointError, ConfigError, UserError
 
 from .run_folder import RunLock, check_output_dir, check_rewind, clean_up_after_a_kill, last_checkpoint_note
 from .distributed import any_process, gather_rng_states, set_rng_states
@@ -269,9 +270,14 @@ def start_line(run, task: str, classes: int) -> str:
             f"{run.device.type}, amp={config.amp}")
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a disk that fills up (or turns read-only) mid-run
+
+
 def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, device) -> dict:
     """Build and train one run in its --out folder: locked for the run, mended after a kill, never another
-    run's (rank 0 sees to it); the loaders' workers and the log are closed when it ends, however it ends."""
+    run's (rank 0 sees to it); the loaders' workers and the log are closed when it ends, however it ends. A
+    disk that fills up while the log, a plot or an evaluation is written is one line naming the file and the
+    last checkpoint (checkpoints are written whole or not at all: `save_checkpoint`)."""
     lock = None
     try:
         out = Path(command.config.out)
@@ -288,6 +294,12 @@ def run_in_out_folder(command, build_run, train, *, rank: int, world_size: int, 
         run = build_run(command, rank=rank, world_size=world_size, device=device)
         try:
             return train(run)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            where = f"while writing {e.filename}" if e.filename else f"while writing the run's files in {out}"
+            raise CheckpointError(f"{os.strerror(e.errno).lower()} {where}; {last_checkpoint_note(out)}, intact "
+                                  f"(free space, then --resume it)") from None
         finally:
             run.train_loader.close()  # the workers end now, not whenever the run is collected
             run.eval_loader.close()

@@ -51,8 +51,11 @@ def read_log(path: Path) -> tuple[list[dict], bool]:
 
 def write_record(log, record: dict) -> None:
     """One line of metrics.jsonl, flushed (a checkpoint also fsyncs it: training.loop.loop_state)."""
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as e:  # a full disk: named (a torn last line is dropped on --resume, by open_log)
+        raise OSError(e.errno, e.strerror, log.name) from None
 
 
 def open_log(out: Path, *, resumed_at: int | None):
