@@ -222,11 +222,31 @@ def restore(run: Run, directory: Path, schedule) -> None:
     """Put the optimizer, schedule, scaler, RNGs and data position back where the checkpoint left them."""
     state = load_training_state(directory)
     restore_loop_state(run, state, directory, schedule, samples=training_samples(run))
+    check_same_labels(run, state.get("labels"), directory)
     run.best_miou, run.since_best = state["best_miou"], state.get("since_best", 0)
     if run.config.lora_rank:  # the model with its adapters, onto the same architecture rebuilt as at the start
         run.raw_model.load_state_dict(state["adapted"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
+
+
+def label_terms(spec) -> dict:
+    """What the run's labels are, term by term: the classes and how stored values become them."""
+    return {"classes": list(spec.class_names), **(spec.mapping.terms() if spec.mapping is not None else {})}
+
+
+def check_same_labels(run: Run, saved: dict | None, directory: Path) -> None:
+    """A dataset.json whose classes, label mapping or ignored values changed since the run started would be
+    resumed without a word, and its mIoU would jump: refused, naming what changed."""
+    now = label_terms(run.spec)
+    if saved is None or saved == now:  # (None: a checkpoint written before the labels were kept)
+        return
+    changed = [f"{key} was {saved.get(key)!r}, is now {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+               if saved.get(key) != now.get(key)]
+    raise ConfigError(f"{run.config.data}: the labels changed since {directory} was trained ({'; '.join(changed[:3])}"
+                      f"{' ...' if len(changed) > 3 else ''}): the run would go on with other labels. Put its "
+                      f"dataset.json back, or start a new run from these weights: --pretrained {directory} "
+                      f"--out <new folder>")
 
 
 def training_samples(run: Run) -> list:
@@ -272,7 +292,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
 def save(run: Run, name: str, *, metrics: dict | None = None) -> Path:
     """Save the run as `out/name` (every process takes part: the RNG gather); never weights that are not
     all finite. `metrics`: those of its model card, by default the last evaluation's."""
-    state = checkpoint_state(run, samples=training_samples(run), best=run.best_miou) | {"since_best": run.since_best}
+    state = checkpoint_state(run, samples=training_samples(run), best=run.best_miou) | {
+        "since_best": run.since_best, "labels": label_terms(run.spec)}
     if run.config.lora_rank:  # the model with its adapters (model.safetensors holds it merged)
         state["adapted"] = run.raw_model.state_dict()
     if run.ema is not None:

@@ -79,6 +79,14 @@ class LabelMapping:
                             + ' (add them to "palette", or set "unknown_colors": "ignore")')
         return torch.from_numpy(raw)
 
+    def terms(self) -> dict:
+        """Every term of the mapping, spelled out (no convention's name in their place), as plain values a
+        checkpoint keeps: two mappings with the same terms give every pixel the same class."""
+        return {"reduce_labels": self.reduce_labels, "label_map": sorted([int(k), int(v)] for k, v in self.label_map.items()),
+                "unmapped": self.unmapped, "ignore": sorted(int(v) for v in self.ignore),
+                "palette": [list(colour) for colour in self.palette] if self.palette is not None else None,
+                "unknown_colours": self.unknown_colours}
+
     def describe(self) -> str:
         """One line for the run's summary: which raw values become which class ids."""
         parts = []

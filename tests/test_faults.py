@@ -136,6 +136,25 @@ def test_a_run_with_unlabelled_crops_finishes_and_reports_them(tmp_path, capsys)
     assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path / "run") if "mean_iou" not in r)
 
 
+def test_a_dataset_json_whose_labels_changed_since_the_run_started_is_not_resumed(tmp_path, capsys):
+    """An ignored value or a label_map entry added to dataset.json between a run and its --resume went on
+    without a word, and the mIoU jumped; now one line naming what changed, and the same file resumes."""
+    folder = write_ade_folder(tmp_path / "ade", [np.full((32, 32), 2)] * 4, [np.full((32, 32), 1)] * 2)
+    manifest = {"classes": ["wall", "floor", "sky"], "reduce_labels": True}
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    run = ["--data", str(folder), "--train-split", "training", "--eval-split", "validation"]
+    quick(tmp_path / "run", *run, "--max-steps", "2")
+    for change, said in (({"ignore_index": [3]}, "ignore was [], is now [3]"),
+                         ({"label_map": {"4": 1}}, "label_map was [], is now [[4, 1]]")):
+        (folder / "dataset.json").write_text(json.dumps(manifest | change))
+        assert train.main(["--resume", str(tmp_path / "run" / "checkpoint-1"), "--max-steps", "3"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {folder}: the labels changed since {tmp_path / 'run' / 'checkpoint-1'} was "
+                              f"trained ({said})") and "--pretrained" in err, err
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    assert train.main(["--resume", str(tmp_path / "run" / "checkpoint-2"), "--max-steps", "3"]) == 0
+
+
 def test_skip_bad_with_every_sample_bad_fails_naming_the_reasons(tmp_path):
     folder = write_flat_folder(tmp_path / "data", [np.full((32, 32), 1)] * 10)
     for image in (folder / "images").iterdir():

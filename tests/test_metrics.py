@@ -1,13 +1,13 @@
 """ConfusionMatrix against a plain NumPy transcription of `evaluate`'s mean_iou."""
 
 import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from segformer.metrics import ConfusionMatrix, logits_to_predictions
 
@@ -81,23 +81,41 @@ def test_logits_are_upsampled_before_argmax():
     assert predictions[0, 0].tolist() == [0, 0, 1, 1]
 
 
-def _worker(rank, world_size, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    cm = ConfusionMatrix(num_labels=6)
-    for seed in range(rank, 4, world_size):  # each process sees half of the batches
-        cm.update(*random_batch(seed))
-    cm.all_reduce()
-    if rank == 0:
-        torch.save(cm.counts, result_path)
-    dist.destroy_process_group()
+# One process of the two below: its half of the batches, summed over both with all_reduce; rank 0 saves the sum.
+TWO_PROCESS_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from segformer.metrics import ConfusionMatrix
+from test_metrics import random_batch
+rank, world_size, init_method, result_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+cm = ConfusionMatrix(num_labels=6)
+for seed in range(rank, 4, world_size):  # each process sees half of the batches
+    cm.update(*random_batch(seed))
+cm.all_reduce()
+if rank == 0:
+    torch.save(cm.counts, result_path)
+dist.destroy_process_group()
+"""
 
 
 def test_two_process_sum_equals_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "counts.pt")), nprocs=2, join=True)
+    """Two processes of their own (not forked from the test's: torch.multiprocessing.spawn's children share
+    the pytest-xdist worker's stdout, its channel to the controller, and took the worker down with them),
+    meeting through a file (no port to race for)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, str(rank), "2", init_method,
+                                 str(tmp_path / "counts.pt")], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], "\n".join(outputs)[-3000:]
     single = ConfusionMatrix(num_labels=6)
     for seed in range(4):
         single.update(*random_batch(seed))
