@@ -200,7 +200,7 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
     if problems:
         return problems
     limit = declared_pixel_limit()
-    images, categories = {}, {}
+    images, categories, images_entries = {}, {}, {}
     for i, entry in enumerate(content.get("images", [])):
         where = f"{path}: images[{i}]"
         if not isinstance(entry, dict) or not is_id(entry.get("id")):
@@ -211,6 +211,7 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
             problems.append(f"{where}: the id is used by two images ({images[entry['id']]!r} and "
                             f"{entry.get('file_name')!r}); each image needs its own")
         images[entry["id"]] = entry.get("file_name")
+        images_entries[entry["id"]] = entry
         if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
             problems.append(f"{where}: expected a \"file_name\" string")
         size = [entry.get(key) for key in ("height", "width")]
@@ -244,9 +245,9 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
         if annotation["id"] in seen:
             problems.append(f"{where}: the id is used by two annotations")
         seen.add(annotation["id"])
-        if annotation.get("image_id") not in images:
+        if not is_id(annotation.get("image_id")) or annotation["image_id"] not in images:
             problems.append(f"{where}: image_id {annotation.get('image_id')!r} is not one of the file's images")
-        if annotation.get("category_id") not in categories:
+        if not is_id(annotation.get("category_id")) or annotation["category_id"] not in categories:
             problems.append(f"{where}: category_id {annotation.get('category_id')!r} is not one of the file's "
                             f"categories {sorted(categories)}")
         if "area" in annotation and not is_number(annotation["area"]):
@@ -257,8 +258,16 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
                 problems.append(f"{where}: \"segmentation\" must be polygons, lists of numbers x0, y0, x1, y1, ...; "
                                 f"got {str(segmentation)[:60]}")
         elif isinstance(segmentation, dict):
-            if "counts" not in segmentation or not isinstance(segmentation.get("size"), list):
-                problems.append(f"{where}: an RLE \"segmentation\" needs \"counts\" and \"size\"")
+            counts, size = segmentation.get("counts"), segmentation.get("size")
+            image = images_entries.get(annotation.get("image_id")) if is_id(annotation.get("image_id")) else None
+            if not (isinstance(counts, str) or (isinstance(counts, list) and all(is_id(c) and c >= 0 for c in counts))):
+                problems.append(f"{where}: an RLE \"segmentation\" needs \"counts\": a string or a list of counts "
+                                f"of pixels, got {str(counts)[:40]}")
+            elif not (isinstance(size, list) and len(size) == 2 and all(is_id(v) and v > 0 for v in size)):
+                problems.append(f"{where}: an RLE \"segmentation\" needs \"size\": [height, width], got {size!r}")
+            elif isinstance(image, dict) and size != [image.get("height"), image.get("width")]:
+                problems.append(f"{where}: its RLE is {size[0]}x{size[1]} (height x width), but its image is "
+                                f"{image.get('height')}x{image.get('width')}")
         else:
             problems.append(f"{where}: no \"segmentation\" (polygons or RLE)")
     return problems
@@ -290,9 +299,21 @@ def is_labelme(path: Path) -> bool:
 
 
 def read_labelme(path: Path) -> dict:
+    """A LabelMe file, its structure checked: the image's path and data strings (or null), every shape an
+    object with a string label and shape type (the points are checked where a shape is drawn)."""
     content = read_json(path, error=DataError)
     if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
         raise DataError(f"{path}: not a LabelMe JSON file (no \"shapes\" list)")
+    for key in ("imagePath", "imageData"):
+        if content.get(key) is not None and not isinstance(content[key], str):
+            raise DataError(f"{path}: \"{key}\" must be a string (or null), got {type(content[key]).__name__}")
+    for number, shape in enumerate(content["shapes"]):
+        if not isinstance(shape, dict):
+            raise DataError(f"{path} shape {number}: expected an object, got {type(shape).__name__}")
+        if not isinstance(shape.get("label"), str):
+            raise DataError(f"{path} shape {number}: \"label\" must be a string, got {shape.get('label')!r:.40}")
+        if shape.get("shape_type") is not None and not isinstance(shape["shape_type"], str):  # null: a polygon
+            raise DataError(f"{path} shape {number}: \"shape_type\" must be a string, got {shape['shape_type']!r:.40}")
     return content
 
 
