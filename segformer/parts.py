@@ -20,6 +20,7 @@ The project's own classes (import paths under `segformer.`) need no trust.
 """
 
 import importlib
+import inspect
 
 import torch.nn as nn
 
@@ -37,6 +38,37 @@ BUILT_IN = {
     "activation": {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU},
     "decoder": {"all_mlp": AllMLPDecoder, "mmseg": MMSegHead},
 }
+
+
+# What each seam passes to a part's constructor (segformer/encoder.py, segformer/model.py), as a sample call:
+# a part of one's own whose constructor cannot take it is named when it is resolved, not deep in the build.
+CONSTRUCTED_AS = {
+    "encoder": ("config, attention=, mlp=, norm_layer=, act_layer=",
+                lambda: ((None,), dict(attention=None, mlp=None, norm_layer=None, act_layer=None))),
+    "attention": ("hidden_size, num_heads=, sr_ratio=, attention_dropout=, dropout=, norm_layer=, act_layer=",
+                  lambda: ((64,), dict(num_heads=1, sr_ratio=1, attention_dropout=0.0, dropout=0.0, norm_layer=None,
+                                       act_layer=None))),
+    "mlp": ("hidden_size, mlp_ratio=, dropout=, act_layer=",
+            lambda: ((64,), dict(mlp_ratio=4, dropout=0.0, act_layer=None))),
+    "norm": ("width", lambda: ((64,), {})),
+    "activation": ("no arguments", lambda: ((), {})),
+    "decoder": ("config, channels (the encoder's widths per stage)", lambda: ((None, [32, 64, 160, 256]), {})),
+}
+
+
+def check_constructor(part: str, name: str, cls: type) -> None:
+    """A ConfigError naming the part when its class's constructor cannot take what the seam passes."""
+    expected, sample = CONSTRUCTED_AS[part]
+    args, kwargs = sample()
+    try:
+        if cls.__init__ is nn.Module.__init__ and (args or kwargs):  # its (*args, **kwargs) take nothing
+            raise TypeError(f"{cls.__name__} has no __init__ of its own, and nn.Module's takes no arguments")
+        inspect.signature(cls).bind(*args, **kwargs)
+    except ValueError:  # no signature to read (a C extension): left to the build
+        return
+    except TypeError as e:
+        raise ConfigError(f"{part} {name}: its constructor must take ({expected}), as the {part} seam calls it; "
+                          f"{e}") from None
 
 
 def is_own_code(name: str) -> bool:
@@ -72,6 +104,7 @@ def resolve(part: str, name: str) -> type:
                 "of a module)" if "<locals>" in qualname else ""))
     if not (isinstance(found, type) and issubclass(found, nn.Module)):
         raise ConfigError(f"{part} {name}: not a torch.nn.Module class, got {type(found).__name__}")
+    check_constructor(part, name, found)
     return found
 
 

@@ -18,6 +18,7 @@ import train
 from data import DataError, build_dataset, build_loader, open_source
 from helpers import random_image, read_log, run_training, write_ade_folder, write_flat_folder
 from segformer import SegFormer
+from segformer.cli import run_main
 from segformer.weight_layouts import WeightLayoutError
 from training import run_folder
 from segformer.errors import CheckpointError, ConfigError
@@ -49,6 +50,81 @@ def test_a_planted_training_state_cannot_run_code(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint-1/training_state\.pt: not a training state this project"):
         train.execute(["--resume", str(tmp_path / "run" / "checkpoint-1")])
     assert not (tmp_path / "pwned").exists()
+
+
+PLANTED = """
+from pathlib import Path
+Path({marker!r}).write_text("imported")  # what code from a checkpoint could do: anything, on import
+import torch.nn as nn
+class Head(nn.Module):
+    pass
+"""
+
+
+@pytest.fixture()
+def planted_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint whose config.json names a part in a module that, on import, writes a marker file; the
+    module is importable (on sys.path), as a hostile checkpoint's would be after `pip install` of anything."""
+    import sys
+
+    from segformer import SegFormer
+    from segformer.checkpoint import write_preprocessor_config
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "planted_part.py").write_text(PLANTED.format(marker=str(tmp_path / "imported")))
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    monkeypatch.delitem(sys.modules, "planted_part", raising=False)
+    folder = tmp_path / "planted"
+    SegFormer.from_variant("b0", num_labels=3, depths=[1, 1, 1, 1]).save_pretrained(folder)
+    write_preprocessor_config(folder, size=32, reduce_labels=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"segformer_parts": {"decoder": "planted_part:Head"}}))
+    random_image(32, 32).save(tmp_path / "photo.png")
+    return folder
+
+
+ENTRY_POINTS = {  # each command a user runs on a checkpoint they were given, without --trust-code
+    "train --pretrained": lambda c, t: train.main(QUICK + ["--pretrained", str(c), "--out", str(t / "run"),
+                                                           "--max-steps", "1"]),
+    "train --eval-only": lambda c, t: train.main(["--eval-only", "--checkpoint", str(c), "--eval-split",
+                                                  "validation[:2]"]),
+    "infer": lambda c, t: __import__("infer").main(__import__("infer").get_args(
+        ["--checkpoint", str(c), str(t / "photo.png"), "--out", str(t / "masks")])),
+    "export": lambda c, t: __import__("export").main(["--checkpoint", str(c), "--out", str(t / "exported")]),
+    "explain": lambda c, t: __import__("explain").main(["--checkpoint", str(c), str(t / "photo.png"), "--out",
+                                                         str(t / "explained")]),
+    "convert": lambda c, t: __import__("convert").main([str(c), "--to", "hf", "--out", str(t / "converted")]),
+    "serve": lambda c, t: run_main(lambda: __import__("serve").serve(__import__("serve").get_args(
+        ["--checkpoint", str(c), "--port", "0"]))),
+    "app": lambda c, t: run_main(lambda: __import__("app").build(__import__("app").get_args(
+        ["--checkpoint", str(c)]))),
+}  # (train.py --resume: tests/test_architecture.py and tests/test_finetune.py, with a run's saved settings)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_a_checkpoint_naming_a_module_imports_nothing_without_trust_code(entry, planted_checkpoint, tmp_path,
+                                                                         capsys):
+    """Only the command line (or --trust-code) makes code run: every entry point refuses in one line, and the
+    planted module is never imported."""
+    import sys
+    code = ENTRY_POINTS[entry](planted_checkpoint, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err and "Traceback" not in "\n".join(err), err
+    assert "names code from outside this project (decoder planted_part:Head)" in err[-1], err[-1]
+    assert "--trust-code" in err[-1]
+    assert not (tmp_path / "imported").exists() and "planted_part" not in sys.modules
+
+
+def test_the_planted_module_is_imported_where_the_user_says_trust_code(planted_checkpoint, tmp_path, capsys):
+    """The marker works: with --trust-code the module is imported; its Head, which takes none of what the
+    decoder seam passes, fails in one line naming the part (it was a TypeError traceback deep in the build)."""
+    import infer
+    assert infer.main(infer.get_args(["--checkpoint", str(planted_checkpoint), str(tmp_path / "photo.png"), "--out",
+                                      str(tmp_path / "masks"), "--trust-code"])) == 2
+    assert (tmp_path / "imported").read_text() == "imported"
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: decoder planted_part:Head: its constructor must take (config, channels (the encoder's "
+                   "widths per stage)), as the decoder seam calls it; Head has no __init__ of its own, and "
+                   "nn.Module's takes no arguments"), err
 
 
 # ---- numbers that must never be silently wrong -------------------------------------------------------
