@@ -133,3 +133,18 @@ def shallow_checkpoint(folder: Path):
     write_preprocessor_config(folder, size=64, reduce_labels=False)
     write_json([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], folder / "palette.json")
     return model, folder
+
+
+def run_isolated(checks: str, timeout: float = 850) -> None:
+    """tests/isolated/<checks>.py run by pytest in a process of its own, passing only if every check there does.
+    For the runtimes whose native libraries (OpenVINO and NNCF, ExecuTorch's pybindings, AOTInductor's
+    compiled packages) stay loaded in the process: with them loaded, the xdist worker crashed now and then,
+    long after, on a later test's subprocess start (SIGSEGV, si_code SI_KERNEL, strace; four of six full runs),
+    which failed whatever test that worker ran next, or hung CI. Their output comes back on failure."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-o",
+                           "addopts=-ra", "-q", str(root / "tests" / "isolated" / f"{checks}.py")],
+                          cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"tests/isolated/{checks}.py:\n" + done.stdout[-8000:] + done.stderr[-2000:]

@@ -1,22 +1,8 @@
-"""export.py --runtime aoti: an AOTInductor package (.pt2) against eager at any shape, loaded only with
---trust-code."""
+"""export.py --runtime aoti (an AOTInductor package against eager at any shape, loaded only with --trust-code):
+tests/isolated/aoti_checks.py, run in a process of its own (helpers.run_isolated says why)."""
 
-import pytest
-
-import export
-from helpers import shallow_checkpoint
-from segformer.errors import CheckpointError
-from segformer.runtimes import graph, load_for_inference
+from helpers import run_isolated
 
 
-def test_an_aotinductor_package_runs_like_eager_and_only_with_trust_code(tmp_path):
-    """A .pt2 is a compiled shared library: loading it runs its code, so it takes --trust-code."""
-    model, folder = shallow_checkpoint(tmp_path / "checkpoint")
-    export.export_checkpoint(str(folder), tmp_path / "aoti", runtime="aoti")
-    with pytest.raises(CheckpointError, match=r"model\.pt2: an AOTInductor package is compiled code .* --trust-code"):
-        load_for_inference(tmp_path / "aoti" / "model.pt2")
-    package, facts = load_for_inference(tmp_path / "aoti" / "model.pt2", trust_code=True)
-    assert facts.runtime == "aoti" and facts.size == 64
-    assert graph.largest_difference(package, model, [(3, 3, 100, 130), (1, 3, 64, 64)]) <= 1e-4
-
-
+def test_aoti_checks_pass_in_a_process_of_their_own():
+    run_isolated("aoti_checks")
