@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from segformer.bands import display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
+from segformer.bands import NODATA_RULES, display_rgb, georeference, read_bands, to_band_tensor, write_geotiff
 from segformer.cli import SIZE_RANGE, bounded, run_main
 from segformer.device import check_device
 from segformer.errors import UserError
@@ -159,6 +159,10 @@ def save_outputs(path: Path, image, prediction, stem: Path, *, colours, names, a
     written atomically (complete or absent)."""
     label_map = prediction.label_map.cpu().numpy()
     mask = label_map_image(label_map, len(names))
+    ignored = NODATA_RULES["ignore"]  # 255: no-data pixels a band model's data ignores
+    if (label_map == ignored).any() and len(names) <= ignored:
+        names = {**names, ignored: "no data"}  # unlabelled: black, named so in the legend and segments
+        colours = [*colours, *[(0, 0, 0)] * (ignored + 1 - len(colours))]
     total = label_map.size
     top = prediction.confidence["max"].cpu().numpy() if prediction.confidence is not None else None
     segments = [{"id": int(c), "label": names[int(c)], "pixels": int(n), "fraction": round(int(n) / total, 6),
@@ -221,16 +225,20 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
     stretched; a GeoTIFF's mask is also written as <stem>_mask.tif with its georeferencing (rasterio)."""
     try:
         pixels = load_image(path) if predictor.bands is None else read_bands(path)
+        nodata = None  # pixels with no finite value in any band (a raster's no-data)
         if predictor.bands is not None:
             to_band_tensor(pixels, str(path), predictor.bands.count)  # the band count, checked
-            nodata = int((~np.isfinite(pixels)).all(-1).sum()) if np.issubdtype(pixels.dtype, np.floating) else 0
-            if nodata:  # the Predictor reads them as the bands' means: their classes are a guess, said so
-                print(f"{path}: {nodata} pixels have no finite value in any band (no data); read as the bands' "
-                      f"means, their classes in the mask are the model's guess there")
+            if np.issubdtype(pixels.dtype, np.floating) and (nodata := (~np.isfinite(pixels)).all(-1)).any():
+                print(f"{path}: {int(nodata.sum())} pixels have no finite value in any band (no data); labelled "
+                      f"{predictor.bands.nodata_label} in the mask ({predictor.bands.nodata}, as the checkpoint's "
+                      f"data says: \"uncovered\" in its dataset.json)")
     except UserError as e:  # unreadable, not an image, missing: the message names the file
         return one_line(e)
     try:
         prediction = predictor(pixels, confidence=confidence)
+        if nodata is not None and nodata.any():  # the model saw the bands' means there: its guess is not written
+            prediction.label_map[torch.from_numpy(nodata).to(prediction.label_map.device)] = \
+                predictor.bands.nodata_label
         image = pixels if predictor.bands is None else display_rgb(pixels)
         save_outputs(path, image, prediction, stem, colours=colours, names=names, alpha=alpha)
         where = georeference(path) if path.suffix.lower() in (".tif", ".tiff") else None

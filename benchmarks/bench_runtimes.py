@@ -347,9 +347,10 @@ def main():
         for name in rows.rows:
             mine, theirs = times[name, "ours"], times[name, "reference"]
             ratio = statistics.median(b / a for a, b in zip(mine, theirs))
+            used = ((f"{memory[name, 'ours']:.0f} / {memory[name, 'reference']:.0f} MB"
+                     if (name, "ours") in memory and (name, "reference") in memory else "-"))  # (--memory, first size)
             print(f"| {name} | {statistics.median(mine) * 1000:.1f} ms | {statistics.median(theirs) * 1000:.1f} ms "
-                  f"| {ratio:.2f}x | {100 * agree[name]:.2f}% | {memory.get((name, 'ours'), float('nan')):.0f} / "
-                  f"{memory.get((name, 'reference'), float('nan')):.0f} MB |")
+                  f"| {ratio:.2f}x | {100 * agree[name]:.2f}% | {used} |")
         for name, note in rows.notes.items():
             print(f"| {name} | failed: {note} | | | | |")
         best = min(rows.rows, key=lambda n: statistics.median(times[n, "ours"]))

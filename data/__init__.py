@@ -67,12 +67,14 @@ def build_dataset(source: "str | Samples", split: str = "validation", *, spec: L
 
 
 def measure_bands(samples: Samples, count: int, *, limit: int = 64) -> Bands:
-    """Per-band mean and std of up to `limit` images of `samples` (evenly spread), in stored units."""
+    """Per-band mean and std of up to `limit` images of `samples` (evenly spread), in stored units; with the
+    data's rule for pixels with no data (`"uncovered"`)."""
     step = max(1, len(samples) // limit)
     picked = list(range(0, len(samples), step))[:limit]
     try:
-        return band_statistics(to_band_tensor(samples[i][0], samples.name(i), count).permute(1, 2, 0).numpy()
-                               for i in picked)
+        measured = band_statistics(to_band_tensor(samples[i][0], samples.name(i), count).permute(1, 2, 0).numpy()
+                                   for i in picked)
+        return replace(measured, nodata=samples.labels.nodata)
     except ValueError as e:  # a band that is no-data everywhere
         raise DataError(f"{samples.name(picked[0])} and the other {len(picked) - 1} images measured: {e}; give "
                         f"the bands' \"mean\" and \"std\" in dataset.json") from None

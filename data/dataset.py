@@ -119,10 +119,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
                             f"{image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
                             f"annotation must be drawn on the image as a viewer shows it)")
-        if bands is not None:  # a raster's no-data (NaN, infinity): the band mean in, the pixel's label ignored
-            image, nodata = fill_nonfinite(image, bands)
+        if bands is not None:  # a raster's no-data (NaN, infinity): the band mean in, the pixel labelled as the
+            image, nodata = fill_nonfinite(image, bands)  # data says ("uncovered": ignored, or class 0)
             if nodata is not None:
-                labels = torch.where(nodata, IGNORE_INDEX, labels)
+                labels = torch.where(nodata, bands.nodata_label, labels)
         highest = max(self.num_labels, 2) - 1  # one class: the binary head's 0/1 masks
         bad = labels[(labels > highest) & (labels != IGNORE_INDEX)].unique()
         if len(bad):

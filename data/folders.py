@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from segformer.bands import Bands
+from segformer.bands import NODATA_RULES, Bands
 from segformer.errors import DataError
 from segformer.images import IMAGE_SUFFIXES, is_image_file
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
@@ -55,6 +55,7 @@ class FolderLayout:
     known: bool = True  # the layout fixes its label convention (else `mapping` is a guess, said)
     assumed: bool = True  # class_names are the layout's defaults, which an explicit --num-labels/--id2label wins over
     bands: "Bands | int | None" = None  # images at full precision with this many bands (int: statistics to compute)
+    nodata: str = "ignore"  # the label of a pixel with no data in any band (segformer.bands.NODATA_RULES)
 
     def split(self, name: str, root: Path):
         """(pairs, unpaired, single) of the split asked for; a layout with one split serves every name."""
@@ -425,8 +426,12 @@ def refine(layout: FolderLayout, manifest: dict, path: Path) -> FolderLayout:
             unknown_colours=manifest.get("unknown_colors", "error"))
     name = f"{layout.name} described by {path.name}" if "splits" not in manifest else f"{path}"
     bands = manifest.get("bands")
+    nodata = manifest.get("uncovered", "ignore") if bands is not None else "ignore"  # no-data pixels' label
+    if nodata not in NODATA_RULES:
+        raise DataError(f"{path}: \"uncovered\" (what a pixel with no data in any band is) must be "
+                        f"{' or '.join(map(repr, NODATA_RULES))}, got {nodata!r}")
     if bands is not None and "mean" in manifest:
-        bands = Bands(bands, tuple(map(float, manifest["mean"])), tuple(map(float, manifest["std"])))
-    return replace(layout, name=name, bands=bands, class_names=tuple(classes) if classes else layout.class_names,
+        bands = Bands(bands, tuple(map(float, manifest["mean"])), tuple(map(float, manifest["std"])), nodata=nodata)
+    return replace(layout, name=name, bands=bands, nodata=nodata, class_names=tuple(classes) if classes else layout.class_names,
                    palette=palette or layout.palette, mapping=mapping, assumed=layout.assumed and not classes,
                    known=layout.known or "reduce_labels" in manifest or "splits" in manifest)

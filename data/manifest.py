@@ -25,7 +25,8 @@ MANIFEST_KEYS = {
     "bands": "int: the images' band count, read at full precision (16-bit, multi-band, TIFF); see segformer/bands.py",
     "mean": "[one per band]: the bands' mean in stored units (the dataset doctor computes it)",
     "std": "[one per band]: the bands' standard deviation in stored units",
-    "uncovered": 'COCO: pixels no annotation covers are "background" (class 0, the default) or "ignore"',
+    "uncovered": 'COCO: pixels no annotation covers are "background" (class 0, the default) or "ignore"; with '
+                 '"bands": pixels with no data in any band are "ignore" (255, the default) or "background"',
     "crowd": 'COCO: crowd regions are "ignore"d (the default) or "label"led with their category',
 }
 

@@ -265,7 +265,8 @@ def open_source(source: str, split: str, *, train: bool, test_size: float | None
         data = FilePairs(pairs, raw=layout.bands is not None)
         labels = SourceLabels(source, layout.name, class_names=layout.class_names, palette=layout.palette,
                               mapping=layout.mapping, known=layout.known,
-                              assumed=layout.assumed and layout.class_names is not None, bands=layout.bands)
+                              assumed=layout.assumed and layout.class_names is not None, bands=layout.bands,
+                              nodata=layout.nodata)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data, single = _saved_dataset(path, name, image_column, annotation_column)
         description = "save_to_disk dataset"

@@ -45,6 +45,7 @@ class SourceLabels:
     assumed: bool = False  # class_names are a layout's defaults: an explicit choice wins over them
     native_size: int | None = None  # the size its images are made at (the synthetic scenes: 128)
     bands: "Bands | int | None" = None  # full-precision images of this many bands (int: statistics to compute)
+    nodata: str = "ignore"  # with bands: the label of a pixel with no data in any band (its "uncovered")
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,27 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
+NODATA_RULES = {"ignore": 255, "background": 0}  # a pixel with no finite value in any band -> its label
+
+
 @dataclass(frozen=True)
 class Bands:
-    """How many bands an image has and how to normalise each: (x - mean) / std in the stored units."""
+    """How many bands an image has and how to normalise each: (x - mean) / std in the stored units; and what
+    a pixel with no finite value in any band (a raster's no-data) is labelled, in training and in the masks
+    infer.py writes: "ignore" (255) or "background" (class 0), the data's `"uncovered"`."""
     count: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    nodata: str = "ignore"
+
+    @property
+    def nodata_label(self) -> int:
+        return NODATA_RULES[self.nodata]
 
     def __post_init__(self):
+        if self.nodata not in NODATA_RULES:
+            raise ValueError(f"bands: no-data pixels (\"uncovered\") are {' or '.join(map(repr, NODATA_RULES))}, "
+                             f"got {self.nodata!r}")
         if not (len(self.mean) == len(self.std) == self.count) or self.count < 1:
             raise ValueError(f"bands: {self.count} bands need as many means and stds, got {len(self.mean)} and "
                              f"{len(self.std)}")
@@ -47,7 +60,8 @@ class Bands:
 
     def describe(self) -> str:
         values = lambda xs: ", ".join(f"{x:g}" for x in xs)  # noqa: E731
-        return f"{self.count} bands at full precision, mean [{values(self.mean)}], std [{values(self.std)}]"
+        return (f"{self.count} bands at full precision, mean [{values(self.mean)}], std [{values(self.std)}]"
+                + ("; no-data pixels are class 0" if self.nodata == "background" else ""))
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """float (..., C, H, W) in stored units -> the model's input."""

@@ -125,7 +125,8 @@ def write_preprocessor_config(directory: str | Path, *, size: int, reduce_labels
                      "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
     if bands is not None:
         normalisation = {"do_rescale": False, "rescale_factor": 1.0, "do_normalize": True,
-                         "image_mean": list(bands.mean), "image_std": list(bands.std), "num_bands": bands.count}
+                         "image_mean": list(bands.mean), "image_std": list(bands.std), "num_bands": bands.count,
+                         "nodata": bands.nodata}  # what a pixel with no data in any band is labelled
     write_json({
         "image_processor_type": "SegformerImageProcessor",
         "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,  # bilinear
@@ -225,10 +226,10 @@ def read_side_files(folder: Path) -> dict:
     if preprocessor.get("do_rescale") is False and "num_bands" in preprocessor:  # ours, for full-precision bands
         try:
             bands = Bands(int(preprocessor["num_bands"]), tuple(map(float, preprocessor["image_mean"])),
-                          tuple(map(float, preprocessor["image_std"])))
+                          tuple(map(float, preprocessor["image_std"])), nodata=preprocessor.get("nodata", "ignore"))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{folder / 'preprocessor_config.json'}: bands without a valid image_mean / "
-                                  f"image_std ({e})") from None
+                                  f"image_std / nodata ({e})") from None
     return dict(bands=bands, temperature=read_temperature(folder),
                 size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
                 reduce_labels=reduce_labels if isinstance(reduce_labels, bool) else None,

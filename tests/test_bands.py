@@ -180,4 +180,32 @@ def test_no_data_values_of_a_float_raster_never_reach_the_model(tmp_path, capsys
     capsys.readouterr()
     assert infer.main(infer.get_args(["--checkpoint", str(tmp_path / "run" / "checkpoint-2"),
                                       str(root / "img_dir" / "val" / "tile0.tif"), "--out", str(tmp_path / "masks")])) == 0
-    assert "tile0.tif: 64 pixels have no finite value in any band (no data)" in capsys.readouterr().out
+    assert "tile0.tif: 64 pixels have no finite value in any band (no data); labelled 255 in the mask (ignore" \
+        in capsys.readouterr().out
+    mask = np.asarray(Image.open(tmp_path / "masks" / "tile0_mask.png"))
+    assert (mask[:8, :8] == 255).all() and (mask[8:] != 255).all()  # not the model's guess from the bands' means
+    segments = json.loads((tmp_path / "masks" / "tile0.json").read_text())["segments"]
+    assert {"id": 255, "label": "no data", "pixels": 64} == {k: segments[-1][k] for k in ("id", "label", "pixels")}
+
+
+def test_no_data_pixels_are_labelled_as_the_data_says_in_training_and_in_the_masks(tmp_path, capsys):
+    """dataset.json's "uncovered": "background" makes them class 0 in training, the checkpoint keeps the rule,
+    and infer.py writes them as class 0; a value that is neither rule is one line naming the key."""
+    root = write_multiband(tmp_path / "tiles", val=2, manifest={"uncovered": "background"})
+    for path in sorted((root / "img_dir").rglob("*.tif")):
+        image = tifffile.imread(path).astype(np.float32)
+        image[:8, :8] = np.nan
+        tifffile.imwrite(path, image)
+    sample = build_dataset(str(root), "train", train=False, size=64)[0]
+    assert (sample["labels"][:8, :8] == 0).all()
+    run_training(tmp_path / "run", "--data", str(root), "--max-steps", "1", *QUICK)
+    assert json.loads((tmp_path / "run" / "checkpoint-1" / "preprocessor_config.json").read_text())["nodata"] == \
+        "background"
+    import infer
+    assert infer.main(infer.get_args(["--checkpoint", str(tmp_path / "run" / "checkpoint-1"),
+                                      str(root / "img_dir" / "val" / "tile0.tif"), "--out", str(tmp_path / "masks")])) == 0
+    assert (np.asarray(Image.open(tmp_path / "masks" / "tile0_mask.png"))[:8, :8] == 0).all()
+    (root / "dataset.json").write_text(json.dumps({"classes": CLASSES, "bands": 4, "uncovered": "nothing"}))
+    with pytest.raises(DataError, match=r"dataset\.json: \"uncovered\" \(what a pixel with no data in any band is\) "
+                                        r"must be 'ignore' or 'background', got 'nothing'"):
+        build_dataset(str(root), "train", size=64)
