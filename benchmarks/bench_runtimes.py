@@ -114,9 +114,10 @@ class Rows:
 
     def __init__(self, args, ours, reference, calibration, tmp: Path):
         self.args, self.ours, self.reference, self.calibration, self.tmp = args, ours, reference, calibration, tmp
-        self.rows, self.notes = {}, {}
+        self.rows, self.notes, self.names = {}, {}, []
 
     def add(self, name, build):
+        self.names.append(name)  # every row this run could have, for --only's check
         if self.args.only and name not in (self.args.only, "eager fp32"):
             return
         print(f"  building {name} ...", flush=True)
@@ -331,6 +332,9 @@ def main():
     for size in args.sizes:
         print(f"\n{size}x{size}, batch 1:", flush=True)
         rows = build(args, ours, reference, calibration, tmp, size)
+        if args.only and args.only not in rows.names:  # a misspelt row ran nothing but eager, without a word
+            raise SystemExit(f"error: --only {args.only!r}: no such row in this run; its rows are "
+                             + ", ".join(repr(n) for n in rows.names) + " (--compile, --aoti, --executorch add theirs)")
         x = torch.randn(1, 3, size, size)
         expected = rows.rows["eager fp32"][0](x)
         for name, (run, ref_run) in rows.rows.items():  # every fp32 path against our eager first
