@@ -25,6 +25,7 @@ input size. Memory: the peak resident memory of one call above what the process 
 """
 
 import argparse
+import math
 import contextlib
 import gc
 import statistics
@@ -240,6 +241,11 @@ def agreement(rows: Rows, images: list[torch.Tensor], size_of_images: int, size:
     return out
 
 
+def shown(agreement: float) -> str:
+    """An agreement for the table; '-' where the path could not run at the images' size."""
+    return "-" if math.isnan(agreement) else f"{100 * agreement:.2f}%"
+
+
 def time_rows(rows: Rows, x: torch.Tensor, rounds: int) -> dict:
     paths = [(name, side, fn) for name, pair in rows.rows.items() for side, fn in zip(("ours", "reference"), pair)]
     for _, _, fn in paths:  # warm up: compilation per shape, caches
@@ -354,7 +360,7 @@ def main():
             used = ((f"{memory[name, 'ours']:.0f} / {memory[name, 'reference']:.0f} MB"
                      if (name, "ours") in memory and (name, "reference") in memory else "-"))  # (--memory, first size)
             print(f"| {name} | {statistics.median(mine) * 1000:.1f} ms | {statistics.median(theirs) * 1000:.1f} ms "
-                  f"| {ratio:.2f}x | {100 * agree[name]:.2f}% | {used} |")
+                  f"| {ratio:.2f}x | {shown(agree[name])} | {used} |")
         for name, note in rows.notes.items():
             print(f"| {name} | failed: {note} | | | | |")
         best = min(rows.rows, key=lambda n: statistics.median(times[n, "ours"]))
