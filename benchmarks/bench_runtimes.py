@@ -25,9 +25,9 @@ input size. Memory: the peak resident memory of one call above what the process 
 """
 
 import argparse
-import math
 import contextlib
 import gc
+import math
 import statistics
 import sys
 import tempfile
