@@ -3,6 +3,7 @@ of speed and peak memory against transformers.
 
     PYTHONPATH=. python benchmarks/gpu_check.py              # on a CUDA machine (under 8 minutes on one H100)
     PYTHONPATH=. python benchmarks/gpu_check.py --dry-run    # the same code on the CPU, tiny sizes (the suite)
+    PYTHONPATH=. python benchmarks/gpu_check.py --part checks    # or --part runtimes: one half (two short calls)
 
 Checks, each PASS or FAIL with its numbers:
   parity         our logits vs transformers' on the device (fp32, TF32 off), B0..B2
@@ -13,11 +14,15 @@ Checks, each PASS or FAIL with its numbers:
   predictor      Predictor on the device vs on the CPU: the same label map (where not a near-tie)
   export         export.py of the trained checkpoint: ONNX Runtime vs eager <= 1e-4
 Then: forward and training-step time and peak memory, ours vs transformers, B0..B2 at 512, batch 8 and
-16, bf16 autocast, alternating calls, medians.
+16, bf16 autocast, alternating calls, medians. Last, the GPU column of the README's runtime table
+(benchmarks/bench_runtimes.py is the CPU's): B0, batch 1, one image's latency at 512 and 1024 on eager
+fp32, eager bf16, torch.compile (bf16) and AOTInductor (a CUDA .pt2, fp32), ours against transformers on
+the same runtime, with each row's label agreement with our eager fp32.
 
 --dry-run runs all of it on the CPU with 64x64 images, B0 only, batch 2, bf16 in place of fp16 (which
 needs CUDA) and torch.compile's "eager" backend (tracing without code generation, seconds not minutes). It
-leaves out the export check: exporting is CPU work on any machine, which tests/test_export.py already runs.
+leaves out the export check and the AOTInductor row: exporting is CPU work on any machine, which
+tests/test_export.py and tests/test_aoti.py already run. Everything it writes is removed when it ends.
 """
 
 import argparse
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,19 +71,22 @@ def reference_of(model):
 @check("parity")
 def parity(device, variants, size):
     from segformer import SegFormer
+    defaults = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     worst = {}
-    for variant in variants:
-        torch.manual_seed(0)
-        ours = SegFormer.from_variant(variant, num_labels=150).eval()
-        reference = reference_of(ours).eval().to(device)
-        ours = ours.to(device)
-        x = torch.randn(2, 3, size, size + 32, device=device)
-        with torch.no_grad():
-            worst[variant] = (ours(x) - reference(pixel_values=x).logits).abs().max().item()
-        if worst[variant] > 1e-3:
-            raise AssertionError(f"{variant}: max |logits difference| {worst[variant]:.2e} > 1e-3")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        for variant in variants:
+            torch.manual_seed(0)
+            ours = SegFormer.from_variant(variant, num_labels=150).eval()
+            reference = reference_of(ours).eval().to(device)
+            ours = ours.to(device)
+            x = torch.randn(2, 3, size, size + 32, device=device)
+            with torch.no_grad():
+                worst[variant] = (ours(x) - reference(pixel_values=x).logits).abs().max().item()
+            if worst[variant] > 1e-3:
+                raise AssertionError(f"{variant}: max |logits difference| {worst[variant]:.2e} > 1e-3")
+    finally:  # PyTorch's defaults again, for the rest
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = defaults
     return ", ".join(f"{v} {d:.1e}" for v, d in worst.items())
 
 
@@ -220,10 +229,59 @@ def measure(device, variant, batch, size, iters):
     return times["forward"], times["step"], memory
 
 
+def runtime_table(device, sizes, iters, dry_run):
+    """{size: [(row, transformers ms, ours ms, agreement)]}: B0 at batch 1 on each runtime of the GPU, both
+    models built the same way, alternating calls, medians; agreement: the share of pixels whose class the
+    row gives as our eager fp32 does (random weights, 150 classes, on random images)."""
+    from bench_model import interleaved
+    from bench_runtimes import Reference
+    from segformer import SegFormer
+    from segformer.device import autocast
+    from segformer.runtimes.aoti import trace
+    torch.manual_seed(0)
+    ours = SegFormer.from_variant("b0", num_labels=150).eval()
+    reference = Reference(reference_of(ours)).eval().to(device)
+    ours = ours.to(device)
+
+    def eager(model, amp="off"):
+        def run(x):
+            with torch.no_grad(), autocast(device, amp):
+                return model(x).float()
+        return run
+
+    def compiled(model):
+        return eager(torch.compile(model, dynamic=False, backend="eager" if dry_run else "inductor"), "bf16")
+
+    def aoti(model):
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = torch._inductor.aoti_compile_and_package(
+                trace(model, example=torch.randn(1, 3, 256, 256, device=device)), package_path=f"{tmp}/model.pt2")
+            runner = torch._inductor.aoti_load_package(path)
+        return lambda x: runner(x)
+
+    rows = {"eager fp32": (eager(reference), eager(ours)),
+            "eager bf16 (autocast)": (eager(reference, "bf16"), eager(ours, "bf16")),
+            "torch.compile bf16": (compiled(reference), compiled(ours))}
+    if not dry_run:  # a CPU package is tests/test_aoti.py's
+        rows["AOTInductor fp32 (.pt2)"] = (aoti(reference), aoti(ours))
+    table = {}
+    for size in sizes:
+        x = torch.randn(1, 3, size, size, device=device)
+        times = interleaved({name: (lambda r=r: r(x), lambda o=o: o(x)) for name, (r, o) in rows.items()},
+                            warmup=3, iters=iters, device=device)
+        expected = rows["eager fp32"][1](x).argmax(1)
+        table[size] = [(name, *times[name], (our(x).argmax(1) == expected).float().mean().item())
+                       for name, (_, our) in rows.items()]
+    return table
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="the CPU, tiny sizes: every code path, in seconds")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per model in the speed table")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model in the speed tables")
+    p.add_argument("--part", choices=["all", "checks", "runtimes"], default="all",
+                   help="the checks and the training/forward table, the runtime table, or both (default)")
     args = p.parse_args()
     if args.dry_run:
         device, variants, batches, size, dtypes = "cpu", ["b0"], [2], 64, ["bf16"]
@@ -233,9 +291,16 @@ def main():
         sys.exit("no CUDA device here: run with --dry-run, or on a GPU machine")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
     print(f"gpu_check on {name}, torch {torch.__version__}\n", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    os.chdir(ROOT)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:  # checkpoints: 250 MB a run, not left behind
+        os.chdir(ROOT)
+        run_checks(args, device, variants, batches, size, dtypes, Path(work))
+
+
+def run_checks(args, device, variants, batches, size, dtypes, work: Path):
     start = time.perf_counter()
+    if args.part == "runtimes":
+        print_runtime_table(args, device)
+        return report(start)
     parity(device, variants, 64 if args.dry_run else 256)
     amp_steps(device, 64 if args.dry_run else 256, dtypes)
     train_py(device, 64 if args.dry_run else 128, work, args.dry_run)
@@ -253,7 +318,30 @@ def main():
           f"{'transformers':>13}{'ours':>7}")
     for variant, batch, (ref_f, our_f), (ref_s, our_s), (ref_m, our_m) in rows:
         print(f"{variant} x{batch:<5}{ref_f:>13.1f}{our_f:>7.1f}{ref_f / our_f:>5.2f}x{ref_s:>13.1f}{our_s:>7.1f}"
-              f"{ref_s / our_s:>7.2f}x{ref_m:>13.2f}{our_m:>7.2f}")
+              f"{ref_s / our_s:>7.2f}x{ref_m:>13.2f}{our_m:>7.2f}", flush=True)
+    if args.part == "all":
+        print_runtime_table(args, device)
+    report(start)
+
+
+def print_runtime_table(args, device):
+    try:
+        table = runtime_table(device, [64, 96] if args.dry_run else [512, 1024], 3 if args.dry_run else args.iters,
+                              args.dry_run)
+    except Exception as e:
+        RESULTS.append(("runtimes", "FAIL", f"{type(e).__name__}: {e}", 0.0))
+        traceback.print_exc()
+        table = {}
+    for table_size, rows_ in table.items():
+        flags = ", PyTorch's default precision (fp32 matrix products, TF32 convolutions)" * device.startswith("cuda")
+        print(f"\nB0, batch 1, {table_size}x{table_size} on {device}: latency (ms){flags}")
+        print(f"{'':26}{'transformers':>13}{'ours':>8}{'ratio':>8}{'agreement':>11}")
+        for row, ref_ms, our_ms, agree in rows_:
+            print(f"{row:26}{ref_ms:>13.2f}{our_ms:>8.2f}{ref_ms / our_ms:>7.2f}x{100 * agree:>10.2f}%")
+
+
+def report(start):
+    """How many checks passed; exit non-zero naming those that failed."""
     print(f"\n{len([r for r in RESULTS if r[1] == 'PASS'])}/{len(RESULTS)} checks passed in "
           f"{time.perf_counter() - start:.0f} s")
     failed = [r[0] for r in RESULTS if r[1] == "FAIL"]
