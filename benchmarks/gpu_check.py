@@ -16,8 +16,10 @@ Checks, each PASS or FAIL with its numbers:
 Then: forward and training-step time and peak memory, ours vs transformers, B0..B2 at 512, batch 8 and
 16, bf16 autocast, alternating calls, medians. Last, the GPU column of the README's runtime table
 (benchmarks/bench_runtimes.py is the CPU's): B0, batch 1, one image's latency at 512 and 1024 on eager
-fp32, eager bf16, torch.compile (bf16) and AOTInductor (a CUDA .pt2, fp32), ours against transformers on
-the same runtime, with each row's label agreement with our eager fp32.
+fp32, eager bf16, torch.compile (bf16) and, with --aoti, AOTInductor (a CUDA .pt2, fp32), ours against
+transformers on the same runtime, with each row's label agreement with our eager fp32. (Measured on an H200
+with torch 2.11+cu130: a CUDA package compiles, and aoti_load_package then segfaults in _load_aoti: a crash
+that takes the whole report with it, so the row is asked for, not run by default.)
 
 --dry-run runs all of it on the CPU with 64x64 images, B0 only, batch 2, bf16 in place of fp16 (which
 needs CUDA) and torch.compile's "eager" backend (tracing without code generation, seconds not minutes). It
@@ -138,15 +140,26 @@ def train_py(device, size, work, dry_run):
             train.execute(train_args(work / "straight", size, device, 4) + flags)
             train.execute(train_args(work / "split", size, device, 2) + flags)
             train.execute(["--resume", str(work / "split" / "checkpoint-2"), "--max-steps", "4"])
+            if device != "cpu":  # the run-to-run noise of CUDA's atomic adds: a second straight run
+                train.execute(train_args(work / "again", size, device, 4) + flags)
     finally:
         if dry_run:
             torch.compile = compile_
-    straight = load_file(work / "straight" / "checkpoint-4" / "model.safetensors")
-    resumed = load_file(work / "split" / "checkpoint-4" / "model.safetensors")
-    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    if different:
-        raise AssertionError(f"resumed weights differ from a straight run's: {different[:3]}")
-    return "bf16 + channels-last + compile, 4 steps; resume from 2 gives identical weights"
+    straight, resumed = (load_file(work / run / "checkpoint-4" / "model.safetensors") for run in ("straight", "split"))
+    resume_difference = max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight)
+    if device == "cpu":
+        if resume_difference:
+            raise AssertionError(f"resumed weights differ from a straight run's by up to {resume_difference:.2e}")
+        return "bf16 + channels-last + compile, 4 steps; resume from 2 gives identical weights"
+    # on CUDA the backward of the bilinear upsampling (and Inductor's scatter-adds) accumulate with atomic adds,
+    # so two straight runs differ too: a resume is exact when it differs from a straight run no more than that
+    again = load_file(work / "again" / "checkpoint-4" / "model.safetensors")
+    noise = max((straight[k].float() - again[k].float()).abs().max().item() for k in straight)
+    if resume_difference > 10 * noise:
+        raise AssertionError(f"resumed weights differ from a straight run's by up to {resume_difference:.2e}, "
+                             f"two straight runs by {noise:.2e}")
+    return (f"bf16 + channels-last + compile, 4 steps; resume from 2 vs straight {resume_difference:.1e}, "
+            f"two straight runs {noise:.1e} (CUDA's atomic adds)")
 
 
 @check("torchrun")
@@ -229,7 +242,7 @@ def measure(device, variant, batch, size, iters):
     return times["forward"], times["step"], memory
 
 
-def runtime_table(device, sizes, iters, dry_run):
+def runtime_table(device, sizes, iters, dry_run, aoti_row=False):
     """{size: [(row, transformers ms, ours ms, agreement)]}: B0 at batch 1 on each runtime of the GPU, both
     models built the same way, alternating calls, medians; agreement: the share of pixels whose class the
     row gives as our eager fp32 does (random weights, 150 classes, on random images)."""
@@ -256,15 +269,18 @@ def runtime_table(device, sizes, iters, dry_run):
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = torch._inductor.aoti_compile_and_package(
-                trace(model, example=torch.randn(1, 3, 256, 256, device=device)), package_path=f"{tmp}/model.pt2")
+                trace(model, example=torch.randn(2, 3, 256, 256, device=device)), package_path=f"{tmp}/model.pt2")
             runner = torch._inductor.aoti_load_package(path)
         return lambda x: runner(x)
 
     rows = {"eager fp32": (eager(reference), eager(ours)),
             "eager bf16 (autocast)": (eager(reference, "bf16"), eager(ours, "bf16")),
             "torch.compile bf16": (compiled(reference), compiled(ours))}
-    if not dry_run:  # a CPU package is tests/test_aoti.py's
-        rows["AOTInductor fp32 (.pt2)"] = (aoti(reference), aoti(ours))
+    if aoti_row and not dry_run:  # a CPU package is tests/test_aoti.py's
+        try:
+            rows["AOTInductor fp32 (.pt2)"] = (aoti(reference), aoti(ours))
+        except Exception:  # the other rows still measured
+            traceback.print_exc()
     table = {}
     for size in sizes:
         x = torch.randn(1, 3, size, size, device=device)
@@ -282,6 +298,8 @@ def main():
     p.add_argument("--iters", type=int, default=10, help="timed calls per model in the speed tables")
     p.add_argument("--part", choices=["all", "checks", "runtimes"], default="all",
                    help="the checks and the training/forward table, the runtime table, or both (default)")
+    p.add_argument("--aoti", action="store_true",
+                   help="add an AOTInductor row (a CUDA .pt2); on torch 2.11+cu130 (H200) loading one segfaulted")
     args = p.parse_args()
     if args.dry_run:
         device, variants, batches, size, dtypes = "cpu", ["b0"], [2], 64, ["bf16"]
@@ -327,7 +345,7 @@ def run_checks(args, device, variants, batches, size, dtypes, work: Path):
 def print_runtime_table(args, device):
     try:
         table = runtime_table(device, [64, 96] if args.dry_run else [512, 1024], 3 if args.dry_run else args.iters,
-                              args.dry_run)
+                              args.dry_run, args.aoti)
     except Exception as e:
         RESULTS.append(("runtimes", "FAIL", f"{type(e).__name__}: {e}", 0.0))
         traceback.print_exc()

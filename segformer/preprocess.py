@@ -10,11 +10,21 @@ DEFAULT_SIZE = 512  # SegformerImageProcessor's size: the input size of a model 
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear with antialiasing, on uint8 natively: the bytes torchvision's resize gives (a test checks),
-    without importing torchvision where only inference runs."""
+    """Bilinear with antialiasing, on uint8 natively on the CPU: the bytes torchvision's resize gives (a test
+    checks), without importing torchvision where only inference runs. Elsewhere (CUDA has no uint8 kernel)
+    in float, rounded back to uint8: within one grey level of the CPU's bytes."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
+    if image.dtype == torch.uint8 and image.device.type != "cpu":
+        return resize_in_float(image, size)
     return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resize_in_float(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """resize_image of a uint8 image through float32, where a device has no uint8 kernel for it."""
+    resized = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False,
+                            antialias=True)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

@@ -182,3 +182,14 @@ def test_one_configurable_pixel_limit_for_every_decoder_and_declared_size(tmp_pa
     monkeypatch.setenv("SEGFORMER_MAX_IMAGE_PIXELS", "lots")
     with pytest.raises(ConfigError, match="SEGFORMER_MAX_IMAGE_PIXELS='lots': expected a positive whole number"):
         decode(tmp_path / "photo.png")
+
+
+def test_the_float_resize_of_devices_without_a_uint8_kernel_is_within_a_grey_level():
+    """CUDA has no uint8 antialiased bilinear kernel (Predictor on a GPU raised NotImplementedError): there
+    resize_image goes through float32; its bytes are within one grey level of the CPU's uint8 kernel."""
+    from segformer.preprocess import resize_in_float
+    image = torch.randint(0, 256, (3, 211, 317), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for size in ((64, 64), (300, 500), (211, 100)):
+        native, through_float = resize_image(image, size), resize_in_float(image, size)
+        assert through_float.dtype == torch.uint8 and through_float.shape == native.shape
+        assert (through_float.int() - native.int()).abs().max() <= 1, size
