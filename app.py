@@ -11,7 +11,9 @@ segments as serve.py and infer.py do (serving/segmenter.py): the label maps are 
 """
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +52,7 @@ def sample_images(folder: str | None, count: int = 3) -> list[str]:
     from data.synthetic import SyntheticScenes
     scenes = SyntheticScenes("test", length=count)
     out = Path(tempfile.mkdtemp(prefix="segformer-demo-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # the demo serves them while it runs, no longer
     paths = []
     for i in range(count):
         image, _, name = scenes[i]
