@@ -30,11 +30,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from data import DataError, batch_to_device
+from data.spec import agree
 from segformer import SegFormer, SegFormerConfig, segmentation_loss
+from segformer.loss import distillation_loss
 from segformer.checkpoint import CheckpointFacts, describe, read_model_config
 from segformer.config import PARTS, VARIANTS
 from segformer.device import autocast
-from segformer.errors import ConfigError
+from segformer.errors import CheckpointError, ConfigError
 from segformer.parts import resolve, resolve_all, untrusted_parts
 from training.data import open_data
 from training.distributed import any_process, cleanup, seed_everything, setup_distributed
@@ -85,6 +87,42 @@ def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, t
                 source=f"--resume {resumed.source}: its training_args.json" if resumed
                 else f"--model {config.model}")
     return SegFormer(model_config)
+
+
+def load_teacher(config: TrainConfig, spec, *, device: torch.device, trust_code: bool) -> SegFormer | None:
+    """--teacher: a trained model whose class probabilities the model also learns, loaded as any checkpoint is
+    (its parts from outside this project with --trust-code). Frozen: no gradient, evaluation mode (no dropout,
+    BatchNorm's running statistics), so its logits are a function of the image alone and a resumed run sees the
+    same ones. It must predict the run's classes, in the run's order."""
+    if config.teacher is None:
+        return None
+    try:
+        facts = describe(config.teacher)
+    except CheckpointError as e:
+        raise CheckpointError(f"--teacher {e}") from None
+    if facts.config.num_labels != spec.num_labels:
+        raise ConfigError(f"--teacher {config.teacher}: it predicts {facts.config.num_labels} classes, the run has "
+                          f"{spec.num_labels}; a teacher must predict the run's classes")
+    in_channels = spec.bands.count if spec.bands else 3
+    if facts.config.in_channels != in_channels:
+        raise ConfigError(f"--teacher {config.teacher}: it reads {facts.config.in_channels}-band images, the run's "
+                          f"have {in_channels}")
+    theirs = [facts.config.id2label.get(i, f"LABEL_{i}") for i in range(spec.num_labels)]
+    if not agree(spec.class_names, theirs):
+        i = next(i for i, (a, b) in enumerate(zip(theirs, spec.class_names)) if a.strip() != b.strip())
+        raise ConfigError(f"--teacher {config.teacher}: its class {i} is {theirs[i]!r}, the run's is "
+                          f"{spec.class_names[i]!r}; a teacher must predict the run's classes in the run's order")
+    teacher = SegFormer.from_pretrained(facts, trust_code=trust_code).requires_grad_(False).eval().to(device)
+    return teacher.to(memory_format=torch.channels_last) if config.channels_last else teacher
+
+
+def distill(run: "Run", pixel_values: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The distillation term of a micro-batch: the teacher's logits on the same images (no graph kept),
+    T^2 KL(teacher || model) over the labelled pixels, weighted."""
+    with torch.no_grad():
+        teacher_logits = run.teacher(pixel_values)
+    return run.config.distill_weight * distillation_loss(logits, teacher_logits, labels,
+                                                         temperature=run.config.distill_temperature)
 
 
 def get_optimizer(config: TrainConfig, model: SegFormer) -> torch.optim.AdamW:
@@ -158,6 +196,7 @@ class Run:
     frozen: list = field(default_factory=list)  # the encoder stages frozen (--freeze-stages): kept in eval mode
     ema: object = None  # torch.optim.swa_utils.AveragedModel of raw_model (--ema)
     since_best: int = 0  # evaluations since the best mean IoU (--patience)
+    teacher: nn.Module | None = None  # --teacher: frozen, in evaluation mode
 
     @property
     def is_main(self) -> bool:
@@ -207,7 +246,8 @@ def build_run(command: Command, *, rank: int, world_size: int, device: torch.dev
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
               scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
               train_loader=train_loader, eval_loader=eval_loader, loop=LoopState(total_steps),
-              loss_options=loss_options(config, device), frozen=frozen, ema=ema)
+              loss_options=loss_options(config, device), frozen=frozen, ema=ema,
+              teacher=load_teacher(config, spec, device=device, trust_code=command.trust_code))
     resume_then_open_log(run, command.resume, schedule, restore)
     if run.is_main:
         if config.report_to == "tensorboard":
@@ -268,6 +308,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
             # Nothing labelled (e.g. a crop of 'unlabelled' only): the mean over no pixel would be NaN. A zero
             # that still reaches every parameter keeps DDP's gradient all-reduce in step on every process.
             loss = (segmentation_loss(logits, labels, **run.loss_options) if labelled else logits.sum() * 0.0)
+            if run.teacher is not None:
+                loss = loss + distill(run, pixel_values, logits, labels)
             loss = loss / config.grad_accum
         run.scaler.scale(loss).backward()
         step_loss += loss.item()

@@ -141,3 +141,25 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         grad_logits = torch.ops.aten.upsample_bilinear2d_backward(softmax, list(up.shape[-2:]), ctx.input_size,
                                                                   False, None, None)
         return grad_logits, None, None
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
+                      temperature: float = 1.0, ignore_index: int = 255) -> torch.Tensor:
+    """Logit distillation (Hinton et al. 2015), per pixel: T^2 KL(softmax(teacher / T) || softmax(student / T)),
+    averaged over the pixels of the student's logits (B, K, h, w). The teacher's logits are resized to the
+    student's size where they differ (bilinear). With `labels` (B, H, W), the pixels whose label at the logits'
+    resolution (nearest) is `ignore_index` are left out: a crop's padding teaches nothing. T^2 keeps the
+    gradient's scale the same whatever T (its gradient is (softmax(s/T) - softmax(t/T)) T / pixels).
+    A one-logit (sigmoid) head is the two-class softmax of [0, logit]."""
+    if teacher.shape[-2:] != student.shape[-2:]:
+        teacher = F.interpolate(teacher.float(), size=student.shape[-2:], mode="bilinear", align_corners=False)
+    if student.shape[1] == 1:
+        student, teacher = (torch.cat([torch.zeros_like(x), x], dim=1) for x in (student, teacher))
+    log_p_student = F.log_softmax(student.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=1)
+    per_pixel = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)  # (B, h, w)
+    if labels is None:
+        return per_pixel.mean() * temperature ** 2
+    kept = F.interpolate(labels[:, None].float(), size=student.shape[-2:], mode="nearest")[:, 0] != ignore_index
+    # over no kept pixel (a crop of padding only): zero, still reaching the student's graph
+    return (per_pixel * kept).sum() / kept.sum().clamp(min=1) * temperature ** 2

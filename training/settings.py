@@ -235,7 +235,7 @@ def build_parser(description: str, settings, recipes, *, evaluation: bool) -> ar
 
 # Settings that name files or folders. They are stored resolved (absolute), so that a run resumes from any
 # working directory, and the same folder given again in another spelling is the same setting.
-PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "pretrained", "model")
+PATH_SETTINGS = ("out", "data", "dataset_config", "id2label", "class_weights", "pretrained", "model", "teacher")
 NOT_PATHS = ("synthetic", "auto", *VARIANTS)  # the built-in data set, automatic class weights, b0..b5
 
 

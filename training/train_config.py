@@ -93,6 +93,14 @@ class TrainConfig(Settings):
                                           "Mix-FFN projections, the encoder otherwise frozen, the decoder trained; "
                                           "checkpoints hold the merged weights", low=1, high=1024)
     lora_alpha: float = setting(16.0, "LoRA's scale is alpha / rank", low=(0.0,))
+    # Knowledge distillation.
+    teacher: str | None = setting(None, "a trained model of the run's classes (a directory, a weights file or a hub "
+                                        "id; any variant, e.g. a B2 teaching a B0) whose class probabilities the "
+                                        "model also learns: frozen, without gradients, under the run's autocast")
+    distill_weight: float = setting(1.0, "the distillation loss's weight beside the cross-entropy (--teacher)",
+                                    low=(0.0,), high=1000.0)
+    distill_temperature: float = setting(1.0, "the softmax temperature T of the distillation loss, T^2 KL "
+                                              "(teacher || model) per pixel (--teacher)", low=(0.0,), high=100.0)
     # The loss.
     loss: Literal["ce", "dice", "ce+dice"] = setting("ce", "cross-entropy (the reference's), soft Dice, or both")
     class_weights: str | None = setting(None, "cross-entropy class weights: 'auto' (median frequency balancing "
