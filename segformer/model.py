@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from . import checkpoint, weight_layouts
 from .files import write_json, write_safetensors
-from .parts import build_encoder, resolve_all
+from .parts import BUILT_IN, build_encoder, check_part_shapes, resolve_all
 from .bands import adapt_input_conv
 from .config import PARTS, SegFormerConfig
 from .errors import CheckpointError
@@ -35,6 +35,9 @@ class SegFormer(nn.Module):
         self.apply(_init_weights)
         if hasattr(self.decoder, "classifier"):
             nn.init.normal_(self.decoder.classifier.weight, std=0.01)  # mmseg's decode heads start near uniform
+        custom = {part: name for part, name in config.parts.items() if name not in BUILT_IN[part]}
+        if custom:  # a part of one's own that returns the wrong shape is named now, with the shapes
+            check_part_shapes(self, parts, custom)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(pixel_values))  # (B, num_labels, H/4, W/4)

@@ -125,3 +125,74 @@ def build_encoder(config: SegFormerConfig, parts: dict[str, type] | None = None)
     parts = parts or resolve_all(config)
     return parts["encoder"](config, attention=parts["attention"], mlp=parts["mlp"], norm_layer=parts["norm"],
                             act_layer=parts["activation"])
+
+
+# What each seam expects a part to return, given what it passed (the first positional input; for the decoder
+# the encoder's four maps), as (description, the expected shape or None where any is right).
+def expected_output(part: str, model, inputs) -> tuple[str, tuple | None]:
+    first = inputs[0]
+    if part in ("attention", "mlp"):
+        return "(B, N, C): the tokens' shape it was given", tuple(first.shape)
+    if part in ("norm", "activation"):
+        return "its input's shape", tuple(first.shape)
+    if part == "decoder":
+        B, _, h, w = first[0].shape
+        return "(B, num_labels, H/4, W/4): one logit per class at the first map's size", \
+            (B, model.config.num_labels, h, w)
+    return "four maps (B, C_i, H/2^(i+2), W/2^(i+2)), C_i the encoder's channels", None
+
+
+def check_part_shapes(model: nn.Module, parts: dict[str, type], custom: dict[str, str]) -> None:
+    """Run a model with parts of one's own (`custom`: {part: name}) once on a 64x64 image, each such part
+    watched: one whose output is not the shape its seam expects, or that raises, is a ConfigError naming the
+    part and the shapes, instead of a size mismatch deep in the next layer."""
+    import torch
+    watched = {type(module): part for part, cls in parts.items() if part in custom
+               for module in model.modules() if type(module) is cls}
+    running = []  # the watched parts now inside their forward, innermost last
+
+    def shape_of(value):
+        return tuple(value.shape) if hasattr(value, "shape") else [shape_of(v) for v in value] \
+            if isinstance(value, (list, tuple)) else type(value).__name__
+
+    def before(module, args, kwargs):
+        running.append((module, args))
+
+    def after(module, args, kwargs, output):
+        part = watched[type(module)]
+        running.pop()
+        description, expected = expected_output(part, model, args)
+        if part == "encoder":
+            channels = list(model.encoder.channels)
+            got = [tuple(o.shape) for o in output] if isinstance(output, (list, tuple)) else None
+            if got is None or len(got) != 4 or any(len(s) != 4 or s[1] != c for s, c in zip(got, channels)):
+                expected = f"channels {channels}"
+            else:
+                return
+        elif hasattr(output, "shape") and tuple(output.shape) == expected:
+            return
+        raise ConfigError(f"{part} {custom[part]}: returned {shape_of(output)} for an input of {shape_of(args[0])}; "
+                          f"the {part} seam expects {description}, here {expected}")
+
+    handles = [h for module in model.modules() if type(module) in watched
+               for h in (module.register_forward_pre_hook(before, with_kwargs=True),
+                         module.register_forward_hook(after, with_kwargs=True))]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, model.config.in_channels, 64, 64))
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if running:
+            module, args = running[-1]
+            part = watched[type(module)]
+            raise ConfigError(f"{part} {custom[part]}: raised {type(e).__name__} ({first}) on an input of "
+                              f"{shape_of(args[0])}, a 64x64 image's") from None
+        raise ConfigError(f"a model with {', '.join(f'{p} {n}' for p, n in custom.items())} fails on a 64x64 "
+                          f"image: {type(e).__name__} ({first})") from None
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()

@@ -49,3 +49,25 @@ class ScaleNorm(nn.Module):
 
     def forward(self, x):
         return self.scale * x / x.norm(dim=-1, keepdim=True).clamp(min=1e-5)
+
+
+class HalfWidthAttention(TalkingHeadsAttention):
+    """A mistake a researcher makes: half the channels back (the residual add would fail far from here)."""
+
+    def forward(self, x, H, W):
+        return super().forward(x, H, W)[..., ::2]
+
+
+class TransposedAttention(TalkingHeadsAttention):
+    """Another: the tokens back as (B, C, N), which raises inside the next part."""
+
+    def forward(self, x, H, W):
+        return super().forward(x, H, W).transpose(1, 2)
+
+
+class ThreeClassHead(LightHead):
+    """A decoder whose classifier ignores config.num_labels."""
+
+    def __init__(self, config, channels):
+        super().__init__(config, channels)
+        self.classifier = nn.Conv2d(config.decoder_hidden_size, 3, 1)

@@ -14,6 +14,7 @@ import explain
 import export
 import infer
 import train
+import custom_parts
 from custom_parts import LightHead, ScaleNorm, TalkingHeadsAttention
 from helpers import random_image, read_log, run_training
 from segformer import SegFormer
@@ -130,6 +131,27 @@ def test_a_part_that_cannot_be_built_is_one_line(tmp_path, capsys):
         assert train.main(QUICK + ["--out", str(tmp_path / "run"), *parts]) == 2
         error = capsys.readouterr().err
         assert re.search(rf"^error: {message}", error) and error.count("\n") == 1, error
+
+
+def test_a_part_that_returns_the_wrong_shape_is_named_with_the_shapes(tmp_path, capsys):
+    """Checked when the model is built (one 64x64 forward, for parts of one's own only): the part, what it
+    returned, what it was given and what its seam expects, in one line, not a size mismatch in the next layer."""
+    for parts, message in (
+            (["--attention", "custom_parts:HalfWidthAttention"],
+             r"attention custom_parts:HalfWidthAttention: returned \(1, 256, 16\) for an input of \(1, 256, 32\); "
+             r"the attention seam expects \(B, N, C\): the tokens' shape it was given, here \(1, 256, 32\)"),
+            (["--attention", "custom_parts:TransposedAttention"],
+             r"attention custom_parts:TransposedAttention: returned \(1, 32, 256\) for an input of \(1, 256, 32\)"),
+            (["--decoder", "custom_parts:ThreeClassHead"],
+             r"decoder custom_parts:ThreeClassHead: returned \(1, 3, 16, 16\) for an input of \[\(1, 32, 16, 16\), "
+             r"\(1, 64, 8, 8\), \(1, 160, 4, 4\), \(1, 256, 2, 2\)\]; the decoder seam expects \(B, num_labels, "
+             r"H/4, W/4\): one logit per class at the first map's size, here \(1, 7, 16, 16\)")):
+        assert train.main(QUICK + ["--out", str(tmp_path / "run"), *parts]) == 2
+        error = capsys.readouterr().err
+        assert re.search(rf"^error: {message}", error) and error.count("\n") == 1, error
+    with pytest.raises(Exception, match="HalfWidthAttention: returned"):
+        SegFormer.from_variant("b0", num_labels=3, attention=custom_parts.HalfWidthAttention)
+    SegFormer.from_variant("b0", num_labels=3, attention=TalkingHeadsAttention)  # a right one passes
 
 
 def test_a_checkpoint_loads_into_the_architecture_it_holds_only(tmp_path):
