@@ -4,14 +4,19 @@
     SegFormerConfig(attention="my_pkg.my_module:MyAttention")       yours, by import path
     SegFormer.from_variant("b0", attention=MyAttention)             yours, as a class (stored as its path)
 
-| part       | built-in names (the first is SegFormer's)        | protocol                       |
-|------------|--------------------------------------------------|--------------------------------|
-| encoder    | mit (the Mix Transformer, built from the next 4) | segformer/encoder.py           |
-| attention  | efficient, linear (PVTv2), full                  | segformer/attention.py         |
-| mlp        | mix_ffn                                          | segformer/encoder.py (MixFFN)  |
-| norm       | layer_norm, rms_norm                             | Norm(width), over the last dim |
-| activation | gelu, relu, silu                                 | Act()                          |
-| decoder    | all_mlp, mmseg (mmsegmentation 1.x's head)       | segformer/decoder.py           |
+| part       | built-in names (the first is SegFormer's)        | called as -> returns                          |
+|------------|--------------------------------------------------|-----------------------------------------------|
+| encoder    | mit (the Mix Transformer, built from the next 4) | (pixel_values) -> four maps (B, C_i, H/2^(i+2), W/2^(i+2)) |
+| attention  | efficient, linear (PVTv2), full                  | (x (B, N=H*W, C), H, W) -> (B, N, C)           |
+| mlp        | mix_ffn                                          | (x (B, N, C), H, W) -> (B, N, C)               |
+| norm       | layer_norm, rms_norm                             | Norm(width)(x) over the last dim -> x's shape  |
+| activation | gelu, relu, silu                                 | Act()(x) -> x's shape                          |
+| decoder    | all_mlp, mmseg (mmsegmentation 1.x's head)       | (four maps) -> logits (B, num_labels, H/4, W/4) |
+
+(the constructors: CONSTRUCTED_AS below; the built-in classes in segformer/encoder.py, attention.py and
+decoder.py). A part of one's own is checked when the model is built: its constructor against the seam's call
+(check_constructor), then its output shapes on one 64x64 forward (check_part_shapes), each failure one line
+naming the part and the shapes.
 
 The names go into the checkpoint's config.json, so every tool rebuilds the same model from it. Code named
 by a checkpoint is imported only when the caller says it trusts the checkpoint (`trust_code=True`,
