@@ -22,6 +22,12 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+def same_weights(parts: dict[str, str]) -> dict[str, str]:
+    """The parts that decide the weights: token merging (attention "tome") is SegFormer's attention, the same
+    modules, so a checkpoint of either loads into the other."""
+    return {part: name for part, name in parts.items() if (part, name) != ("attention", "tome")}
+
+
 class SegFormer(nn.Module):
     """An encoder (the Mix Transformer, built from its parts) and a decoder, both named by the config: see
     segformer/parts.py for the parts, their protocols and the built-in alternatives."""
@@ -84,12 +90,13 @@ class SegFormer(nn.Module):
         classes (unless `num_labels` asks for the weights' own). Other keyword arguments replace config
         fields (e.g. `drop_path_rate=0.0`; `in_channels=4` adapts 3-band weights to 4-band images, said),
         but not the parts: a checkpoint loads into the model it holds,
-        whose parts its config.json names; code from outside this project is imported only with
+        whose parts its config.json names (but for attention="tome": SegFormer's attention with token
+        merging, segformer/token_merging.py, the same weights); code from outside this project is imported only with
         `trust_code=True` (segformer/parts.py)."""
         facts = source if isinstance(source, checkpoint.CheckpointFacts) else checkpoint.describe(source)
         source = facts.source
         asked = replace(facts.config, **{part: name for part, name in overrides.items() if part in PARTS})
-        if asked.parts != facts.config.parts:
+        if same_weights(asked.parts) != same_weights(facts.config.parts):
             raise CheckpointError(f"{source} holds {facts.config.describe()}, not {asked.describe()}: a checkpoint "
                                   f"loads into the model it was trained as")
         resolve_all(facts.config, trust_code=trust_code, source=str(facts.config_file or source))

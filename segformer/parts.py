@@ -7,7 +7,7 @@
 | part       | built-in names (the first is SegFormer's)        | called as -> returns                          |
 |------------|--------------------------------------------------|-----------------------------------------------|
 | encoder    | mit (the Mix Transformer, built from the next 4) | (pixel_values) -> four maps (B, C_i, H/2^(i+2), W/2^(i+2)) |
-| attention  | efficient, linear (PVTv2), full                  | (x (B, N=H*W, C), H, W) -> (B, N, C)           |
+| attention  | efficient, linear (PVTv2), full, tome (SegFormer++) | (x (B, N=H*W, C), H, W) -> (B, N, C)           |
 | mlp        | mix_ffn                                          | (x (B, N, C), H, W) -> (B, N, C)               |
 | norm       | layer_norm, rms_norm                             | Norm(width)(x) over the last dim -> x's shape  |
 | activation | gelu, relu, silu                                 | Act()(x) -> x's shape                          |
@@ -34,10 +34,12 @@ from .config import PARTS, SegFormerConfig
 from .decoder import AllMLPDecoder, MMSegHead
 from .encoder import MixFFN, MixTransformer
 from .errors import CheckpointError, ConfigError
+from .token_merging import TokenMergingAttention
 
 BUILT_IN = {
     "encoder": {"mit": MixTransformer},
-    "attention": {"efficient": EfficientSelfAttention, "linear": LinearReductionAttention, "full": FullSelfAttention},
+    "attention": {"efficient": EfficientSelfAttention, "linear": LinearReductionAttention, "full": FullSelfAttention,
+                  "tome": TokenMergingAttention},
     "mlp": {"mix_ffn": MixFFN},
     "norm": {"layer_norm": nn.LayerNorm} | ({"rms_norm": nn.RMSNorm} if hasattr(nn, "RMSNorm") else {}),
     "activation": {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU},
