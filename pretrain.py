@@ -83,7 +83,7 @@ class PretrainConfig(Settings):
                            may_change=True)
     # The model: the encoder to pre-train, and its parts (segformer/parts.py).
     model: str = setting("b0", "variant to build: b0..b5, or a config.json of your own")
-    attention: str | None = setting(None, "the blocks' attention: efficient, linear, full or package.module:Class")
+    attention: str | None = setting(None, "the blocks' attention: efficient, linear, full, tome or package.module:Class")
     mlp: str | None = setting(None, "the blocks' Mix-FFN: mix_ffn or package.module:Class")
     norm: str | None = setting(None, "the norm layers: layer_norm, rms_norm or package.module:Class")
     activation: str | None = setting(None, "the activations: gelu, relu, silu or package.module:Class")

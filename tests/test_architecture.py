@@ -127,7 +127,7 @@ def test_a_part_that_cannot_be_built_is_one_line(tmp_path, capsys):
                                                                     r"no_such_package"),
                            (["--norm", "json:loads"], r"norm json:loads: not a torch\.nn\.Module class"),
                            (["--attention", "sparse"], r"attention 'sparse': not a built-in attention \(efficient, "
-                                                       r"linear, full\)")):
+                                                       r"linear, full, tome\)")):
         assert train.main(QUICK + ["--out", str(tmp_path / "run"), *parts]) == 2
         error = capsys.readouterr().err
         assert re.search(rf"^error: {message}", error) and error.count("\n") == 1, error

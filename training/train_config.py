@@ -46,8 +46,9 @@ class TrainConfig(Settings):
     # The model.
     model: str = setting("b0", "variant to build with fresh weights: b0..b5, or a config.json of your own (the "
                                "fields of SegFormerConfig or transformers' SegformerConfig: depths, widths, parts)")
-    attention: str | None = setting(None, "the blocks' attention: efficient (SegFormer's), linear (PVTv2), full, or "
-                                          "package.module:Class of your own (default: the model's)")
+    attention: str | None = setting(None, "the blocks' attention: efficient (SegFormer's), linear (PVTv2), full, "
+                                          "tome (SegFormer++'s token merging), or package.module:Class of your "
+                                          "own (default: the model's)")
     mlp: str | None = setting(None, "the blocks' Mix-FFN: mix_ffn, or package.module:Class (default: the model's)")
     norm: str | None = setting(None, "the norm layers: layer_norm, rms_norm, or package.module:Class (default: "
                                      "the model's)")
