@@ -77,3 +77,14 @@ def test_the_onnx_graph_at_a_static_size_matches_eager(models, tmp_path):
     with torch.no_grad():
         expected = tome(x)
     assert (torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0]) - expected).abs().max() < 1e-4
+
+
+def test_export_py_says_in_one_line_how_to_export_a_merging_model(tmp_path, capsys):
+    import export
+    from segformer.checkpoint import write_preprocessor_config
+    SegFormer.from_variant("b0", num_labels=3, attention="tome", depths=(1, 1, 1, 1)).save_pretrained(tmp_path / "m")
+    write_preprocessor_config(tmp_path / "m", size=64, reduce_labels=False)
+    assert export.main(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) != 0
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    assert "merges tokens (attention tome)" in error and "torch.onnx.export(model" in error

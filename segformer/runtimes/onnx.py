@@ -177,6 +177,11 @@ def write(model: nn.Module, facts, out: Path, options) -> "torch.onnx.ONNXProgra
     model.int8.onnx with its agreement measured. Returns the ONNXProgram. A problem is a UserError naming it."""
     size, label_map, int8 = facts.size, options.label_map, options.int8
     check_size(facts)
+    if model.config.attention == "tome":
+        raise ExportError(f"{facts.source} merges tokens (attention tome): how many depends on the image size, "
+                          f"which torch.export cannot bound for a graph of every size; export it at the size you "
+                          f"serve, from Python: torch.onnx.export(model, (torch.randn(1, 3, H, W),), 'tome.onnx', "
+                          f"dynamo=True), or export the same weights without it (attention efficient)")
     if options.precision:
         raise ConfigError("--precision goes with --runtime openvino (ONNX's int8: --int8 static or dynamic)")
     if facts.bands is not None and (label_map or int8):
