@@ -20,6 +20,8 @@ The merge is computed per image from its own tokens (sorting, gathers and scatte
 trace it).
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -121,4 +123,19 @@ def set_token_merging(model: nn.Module, *, kv_ratio: float | None = None, q_rati
                             ("q_window", q_window)):
             if value is not None:
                 setattr(layer, name, value)
+    return len(layers)
+
+
+def enable_token_merging(model: nn.Module, *, kv_ratio: float = KV_PRESET[0], q_ratio: float = Q_PRESET[0]) -> int:
+    """Give a loaded model's SegFormer attention token merging, in place (the same modules and weights: each
+    becomes a TokenMergingAttention), for infer.py --token-merging; returns how many. A model whose
+    attention is another kind is left as it is (0)."""
+    layers = [m for m in model.modules() if type(m) is EfficientSelfAttention]
+    for layer in layers:
+        layer.__class__ = TokenMergingAttention
+        layer.merges_keys = layer.sr_ratio >= 4
+        (layer.kv_ratio, layer.kv_window), (layer.q_ratio, layer.q_window) = KV_PRESET, Q_PRESET
+    if layers and hasattr(model, "config"):
+        model.config = replace(model.config, attention="tome")
+    set_token_merging(model, kv_ratio=kv_ratio, q_ratio=q_ratio)
     return len(layers)

@@ -88,3 +88,31 @@ def test_export_py_says_in_one_line_how_to_export_a_merging_model(tmp_path, caps
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1
     assert "merges tokens (attention tome)" in error and "torch.onnx.export(model" in error
+
+
+def test_infer_py_merges_tokens_of_a_trained_checkpoint_in_place(models, tmp_path, capsys):
+    import infer
+    from helpers import random_image
+    from segformer.checkpoint import write_preprocessor_config
+    from segformer.token_merging import TokenMergingAttention, enable_token_merging
+    stock, tome, folder = models
+    write_preprocessor_config(folder, size=128, reduce_labels=False)
+    random_image(200, 300, seed=0).save(tmp_path / "photo.png")
+    assert infer.main(infer.get_args(["--checkpoint", str(folder), str(tmp_path / "photo.png"), "--out",
+                                      str(tmp_path / "merged"), "--token-merging", "0.6", "0.8"])) == 0
+    assert (tmp_path / "merged" / "photo_mask.png").exists()
+    # in place on a loaded model: the same as loading with attention="tome"
+    model = SegFormer.from_pretrained(folder).eval()
+    assert enable_token_merging(model, kv_ratio=0.6, q_ratio=0.8) == 8 and model.config.attention == "tome"
+    assert all(type(m.attn) is TokenMergingAttention for s in model.encoder.stages for m in s.blocks)
+    set_token_merging(tome, kv_ratio=0.6, q_ratio=0.8)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(x), tome(x))
+    # an exported graph has no attention modules to merge: one line
+    import export
+    assert export.main(["--checkpoint", str(folder), "--out", str(tmp_path / "onnx")]) == 0
+    capsys.readouterr()
+    assert infer.main(infer.get_args(["--onnx", str(tmp_path / "onnx" / "model.onnx"), str(tmp_path / "photo.png"),
+                                      "--out", str(tmp_path / "o"), "--token-merging", "0.6", "0.8"])) == 2
+    assert capsys.readouterr().err.startswith("error: --token-merging: ")
