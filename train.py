@@ -100,6 +100,8 @@ def load_teacher(config: TrainConfig, spec, *, device: torch.device, trust_code:
         facts = describe(config.teacher)
     except CheckpointError as e:
         raise CheckpointError(f"--teacher {e}") from None
+    # code it names is imported only with --trust-code: refused before anything else is read of it
+    resolve_all(facts.config, trust_code=trust_code, source=f"--teacher {facts.config_file or config.teacher}")
     if facts.config.num_labels != spec.num_labels:
         raise ConfigError(f"--teacher {config.teacher}: it predicts {facts.config.num_labels} classes, the run has "
                           f"{spec.num_labels}; a teacher must predict the run's classes")

@@ -85,6 +85,8 @@ def planted_checkpoint(tmp_path, monkeypatch):
 ENTRY_POINTS = {  # each command a user runs on a checkpoint they were given, without --trust-code
     "train --pretrained": lambda c, t: train.main(QUICK + ["--pretrained", str(c), "--out", str(t / "run"),
                                                            "--max-steps", "1"]),
+    "train --teacher": lambda c, t: train.main(QUICK + ["--teacher", str(c), "--out", str(t / "taught"),
+                                                        "--max-steps", "1"]),
     "train --eval-only": lambda c, t: train.main(["--eval-only", "--checkpoint", str(c), "--eval-split",
                                                   "validation[:2]"]),
     "infer": lambda c, t: __import__("infer").main(__import__("infer").get_args(
