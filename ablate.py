@@ -56,7 +56,7 @@ def t_critical(degrees: int) -> float:
     return T_CRITICAL[max(d for d in T_CRITICAL if d <= degrees)] if degrees <= 30 else 1.96
 
 
-def variant_flags(text: str, base: str) -> tuple[str, list[str]]:
+def variant_flags(text: str) -> tuple[str, list[str]]:
     """(name, train.py flags) of a variant as the command line gives it."""
     name, sep, flags = text.partition("=")
     if sep and re.fullmatch(r"[\w.+-]+", name):
@@ -190,18 +190,20 @@ def execute(argv=None) -> list[dict]:
         raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: a spread needs two seeds or more")
     common = shlex.split(args.train_args) + ["--no-plots", "--save-total-limit", "1", "--model", args.base] + \
         (["--trust-code"] if args.trust_code else [])
-    variants = [("stock", [])] + [variant_flags(v, args.base) for v in args.variants]
+    variants = [("stock", [])] + [variant_flags(v) for v in args.variants]
     if len({name for name, _ in variants}) < len(variants):
         raise ConfigError(f"variants {' '.join(args.variants)}: two have the same name")
     out = Path(args.out)
+
+    def folder(name: str, seed: int) -> Path:  # a variant's name as a folder name: attention:linear -> attention_linear
+        return out / re.sub(r"[^\w.+=-]", "_", name) / f"seed-{seed}"
     results = {}
     for seed in args.seeds:  # seed by seed: an interrupted ablation already has whole pairs
         for name, flags in variants:
-            folder = out / re.sub(r"[^\w.+=-]", "_", name) / f"seed-{seed}"
             results.setdefault(name, []).append(
-                finished_or_trained(folder, common + flags + ["--seed", str(seed)])["mean_iou"])
-    models = {name: SegFormer.from_pretrained(out / re.sub(r"[^\w.+=-]", "_", name) / f"seed-{args.seeds[0]}" /
-                                              "best", trust_code=args.trust_code) for name, _ in variants}
+                finished_or_trained(folder(name, seed), common + flags + ["--seed", str(seed)])["mean_iou"])
+    models = {name: SegFormer.from_pretrained(folder(name, args.seeds[0]) / "best", trust_code=args.trust_code)
+              for name, _ in variants}
     cost = costs(models, args.size, args.threads, args.rounds)
     rows = []
     for name, _ in variants:

@@ -59,13 +59,13 @@ def test_the_paired_test_and_the_variants_it_reads():
     assert t == pytest.approx(0.011 / (0.001 / 3 ** 0.5)) and significant  # t = 19.1 > 4.303 (2 degrees)
     t, significant = ablate.paired_test([0.02, -0.01, 0.005])
     assert abs(t) < 4.303 and not significant
-    assert ablate.variant_flags("attention:my_pkg.parts:Attn", "b0") == ("attention:my_pkg.parts:Attn",
+    assert ablate.variant_flags("attention:my_pkg.parts:Attn") == ("attention:my_pkg.parts:Attn",
                                                                         ["--attention", "my_pkg.parts:Attn"])
-    assert ablate.variant_flags("taught=--teacher runs/t/best --distill-weight 2", "b0") == (
+    assert ablate.variant_flags("taught=--teacher runs/t/best --distill-weight 2") == (
         "taught", ["--teacher", "runs/t/best", "--distill-weight", "2"])
-    assert ablate.variant_flags("b1", "b0") == ("b1", ["--model", "b1"])
+    assert ablate.variant_flags("b1") == ("b1", ["--model", "b1"])
     with pytest.raises(ConfigError, match=r"variant 'sparse': expected part:name \(parts: encoder, attention"):
-        ablate.variant_flags("sparse", "b0")
+        ablate.variant_flags("sparse")
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):
