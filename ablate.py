@@ -111,17 +111,21 @@ def costs(models: dict, size: int, threads: int, rounds: int) -> dict:
     """{name: (params M, GFLOPs, latency ms, latency / stock's)} of the trained models, timed alternately."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
     from model_report import count_flops
-    torch.set_num_threads(threads)
     x = torch.randn(1, next(iter(models.values())).config.in_channels, size, size)
     times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model.eval()(x)  # warm up
-        for round_ in range(rounds):
-            for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
-                start = time.perf_counter()
-                models[name](x)
-                times[name].append(time.perf_counter() - start)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for model in models.values():
+                model.eval()(x)  # warm up
+            for round_ in range(rounds):
+                for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
+                    start = time.perf_counter()
+                    models[name](x)
+                    times[name].append(time.perf_counter() - start)
+    finally:  # the caller's threads again: the training that follows must not change its arithmetic
+        torch.set_num_threads(before)
     stock = times[next(iter(models))]
     return {name: (sum(p.numel() for p in model.parameters()) / 1e6, count_flops(lambda: model(x)) / 1e9,
                    statistics.median(times[name]) * 1000,

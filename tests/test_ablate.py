@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 import ablate
 import train
@@ -21,7 +22,9 @@ def ablation(out, *extra):
 
 
 def test_an_ablation_killed_in_a_run_continues_to_the_same_table(tmp_path, monkeypatch):
+    torch.set_num_threads(1)  # the latency is timed on --threads 2; training after it keeps the caller's threads
     straight = ablation(tmp_path / "straight")
+    assert torch.get_num_threads() == 1  # (it changed them: the next ablation trained on 2, other sums)
     assert [row["name"] for row in straight] == ["stock", "attention:linear"]
     for file in ("results.json", "table.md", "ablation.png"):
         assert (tmp_path / "straight" / file).stat().st_size > 0
