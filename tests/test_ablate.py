@@ -22,6 +22,14 @@ def ablation(out, *extra):
 
 
 def test_an_ablation_killed_in_a_run_continues_to_the_same_table(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        check_a_killed_ablation(tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_a_killed_ablation(tmp_path, monkeypatch):
     torch.set_num_threads(1)  # the latency is timed on --threads 2; training after it keeps the caller's threads
     straight = ablation(tmp_path / "straight")
     assert torch.get_num_threads() == 1  # (it changed them: the next ablation trained on 2, other sums)
