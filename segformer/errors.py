@@ -40,3 +40,10 @@ class ExportError(UserError):
     not to be trusted)."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name where it has none: what a one-line error
+    quotes of a library's failure."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

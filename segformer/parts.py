@@ -33,7 +33,7 @@ from .attention import EfficientSelfAttention, FullSelfAttention, LinearReductio
 from .config import PARTS, SegFormerConfig
 from .decoder import AllMLPDecoder, MMSegHead
 from .encoder import MixFFN, MixTransformer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .token_merging import TokenMergingAttention
 
 BUILT_IN = {
@@ -191,7 +191,7 @@ def check_part_shapes(model: nn.Module, parts: dict[str, type], custom: dict[str
     except ConfigError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if running:
             module, args = running[-1]
             part = watched[type(module)]

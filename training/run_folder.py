@@ -29,7 +29,7 @@ import torch
 
 from segformer.checkpoint import write_preprocessor_config
 from segformer.files import atomic_write, writable_folder, write_json, write_torch
-from segformer.errors import CheckpointError, ConfigError, UserError
+from segformer.errors import CheckpointError, ConfigError, UserError, first_line
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(.+\.tmp|old)")  # what save_checkpoint leaves when killed
@@ -209,7 +209,7 @@ def load_training_state(directory: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a torch file, or wanting globals beyond plain data
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{path}: not a training state this project wrote ({reason})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of training state, got {type(state).__name__}")

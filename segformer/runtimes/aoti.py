@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import CheckpointError, ConfigError, ExportError, first_line
 from ..files import writable_folder
 from .graph import GraphModel, bake_temperature, check_parity, check_size, dynamic_shapes, example_input, \
     write_side_files
@@ -64,7 +64,7 @@ def write(model: torch.nn.Module, facts, out: Path, options):
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ExportError(f"AOTInductor cannot compile {model.config.describe()} ({type(e).__name__}: {first})") \
             from None
     check_parity(load_package(path), model, facts, path, "AOTInductor")
@@ -82,7 +82,7 @@ def load_package(path: Path):
             warnings.simplefilter("ignore")
             runner = torch._inductor.aoti_load_package(str(path))
     except Exception as e:  # not a package, built for another CPU or PyTorch
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{path}: AOTInductor cannot load it ({first})") from None
 
     def run(pixel_values: torch.Tensor) -> torch.Tensor:

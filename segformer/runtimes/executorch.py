@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import CheckpointError, ConfigError, ExportError, first_line
 from ..files import writable_folder
 from .aoti import refuse_onnx_flags, trace
 from .graph import (PARITY_TOLERANCE, GraphModel, bake_temperature, check_size, largest_difference,
@@ -79,7 +79,7 @@ def write(model: torch.nn.Module, facts, out: Path, options):
     except ConfigError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ExportError(f"ExecuTorch cannot lower {model.config.describe()} ({type(e).__name__}: {first})") \
             from None
     run = load_program(path)
@@ -104,7 +104,7 @@ def load_program(path: Path):
             method = runtime.load_program(str(path)).load_method("forward")
         expected = tuple(method.metadata.input_tensor_meta(0).sizes())
     except Exception as e:  # not a program, from another ExecuTorch, an operator this build lacks
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{path}: ExecuTorch cannot load it ({first})") from None
 
     def run(pixel_values: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import read_side_files, write_preprocessor_config
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import CheckpointError, ConfigError, ExportError, first_line
 from ..files import read_json, write_json
 
 MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
@@ -86,7 +86,7 @@ def check_parity(run: Callable, model, facts, path: Path, runtime: str) -> float
     try:
         worst = largest_difference(run, model, [(1, bands, size, size), (2, bands, 320, 480)])
     except Exception as e:  # a graph that runs at the traced size only, an operator the runtime lacks
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ExportError(f"{path}: {runtime} cannot run the graph of {model.config.describe()} at every size "
                           f"({first})") from None
     print(f"{runtime} vs eager, 1x{bands}x{size}x{size} and 2x{bands}x320x480: max |logits difference| {worst:.2e}")

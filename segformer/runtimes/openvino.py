@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import CheckpointError, ConfigError, ExportError, first_line
 from ..files import writable_folder
 from .graph import (GraphModel, bake_temperature, check_parity, check_size, example_input, label_agreement,
                     write_side_files)
@@ -151,7 +151,7 @@ def write(model: torch.nn.Module, facts, out: Path, options):
     try:
         graph = convert(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ExportError(f"openvino.convert_model cannot convert {model.config.describe()} ({first})") from None
     fp32 = OpenVinoModel.from_graph(graph, "fp32")
     check_parity(fp32, model, facts, path, "OpenVINO fp32")
