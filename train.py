@@ -56,6 +56,11 @@ from training.train_config import TrainConfig, parse_command_line
 
 # ---- model, optimizer, schedule, loss ----------------------------------------------------------------------
 
+def image_bands(spec) -> int:
+    """The bands of the run's images: the data's (multi-band rasters), else RGB's 3."""
+    return spec.bands.count if spec.bands else 3
+
+
 def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, trust_code: bool,
                 given: frozenset = frozenset()) -> SegFormer:
     """The model to train: the resumed checkpoint's, --pretrained weights (with a fresh classifier where the
@@ -64,7 +69,7 @@ def build_model(config: TrainConfig, spec, *, resumed: CheckpointFacts | None, t
     outside this project are imported with --trust-code, or where the same names were typed on this command
     line (`given`: the settings it gives)."""
     labels = dict(num_labels=spec.num_labels, id2label=spec.id2label,
-                  in_channels=spec.bands.count if spec.bands else 3)  # 3-band weights are adapted to other bands
+                  in_channels=image_bands(spec))  # 3-band weights are adapted to other bands
     parts = {part: getattr(config, part, None) for part in PARTS if getattr(config, part, None) is not None}
     typed = {part: name for part, name in parts.items() if part in given}  # the user's own word, this time
     options = dict(fold_decoder=config.fold_decoder) | (
@@ -105,7 +110,7 @@ def load_teacher(config: TrainConfig, spec, *, device: torch.device, trust_code:
     if facts.config.num_labels != spec.num_labels:
         raise ConfigError(f"--teacher {config.teacher}: it predicts {facts.config.num_labels} classes, the run has "
                           f"{spec.num_labels}; a teacher must predict the run's classes")
-    in_channels = spec.bands.count if spec.bands else 3
+    in_channels = image_bands(spec)
     if facts.config.in_channels != in_channels:
         raise ConfigError(f"--teacher {config.teacher}: it reads {facts.config.in_channels}-band images, the run's "
                           f"have {in_channels}")

@@ -154,8 +154,7 @@ def check_part_shapes(model: nn.Module, parts: dict[str, type], custom: dict[str
     watched: one whose output is not the shape its seam expects, or that raises, is a ConfigError naming the
     part and the shapes, instead of a size mismatch deep in the next layer."""
     import torch
-    watched = {type(module): part for part, cls in parts.items() if part in custom
-               for module in model.modules() if type(module) is cls}
+    watched = {cls: part for part, cls in parts.items() if part in custom}  # the class of each part of one's own
     running = []  # the watched parts now inside their forward, innermost last
 
     def shape_of(value):

@@ -91,8 +91,16 @@ class TokenMergingAttention(EfficientSelfAttention):
                  dropout: float, norm_layer=nn.LayerNorm, act_layer=None):
         super().__init__(hidden_size, num_heads=num_heads, sr_ratio=sr_ratio, attention_dropout=attention_dropout,
                          dropout=dropout, norm_layer=norm_layer, act_layer=act_layer)
-        self.merges_keys = sr_ratio >= 4
+        self.use_preset()
+
+    def use_preset(self) -> None:
+        """SegFormer++'s high-quality preset (KV_PRESET, Q_PRESET)."""
         (self.kv_ratio, self.kv_window), (self.q_ratio, self.q_window) = KV_PRESET, Q_PRESET
+
+    @property
+    def merges_keys(self) -> bool:
+        """Keys and values in the high-resolution stages (spatial reduction 4 or more), else queries."""
+        return self.sr_ratio >= 4
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
@@ -133,8 +141,7 @@ def enable_token_merging(model: nn.Module, *, kv_ratio: float = KV_PRESET[0], q_
     layers = [m for m in model.modules() if type(m) is EfficientSelfAttention]
     for layer in layers:
         layer.__class__ = TokenMergingAttention
-        layer.merges_keys = layer.sr_ratio >= 4
-        (layer.kv_ratio, layer.kv_window), (layer.q_ratio, layer.q_window) = KV_PRESET, Q_PRESET
+        layer.use_preset()
     if layers and hasattr(model, "config"):
         model.config = replace(model.config, attention="tome")
     set_token_merging(model, kv_ratio=kv_ratio, q_ratio=q_ratio)
