@@ -47,6 +47,8 @@ def bipartite_merge(metric: torch.Tensor, H: int, W: int, ratio: float, window: 
     order = torch.argsort(is_dst.long() * N + position)  # the sources, then the destinations, in grid order
     n_dst = (H // window) * (W // window)
     n_src = N - n_dst
+    if n_dst == 0:  # a grid smaller than one window (a small image's last stages): nothing to merge into
+        return (lambda x: x), (lambda y: y)
     # r = ratio N, at most the sources' share of N (1 - 1 / window^2 <= n_src / N), in integer arithmetic:
     # a size torch.export follows for every image size
     per_mille = min(round(ratio * 1000), 1000 - -(-1000 // window ** 2))

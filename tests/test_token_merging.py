@@ -31,6 +31,8 @@ def test_off_it_is_segformer_bit_for_bit_and_on_the_same_shape_within_a_bound(mo
         set_token_merging(tome, kv_ratio=0.6, q_ratio=0.8)  # SegFormer++'s high-quality preset
         merged = tome(x)
     assert merged.shape == expected.shape
+    with torch.no_grad():  # an image smaller than a window of the last stages (2 x 2 tokens there)
+        assert tome(torch.randn(1, 3, 64, 64)).shape == (1, 7, 16, 16)
     difference = (merged - expected).abs()
     assert 0 < difference.max() < 0.25 * expected.abs().max()  # it changed something, and not everything
     assert (merged.argmax(1) == expected.argmax(1)).float().mean() > 0.9
@@ -56,6 +58,9 @@ def test_the_merge_averages_similar_tokens_and_unmerge_gives_every_token_back():
     windows = x.view(1, 2, 2, 2, 2, 8)[:, :, :1, :, :1].expand(1, 2, 2, 2, 2, 8).reshape(1, 16, 8)
     merge, unmerge = bipartite_merge(windows, 4, 4, 0.75, 2)
     assert merge(windows).shape == (1, 4, 8) and torch.equal(unmerge(merge(windows)), windows)
+    # a grid smaller than one window has no destination: the tokens pass as they are (a 64x64 image's stage 4)
+    merge, unmerge = bipartite_merge(x[:, :4], 2, 2, 0.8, 4)
+    assert torch.equal(merge(x[:, :4]), x[:, :4]) and torch.equal(unmerge(x[:, :4]), x[:, :4])
     # the ratio is capped at the sources' share: every source at most
     assert bipartite_merge(x, 4, 4, 1.0, 2)[0](x).shape == (1, 4, 8)
 
