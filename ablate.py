@@ -34,7 +34,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -110,20 +109,14 @@ def paired_test(differences: list[float]) -> tuple[float, bool]:
 def costs(models: dict, size: int, threads: int, rounds: int) -> dict:
     """{name: (params M, GFLOPs, latency ms, latency / stock's)} of the trained models, timed alternately."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from bench_model import alternating
     from model_report import count_flops
     x = torch.randn(1, next(iter(models.values())).config.in_channels, size, size)
-    times = {name: [] for name in models}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            for model in models.values():
-                model.eval()(x)  # warm up
-            for round_ in range(rounds):
-                for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
-                    start = time.perf_counter()
-                    models[name](x)
-                    times[name].append(time.perf_counter() - start)
+            times = alternating({name: model.eval() for name, model in models.items()}, x, rounds)
     finally:  # the caller's threads again: the training that follows must not change its arithmetic
         torch.set_num_threads(before)
     stock = times[next(iter(models))]

@@ -67,9 +67,10 @@ from segformer.runtimes.onnx import CALIBRATION_COUNT
 from segformer.runtimes.openvino import CALIBRATION_COUNT as OV_CALIBRATION
 
 
-def check_images(folder: str | None, size: int, count: int = 8, split: str = "test") -> list[torch.Tensor]:
-    """Normalised (3, size, size) inputs: the first `count` images of a folder, or generated scenes of `split`.
-    A folder without images is a DataError naming it."""
+def check_images(folder: str | None, size: int | tuple[int, int], count: int = 8,
+                 split: str = "test") -> list[torch.Tensor]:
+    """Normalised (3, size, size) (or (3, H, W) for a (H, W) size) inputs: the first `count` images of a folder,
+    or generated scenes of `split`. A folder without images is a DataError naming it."""
     if folder:
         files = sorted(p for p in Path(folder).rglob("*") if is_image_file(p))[:count]
         if not files:
@@ -79,7 +80,7 @@ def check_images(folder: str | None, size: int, count: int = 8, split: str = "te
         from data.synthetic import SyntheticScenes
         scenes = SyntheticScenes(split, length=count)
         images = [to_tensor(scenes[i][0]) for i in range(count)]
-    return [normalize(resize_image(image, (size, size))) for image in images]
+    return [normalize(resize_image(image, size if isinstance(size, tuple) else (size, size))) for image in images]
 
 
 def get_args(argv=None):

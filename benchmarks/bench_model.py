@@ -48,6 +48,20 @@ def interleaved(pairs: dict, *, warmup: int, iters: int, device: str) -> dict:
     return results
 
 
+def alternating(paths: dict, x, rounds: int) -> dict:
+    """{name: fn} -> {name: [seconds of fn(x)]}: each called once to warm up, then all of them once per round,
+    the order reversed every other round, so that a machine whose speed drifts slows every path alike."""
+    for fn in paths.values():
+        fn(x)
+    times = {name: [] for name in paths}
+    for round_ in range(rounds):
+        for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
+            start = time.perf_counter()
+            paths[name](x)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 MEMORY_CHILD = r"""
 import sys, tempfile, torch
 def peak_mb():  # the resident peak since exec (ru_maxrss would include a large parent's, from before exec)

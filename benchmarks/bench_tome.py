@@ -18,16 +18,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_model import alternating  # noqa: E402
+from export import check_images  # noqa: E402
 from segformer import SegFormer  # noqa: E402
-from segformer.images import is_image_file, read_image, to_tensor  # noqa: E402
-from segformer.preprocess import normalize, resize_image  # noqa: E402
+from segformer.runtimes.graph import label_agreement  # noqa: E402
 from segformer.token_merging import set_token_merging  # noqa: E402
 
 MEMORY_CHILD = r"""
@@ -55,48 +56,14 @@ def size_of(text: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def photos(folder: str | None, limit: int = 8) -> list[torch.Tensor]:
-    if not folder:
-        return []
-    return [read_image(p) for p in sorted(Path(folder).rglob("*")) if is_image_file(p)][:limit]
-
-
-def scenes(count: int = 8) -> list[torch.Tensor]:
-    from data.synthetic import SyntheticScenes
-    validation = SyntheticScenes("validation", length=count)
-    return [to_tensor(validation[i][0]) for i in range(count)]
-
-
-def agreement(stock, tome, images, size) -> float:
-    agree = total = 0
-    with torch.no_grad():
-        for image in images:
-            x = normalize(resize_image(image, size))[None]
-            a, b = stock(x).argmax(1), tome(x).argmax(1)
-            agree, total = agree + (a == b).sum().item(), total + a.numel()
-    return agree / total if total else float("nan")
-
-
 def onnx_runner(model, x, path: Path):
+    """ONNX Runtime on `model` exported at x's size (token merging exports at a static size only)."""
     import onnxruntime as ort
     torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["pixel_values"], output_names=["logits"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"pixel_values": x.numpy()})[0]
-
-
-def alternating(paths: dict, x, rounds: int) -> dict:
-    times = {name: [] for name in paths}
-    for fn in paths.values():
-        fn(x)
-    for round_ in range(rounds):
-        for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
-            start = time.perf_counter()
-            fn = paths[name]
-            fn(x)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main():
@@ -121,7 +88,6 @@ def main():
         tome = SegFormer.from_variant("b0", num_labels=7, attention="tome").eval()
         tome.load_state_dict(stock.state_dict())
     set_token_merging(tome, kv_ratio=args.kv_ratio, q_ratio=args.q_ratio)
-    ade, synthetic = photos(args.images), scenes()
     print(f"{stock.config.describe()}, batch 1, {args.threads} threads, merging {args.kv_ratio:.0%} of the keys "
           f"(stages 1-2) and {args.q_ratio:.0%} of the queries (stages 3-4)\n")
     print(f"{'size':>10}{'path':>8}{'stock ms':>10}{'merged ms':>11}{'speed-up':>10}{'agree photos':>14}"
@@ -143,8 +109,10 @@ def main():
                 height=height, width=width)], capture_output=True, text=True).stdout.strip() or "nan"
                 for attention in ("efficient", "tome")]
             memory = f"{float(used[0]):.0f} / {float(used[1]):.0f}"
-        agree_photos = agreement(stock, tome, ade, (height, width))
-        agree_scenes = agreement(stock, tome, synthetic, (height, width))
+        with torch.no_grad():  # 8 of the photos, and 8 synthetic validation scenes, at this size
+            agree_photos = label_agreement(stock, tome, check_images(args.images, (height, width))) \
+                if args.images else float("nan")
+            agree_scenes = label_agreement(stock, tome, check_images(None, (height, width), split="validation"))
         for path in ("eager", "onnx") if args.onnx else ("eager",):
             a, b = times[f"{path} stock"], times[f"{path} merged"]
             ratio = statistics.median(s / m for s, m in zip(a, b))

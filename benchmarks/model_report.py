@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_model import alternating  # noqa: E402
 from segformer import SegFormer  # noqa: E402
 
 # The paper's Table 1 (ADE20K): parameters (M) and GFLOPs (multiply-adds) at the size given.
@@ -121,15 +122,9 @@ def main():
         models = {}
         for parts in [{}] + args.parts:
             models[tuple(parts.items())] = SegFormer.from_variant(variant, num_labels=args.labels, **parts).eval()
-        times = {name: [] for name in models}  # timed in alternating order, round after round
-        with torch.no_grad():
-            for model in models.values():
-                model.to(memory_format=torch.channels_last)(x_cl)
-            for round_ in range(args.repeats):
-                for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
-                    start = time.perf_counter()
-                    models[name](x_cl)
-                    times[name].append(time.perf_counter() - start)
+        with torch.no_grad():  # timed in alternating order, round after round
+            times = alternating({name: model.to(memory_format=torch.channels_last) for name, model in models.items()},
+                                x_cl, args.repeats)
         stock = times[()]
         for name, model in models.items():
             parts = dict(name)
