@@ -30,6 +30,7 @@ from typing import Callable
 
 from segformer.bands import NODATA_RULES, Bands
 from segformer.errors import DataError
+from segformer.files import read_text
 from segformer.images import IMAGE_SUFFIXES, is_image_file
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
@@ -162,7 +163,7 @@ def voc_layout(root: Path, suffixes: dict) -> FolderLayout:
     def pairs_of(list_file):
         def pairs():
             found, lonely = [], []
-            for line in list_file.read_text().split():
+            for line in read_text(list_file, error=DataError, expected="a list of file stems").split():
                 image, annotation = root / "JPEGImages" / f"{line}.jpg", root / "SegmentationClass" / f"{line}.png"
                 missing = [str(p) for p in (image, annotation) if not p.is_file()]
                 (lonely.extend(missing) if missing else found.append((image, annotation)))
@@ -199,7 +200,7 @@ def cvat_mask_layout(root: Path, suffixes: dict) -> FolderLayout:
     def pairs_of(list_file):
         def pairs():
             found, lonely = [], []
-            for stem in list_file.read_text().split():
+            for stem in read_text(list_file, error=DataError, expected="a list of file stems").split():
                 image, annotation = images.get(stem), root / "SegmentationClass" / f"{stem}.png"
                 if image is None or not annotation.is_file():
                     lonely.append(str(annotation if image else root / "JPEGImages" / f"{stem}.*"))
@@ -370,7 +371,8 @@ def _list_pairs(list_file: Path, base: Path):
     """`image annotation` per line (paths relative to the manifest; a tab separates paths with spaces)."""
     def pairs():
         found, lonely = [], []
-        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        text = read_text(list_file, error=DataError, expected="a list of 'image annotation' lines")
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             fields = line.split("\t") if "\t" in line else line.split()

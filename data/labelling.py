@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from segformer.errors import DataError
-from segformer.files import read_json
+from segformer.files import read_json, read_text
 from segformer.images import check_pixel_count, decode, declared_pixel_limit, pixel_count_problem
 
 from .mapping import IGNORE_INDEX
@@ -331,7 +331,8 @@ def labelme_classes(folder: Path, files: list[Path], manifest_classes) -> tuple[
         return tuple(manifest_classes)
     labels_file = folder / "labels.txt"
     if labels_file.is_file():
-        names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+        text = read_text(labels_file, error=DataError, expected="class names, one per line")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         names = [n for n in names if n != LABELME_IGNORE]
         if not names:
             raise DataError(f"{labels_file}: no class names")
@@ -436,7 +437,7 @@ def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
 def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
     """CVAT's / Datumaro's labelmap.txt: `name:r,g,b:parts:actions` per line -> (names, colours)."""
     names, colours = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, error=DataError, expected="CVAT's labelmap.txt").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split(":")

@@ -40,6 +40,7 @@ from PIL import Image
 
 from segformer.bands import read_bands
 from segformer.errors import DataError
+from segformer.files import read_bytes
 from segformer.images import decode, displayed_size
 
 from .folders import FolderLayout, detect_folder_layout, refine
@@ -203,14 +204,15 @@ class HFSource:
         raise DataError(f"{name}: expected an image, got {type(value).__name__}")
 
 
-def _read(path: Path, name: str | None = None) -> bytes:
-    """A file's bytes (or those of an image inside a LabelMe file); an error names the file (and the sample
-    `name` that points to it)."""
+def _read(path, name: str | None = None) -> bytes:
+    """A file's bytes (a regular file's only; see segformer.files.read_bytes), or those of an image inside a
+    LabelMe file; an error names the file and the sample `name` that points to it."""
     try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{name + ': cannot read ' + str(path) if name else str(path) + ': cannot read'} "
-                        f"({e.strerror or type(e).__name__})") from None
+        if not isinstance(path, Path):  # data.labelling.EmbeddedImage
+            return path.read_bytes()
+        return read_bytes(path, error=DataError, expected="an image or annotation file")
+    except DataError as e:
+        raise DataError(f"{name}: {e}" if name else str(e)) from None
 
 
 def outside_folders(pairs, folders: list[Path]) -> dict[int, str]:

@@ -1,7 +1,8 @@
 """Files written so that an interrupted write never leaves half a file behind: every file of a checkpoint,
 a run folder, a report or a prediction is written to a temporary name, fsynced and renamed over its own
 (`atomic_write`), and a folder is checked to take files before anything is written to it
-(`writable_folder`). And the one JSON reader that names the file whatever is wrong with it."""
+(`writable_folder`). And the one reader of every file a reader opens (an image, an annotation, a list, a
+JSON file): a regular file of a bounded size, its text UTF-8, whatever is wrong named with the file."""
 
 import io
 import json
@@ -75,27 +76,54 @@ def write_torch(obj, path: str | Path) -> None:
 
 
 JSON_LIMIT = 1 << 30  # bytes: COCO's largest official annotation files are under 500 MB
+FILE_LIMIT = 1 << 32  # bytes: an image at the pixel limit, 4 float32 bands, uncompressed, is 2.9 GB
 
 
-def read_json(path: Path, *, error: type[UserError] = CheckpointError, limit: int = JSON_LIMIT):
-    """The value of a JSON file, read the one way every reader reads one: a regular file (not a FIFO that
-    would block, a device such as /dev/zero behind a symlink that would fill the memory, a folder) of at most
-    `limit` bytes, valid UTF-8 JSON, nested within Python's recursion limit. Anything else is an `error`
-    naming the file and what it is."""
+def regular_file(path: Path, *, error: type[UserError], expected: str, limit: int) -> Path:
+    """`path` if it is a regular file (through symlinks: what would be read) of at most `limit` bytes; else an
+    `error` naming it and what it is: a FIFO would block the reader for ever, a device such as /dev/zero behind a
+    symlink would fill the memory, a sparse file can claim terabytes it does not hold."""
     path = Path(path)
     try:
-        info = path.stat()  # through symlinks: what would be read
-    except OSError as e:
+        info = path.stat()
+    except OSError as e:  # missing, no permission, a symlink loop
         raise error(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
     if not stat.S_ISREG(info.st_mode):
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
             "a device or socket"
-        raise error(f"{path}: {kind}, not a file; expected a JSON file")
+        raise error(f"{path}: {kind}, not a file; expected {expected}")
     if info.st_size > limit:
-        raise error(f"{path}: {info.st_size / 2**20:.0f} MB; a JSON file of at most {limit / 2**20:.0f} MB is read")
+        raise error(f"{path}: {info.st_size / 2**20:,.0f} MB; {expected} of at most {limit / 2**20:,.0f} MB is read")
+    return path
+
+
+def read_bytes(path: Path, *, error: type[UserError], expected: str = "a file", limit: int = FILE_LIMIT) -> bytes:
+    """The bytes of a regular file (`regular_file`), every read failure an `error` naming the file."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return regular_file(path, error=error, expected=expected, limit=limit).read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+
+def read_text(path: Path, *, error: type[UserError], expected: str = "a text file", limit: int = JSON_LIMIT) -> str:
+    """A regular file's text: UTF-8 (with or without the byte-order mark Windows tools write); bytes that are
+    not UTF-8 are an `error` naming the file and where."""
+    data = read_bytes(path, error=error, expected=expected, limit=limit)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); expected "
+                    f"{expected}") from None
+
+
+def read_json(path: Path, *, error: type[UserError] = CheckpointError, limit: int = JSON_LIMIT):
+    """The value of a JSON file, read the one way every reader reads one: a regular file (`regular_file`) of at
+    most `limit` bytes, valid UTF-8 JSON, nested within Python's recursion limit. Anything else is an `error`
+    naming the file and what it is."""
+    text = read_text(path, error=error, expected="a JSON file", limit=limit)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels)") \

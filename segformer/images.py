@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import DataError
+from .files import read_bytes
 
 # What a folder of images holds; an animation's first frame is the image.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
@@ -36,11 +37,8 @@ def file_bytes(data: bytes | str | Path, name: str | None = None) -> tuple[bytes
     """(the bytes, the name errors give it) of an image file given by its path or its bytes; a file that
     cannot be read is a DataError naming it."""
     name = name or (str(data) if isinstance(data, (str, Path)) else "an image")
-    if isinstance(data, (str, Path)):
-        try:
-            data = Path(data).read_bytes()
-        except OSError as e:  # missing, a directory, no permission, a symlink loop
-            raise DataError(f"{name}: cannot read ({e.strerror or type(e).__name__})") from None
+    if isinstance(data, (str, Path)):  # a regular file only: a FIFO blocks, /dev/zero fills the memory
+        data = read_bytes(Path(data), error=DataError, expected="an image file")
     return data, name
 
 

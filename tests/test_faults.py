@@ -556,7 +556,7 @@ def test_folder_oddities_are_handled_per_file(tmp_path):
     assert len(samples) == 5
     dataset = build_dataset(samples, num_labels=2, size=32)
     bad = [i for i in range(5) if "003" in samples.names()[i]][0]
-    with pytest.raises(DataError, match=r"003\.png: cannot read \(Too many levels of symbolic links\)"):
+    with pytest.raises(DataError, match=r"003\.png: cannot read it \(Too many levels of symbolic links\)"):
         dataset[bad]
     skipping = build_dataset(samples, num_labels=2, size=32, skip_bad=True)
     with pytest.warns(UserWarning, match="003.png"):
@@ -571,7 +571,7 @@ def test_parquet_rows_and_files_that_are_not_what_they_claim(tmp_path):
     table = pa.table({"image": [image], "annotation": [image]})
     pq.write_table(table, tmp_path / "paths.parquet")
     samples = open_source(str(tmp_path / "paths.parquet"), "train", train=True, test_size=0)
-    with pytest.raises(DataError, match=r"paths\.parquet row 0 column 'image': cannot read .*gone\.png"):
+    with pytest.raises(DataError, match=r"paths\.parquet row 0 column 'image': .*gone\.png: cannot read it"):
         samples[0]
     (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"garbage\.parquet: not a readable parquet file"):
@@ -836,6 +836,42 @@ def test_a_json_file_that_is_not_a_file_or_is_nested_without_end_is_named_not_re
         read_json(tmp_path / "dataset.json", error=DataError, limit=1000)
     (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
     assert read_json_object(tmp_path / "ok.json") == {"a": [1, 2]}
+
+
+def test_image_annotation_and_list_files_that_are_not_files_are_named_not_read(tmp_path, capsys, monkeypatch):
+    """Every file a reader opens goes through segformer.files.read_bytes: a FIFO named like an image hung the
+    doctor and train.py's check of the data for ever, an annotation that is a symlink to /dev/zero filled the
+    memory, a sparse file claims what it does not hold, and a list file that is not UTF-8 was a raw
+    UnicodeDecodeError."""
+    from data.__main__ import main as doctor
+    from segformer.files import read_bytes, read_text
+    folder = write_flat_folder(tmp_path / "data", [np.full((20, 24), 1)] * 5)
+    (folder / "images" / "001.png").unlink()
+    os.mkfifo(folder / "images" / "001.png")
+    (folder / "annotations" / "002.png").unlink()
+    (folder / "annotations" / "002.png").symlink_to("/dev/zero")
+    samples = open_source(str(folder), "train", train=True, test_size=0)
+    dataset = build_dataset(samples, num_labels=2, size=32)
+    for stem, said in (("001", r"images/001\.png: a FIFO, not a file; expected an image"),
+                       ("002", r"annotations/002\.png: a device or socket, not a file; expected an image")):
+        with pytest.raises(DataError, match=said):
+            dataset[[i for i, name in enumerate(samples.names()) if stem in name][0]]
+    assert doctor([str(folder), "--num-labels", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "images/001.png: a FIFO, not a file" in out and "annotations/002.png: a device or socket" in out
+    with pytest.raises(DataError, match=r"bad sample\(s\) in .*: a (FIFO|device or socket), not a file"):
+        train.execute(["--data", str(folder), "--num-labels", "2", "--max-steps", "1", "--size", "32",
+                       "--batch-size", "2", "--out", str(tmp_path / "run")])
+    sparse = tmp_path / "sparse.png"
+    with open(sparse, "wb") as f:
+        f.truncate(2**33)  # 8 GiB claimed, none of it on the disk
+    with pytest.raises(DataError, match=r"sparse\.png: 8,192 MB; an image file of at most 4,096 MB is read"):
+        read_bytes(sparse, error=DataError, expected="an image file")
+    (tmp_path / "val.txt").write_bytes(b"images/000.png annotations/000.png\n\xff\xfe")
+    with pytest.raises(DataError, match=r"val\.txt: not UTF-8 text \(byte 35 is b'\\xff'\); expected a list"):
+        read_text(tmp_path / "val.txt", error=DataError, expected="a list")
+    (tmp_path / "bom.txt").write_bytes("\ufeffsea\nboat\n".encode())  # Windows tools' byte-order mark
+    assert read_text(tmp_path / "bom.txt", error=DataError).splitlines() == ["sea", "boat"]
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
