@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segformer.errors import DataError
+from segformer.errors import DataError, refusal
 from segformer.files import read_json, read_text
-from segformer.images import check_pixel_count, decode, declared_pixel_limit, pixel_count_problem
+from segformer.images import decode, declared_pixel_limit, pixel_count_problem
 
 from .mapping import IGNORE_INDEX
 
@@ -91,10 +91,7 @@ class CocoFile:
         content = read_json(self.path, error=DataError)
         problems = coco_problems(content, self.path, background=self.uncovered == "background")
         if problems:
-            more = f" (and {len(problems) - 1} more: python -m data doctor lists them)" if len(problems) > 1 else ""
-            error = DataError(problems[0] + more)
-            error.problems = problems  # every one, for the doctor
-            raise error
+            raise refusal(problems)
         coco = COCO()
         coco.dataset = content
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
@@ -149,7 +146,9 @@ class CocoFile:
                                 f"categories {self.category_ids}")
             segmentation = annotation.get("segmentation")
             if isinstance(segmentation, list):
-                self._check_polygons(segmentation, height, width, where)
+                for polygon in segmentation:
+                    if problem := polygon_problem(polygon, height, width, where):
+                        raise DataError(problem)
             elif isinstance(segmentation, dict):
                 if list(segmentation.get("size", [])) != [height, width]:
                     raise DataError(f"{where}: an RLE of size {segmentation.get('size')}, the image is "
@@ -164,19 +163,21 @@ class CocoFile:
             label[mask] = IGNORE_INDEX if crowd and self.crowd == "ignore" else class_of[annotation["category_id"]]
         return label
 
-    @staticmethod
-    def _check_polygons(polygons, height, width, where):
-        for polygon in polygons:
-            if len(polygon) < 6 or len(polygon) % 2:
-                raise DataError(f"{where}: a polygon of {len(polygon)} numbers; expected x, y pairs, 3 at least")
-            xs, ys = np.asarray(polygon[0::2], float), np.asarray(polygon[1::2], float)
-            outside = (xs < -1) | (xs > width + 1) | (ys < -1) | (ys > height + 1)  # a pixel of slack at the edges
-            if outside.any():
-                i = int(np.argmax(outside))
-                raise DataError(f"{where}: polygon point ({xs[i]:g}, {ys[i]:g}) is outside the {width}x{height} image")
-
     def _area(self, annotation) -> float:
         return float(self.coco.annToMask(annotation).sum())
+
+
+def polygon_problem(polygon, height: int, width: int, where: str) -> str | None:
+    """What is wrong with a polygon [x0, y0, x1, y1, ...] of a height x width image (None: nothing): too few
+    numbers, or a point outside the image (a pixel of slack at the edges, where tools put the border)."""
+    if len(polygon) < 6 or len(polygon) % 2:
+        return f"{where}: a polygon of {len(polygon)} numbers; expected x, y pairs, 3 at least"
+    xs, ys = np.asarray(polygon[0::2], float), np.asarray(polygon[1::2], float)
+    outside = (xs < -1) | (xs > width + 1) | (ys < -1) | (ys > height + 1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        return f"{where}: polygon point ({xs[i]:g}, {ys[i]:g}) is outside the {width}x{height} image"
+    return None
 
 
 def is_number(value) -> bool:
@@ -298,29 +299,77 @@ def is_labelme(path: Path) -> bool:
     return isinstance(content, dict) and "shapes" in content and ("imagePath" in content or "imageData" in content)
 
 
-def read_labelme(path: Path) -> dict:
-    """A LabelMe file, its structure checked: the image's path and data strings (or null), every shape an
-    object with a string label and shape type (the points are checked where a shape is drawn)."""
-    content = read_json(path, error=DataError)
+def labelme_problems(content, path: Path) -> list[str]:
+    """Every problem of a LabelMe file's structure, each one line naming the shape: the image's path and data
+    strings (or null), its declared size positive integers within the pixel limit (checked before a label map of
+    that size is allocated: a 300-byte file claimed 40 GB), every shape an object with a string label, a shape
+    type LabelMe defines, points that are [x, y] numbers, as many as the type needs, inside the image."""
     if not isinstance(content, dict) or not isinstance(content.get("shapes"), list):
-        raise DataError(f"{path}: not a LabelMe JSON file (no \"shapes\" list)")
+        return [f"{path}: not a LabelMe JSON file (no \"shapes\" list)"]
+    problems = []
     for key in ("imagePath", "imageData"):
         if content.get(key) is not None and not isinstance(content[key], str):
-            raise DataError(f"{path}: \"{key}\" must be a string (or null), got {type(content[key]).__name__}")
+            problems.append(f"{path}: \"{key}\" must be a string (or null), got {type(content[key]).__name__}")
+    height, width = content.get("imageHeight"), content.get("imageWidth")
+    sized = is_id(height) and is_id(width) and height > 0 and width > 0
+    if not sized:
+        problems.append(f"{path}: \"imageHeight\" and \"imageWidth\" must be positive integers, got {[height, width]}")
+    elif width * height > (limit := declared_pixel_limit()):
+        problems.append(pixel_count_problem(width, height, str(path), limit, declared=True))
+        sized = False
     for number, shape in enumerate(content["shapes"]):
+        where = f"{path} shape {number}"
         if not isinstance(shape, dict):
-            raise DataError(f"{path} shape {number}: expected an object, got {type(shape).__name__}")
-        if not isinstance(shape.get("label"), str):
-            raise DataError(f"{path} shape {number}: \"label\" must be a string, got {shape.get('label')!r:.40}")
-        if shape.get("shape_type") is not None and not isinstance(shape["shape_type"], str):  # null: a polygon
-            raise DataError(f"{path} shape {number}: \"shape_type\" must be a string, got {shape['shape_type']!r:.40}")
+            problems.append(f"{where}: expected an object, got {type(shape).__name__}")
+        elif not isinstance(shape.get("label"), str):
+            problems.append(f"{where}: \"label\" must be a string, got {shape.get('label')!r:.40}")
+        elif shape.get("shape_type") is not None and not isinstance(shape["shape_type"], str):  # null: a polygon
+            problems.append(f"{where}: \"shape_type\" must be a string, got {shape['shape_type']!r:.40}")
+        else:
+            where = f"{where} ({shape['label']!r})"
+            try:
+                polygon = shape_polygon(shape, where)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            if polygon is not None and sized and (problem := polygon_problem(polygon, height, width, where)):
+                problems.append(problem)
+    return problems
+
+
+def read_labelme(path: Path) -> dict:
+    """A LabelMe file, its structure checked (`labelme_problems`); every problem of it in one DataError."""
+    content = read_json(path, error=DataError)
+    if problems := labelme_problems(content, path):
+        raise refusal(problems)
     return content
+
+
+def read_labelme_files(files: list[Path], class_names: tuple[str, ...] | None = None) -> dict[Path, dict]:
+    """Every LabelMe file of a folder, read and checked, with its labels against `class_names` where given:
+    one DataError holding the problems of every file, so that the doctor lists them all at once."""
+    contents, problems = {}, []
+    for path in files:
+        try:
+            contents[path] = content = read_labelme(path)
+        except DataError as e:
+            problems.extend(getattr(e, "problems", None) or [str(e)])
+            continue
+        for number, shape in enumerate(content["shapes"]):
+            name = shape["label"]
+            if class_names is not None and name != LABELME_IGNORE and name not in class_names and \
+                    (shape.get("shape_type") or "polygon") not in LABELME_NO_AREA:
+                problems.append(f"{path} shape {number} ({name!r}): label {name!r} is not a class "
+                                f"({', '.join(class_names)}); add it to labels.txt or the manifest's \"classes\"")
+    if problems:
+        raise refusal(problems)
+    return contents
 
 
 def labelme_labels(files: list[Path]) -> list[str]:
     """Every label the files use, sorted (the ignore label left out)."""
-    labels = {str(shape.get("label")) for f in files for shape in read_labelme(f)["shapes"]
-              if shape.get("shape_type", "polygon") not in LABELME_NO_AREA}
+    labels = {shape["label"] for content in read_labelme_files(files).values() for shape in content["shapes"]
+              if (shape.get("shape_type") or "polygon") not in LABELME_NO_AREA}
     return sorted(labels - {LABELME_IGNORE})
 
 
@@ -343,8 +392,7 @@ def labelme_classes(folder: Path, files: list[Path], manifest_classes) -> tuple[
 def labelme_pairs(files: list[Path], class_names: tuple[str, ...]) -> tuple[list, list[str]]:
     """((image, Drawn), ...) for LabelMe files whose image is beside them or inside them, and the rest."""
     found, lonely = [], []
-    for path in files:
-        content = read_labelme(path)
+    for path, content in read_labelme_files(files, class_names).items():
         image = path.parent / content["imagePath"] if content.get("imagePath") else None
         if image is not None and image.is_file():
             source = image
@@ -407,19 +455,15 @@ def shape_polygon(shape: dict, where: str) -> list[float] | None:
 
 
 def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
-    content = read_labelme(path)
-    height, width = content.get("imageHeight"), content.get("imageWidth")
-    if not (is_id(height) and is_id(width) and height > 0 and width > 0):
-        raise DataError(f"{path}: \"imageHeight\" and \"imageWidth\" must be positive integers, got "
-                        f"{[height, width]}")
-    check_pixel_count(width, height, str(path), declared=True)  # before a label map of that size is allocated
+    content = read_labelme(path)  # checked again: the file may have changed since the folder was listed
+    height, width = content["imageHeight"], content["imageWidth"]
     if len(class_names) > IGNORE_INDEX:
         raise DataError(f"{path}: {len(class_names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
                         f"{IGNORE_INDEX} is the ignore index): merge labels")
     ids = {name: i for i, name in enumerate(class_names)}
     label = np.full((height, width), ids.get("background", IGNORE_INDEX), np.uint8)
     for number, shape in enumerate(content["shapes"]):
-        name = str(shape.get("label"))
+        name = shape["label"]
         where = f"{path} shape {number} ({name!r})"
         polygon = shape_polygon(shape, where)
         if polygon is None:
@@ -427,7 +471,6 @@ def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
         if name != LABELME_IGNORE and name not in ids:
             raise DataError(f"{where}: label {name!r} is not a class ({', '.join(class_names)}); add it to "
                             f"labels.txt or the manifest's \"classes\"")
-        CocoFile._check_polygons([polygon], height, width, where)
         label[polygon_mask([polygon], height, width)] = IGNORE_INDEX if name == LABELME_IGNORE else ids[name]
     return label
 
@@ -435,9 +478,12 @@ def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
 # ---- CVAT's Segmentation mask 1.1 -------------------------------------------------------------------------
 
 def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
-    """CVAT's / Datumaro's labelmap.txt: `name:r,g,b:parts:actions` per line -> (names, colours)."""
-    names, colours = [], []
-    for number, line in enumerate(read_text(path, error=DataError, expected="CVAT's labelmap.txt").splitlines(), 1):
+    """CVAT's / Datumaro's labelmap.txt: `name:r,g,b:parts:actions` per line -> (names, colours); every problem
+    of the file (a line that is not one, a name or colour used twice, more labels than the label maps hold) in
+    one DataError."""
+    names, colours, problems = [], [], []
+    text = read_text(path, error=DataError, expected="CVAT's labelmap.txt")
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split(":")
@@ -445,13 +491,22 @@ def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, in
             colour = tuple(int(v) for v in fields[1].split(","))
             assert len(colour) == 3 and all(0 <= v <= 255 for v in colour)
         except (IndexError, ValueError, AssertionError):
-            raise DataError(f"{path} line {number}: expected 'name:r,g,b::', got {line.strip()!r}") from None
+            problems.append(f"{path} line {number}: expected 'name:r,g,b::', got {line.strip()[:60]!r}")
+            continue
+        if fields[0] in names:
+            problems.append(f"{path} line {number}: the label {fields[0]!r} is named twice")
+        if colour in colours:
+            problems.append(f"{path} line {number}: {fields[0]!r} has the colour {colour} of "
+                            f"{names[colours.index(colour)]!r}; each label needs its own")
         names.append(fields[0])
         colours.append(colour)
-    if not names:
-        raise DataError(f"{path}: no labels")
-    if len(set(colours)) < len(colours):
-        raise DataError(f"{path}: two labels share a colour")
+    if not names and not problems:
+        problems.append(f"{path}: no labels")
+    if len(names) > IGNORE_INDEX:
+        problems.append(f"{path}: {len(names)} labels; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
+                        f"{IGNORE_INDEX} is the ignore index): merge labels in CVAT, or export fewer")
+    if problems:
+        raise refusal(problems)
     return tuple(names), tuple(colours)
 
 

@@ -4,7 +4,7 @@
 import math
 from pathlib import Path
 
-from segformer.errors import DataError
+from segformer.errors import DataError, refusal
 from segformer.files import read_json_object
 
 from .mapping import IGNORE_INDEX
@@ -32,17 +32,20 @@ MANIFEST_KEYS = {
 
 
 def read_manifest(path: Path) -> dict:
-    """A `dataset.json`, checked key by key; anything it gets wrong is an error naming the file and key."""
+    """A `dataset.json`, checked key by key; everything it gets wrong is named with the file and key, every
+    problem in one DataError (the dataset doctor lists them all)."""
     manifest = read_json_object(path, error=DataError)  # unreadable, not JSON, not an object: named
+    problems = []
 
     def fail(key, message):
-        raise DataError(f"{path}: key {key!r} {message}")
+        problems.append(f"{path}: key {key!r} {message}")
     for key in manifest:
         if key not in MANIFEST_KEYS:
             fail(key, f"is not a manifest key; expected some of {', '.join(MANIFEST_KEYS)}")
     classes = manifest.get("classes")
     if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         fail("classes", "must be a non-empty list of class names")
+        classes = None
     if classes is not None:
         empty = [i for i, name in enumerate(classes) if not name.strip()]
         if empty:
@@ -61,12 +64,13 @@ def read_manifest(path: Path) -> dict:
         if not (isinstance(palette, list) and all(isinstance(c, list) and len(c) == 3 and all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in palette)):
             fail("palette", "must be a list of [r, g, b] triples of integers 0..255")
-        if classes is not None and len(palette) != len(classes):
-            fail("palette", f"has {len(palette)} colours for {len(classes)} classes")
-        if len({tuple(c) for c in palette}) < len(palette):
-            fail("palette", "gives two classes the same colour")
-        if len(palette) > IGNORE_INDEX:
-            fail("palette", f"has {len(palette)} colours; colour masks hold at most {IGNORE_INDEX} classes")
+        else:
+            if classes is not None and len(palette) != len(classes):
+                fail("palette", f"has {len(palette)} colours for {len(classes)} classes")
+            if len({tuple(c) for c in palette}) < len(palette):
+                fail("palette", "gives two classes the same colour")
+            if len(palette) > IGNORE_INDEX:
+                fail("palette", f"has {len(palette)} colours; colour masks hold at most {IGNORE_INDEX} classes")
     if manifest.get("annotation_format") == "rgb" and palette is None:
         fail("annotation_format", 'is "rgb": colour masks need a "palette"')
     for key in ("reduce_labels",):
@@ -84,14 +88,16 @@ def read_manifest(path: Path) -> dict:
         fail("ignore_index", f"must be a raw value or a list of them, got {manifest['ignore_index']!r}")
     manifest["ignore_index"] = ignore
     label_map = manifest.get("label_map", {})
+    checked = {}
     if not isinstance(label_map, dict):
         fail("label_map", "must be an object {\"<raw value>\": class id or 255}")
-    checked = {}
+        label_map = {}
     for raw, class_id in label_map.items():
         if not str(raw).isdigit() or not isinstance(class_id, int) or isinstance(class_id, bool) or not (
                 0 <= class_id < len(classes or [0] * 65536) or class_id == IGNORE_INDEX):
             fail("label_map", f"entry {raw!r}: {class_id!r} must map a raw value to a class id"
                               + (f" 0..{len(classes) - 1}" if classes else "") + " or 255")
+            continue
         checked[int(raw)] = class_id
     manifest["label_map"] = checked
     bands = manifest.get("bands")
@@ -103,10 +109,10 @@ def read_manifest(path: Path) -> dict:
             continue
         if bands is None:
             fail(key, 'goes with "bands" (the images\' band count)')
-        if not (isinstance(values, list) and len(values) == bands and all(
+        elif not (isinstance(values, list) and len(values) == bands and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
             fail(key, f"must be a list of {bands} numbers, one per band, got {values!r}")
-        if key == "std" and any(v <= 0 for v in values):
+        elif key == "std" and any(v <= 0 for v in values):
             fail(key, f"must be positive, got {values!r}")
     if ("mean" in manifest) != ("std" in manifest):
         fail("mean" if "mean" not in manifest else "std", 'is needed with "std" / "mean": give both, or neither '
@@ -114,11 +120,17 @@ def read_manifest(path: Path) -> dict:
     splits = manifest.get("splits", {})
     if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
         fail("splits", 'must be an object: split name -> {"images": dir, "annotations": dir} or {"list": file}')
+        splits = {}
     for name, spec in splits.items():
         if set(spec) not in ({"images", "annotations"}, {"list"}, {"images", "coco"}, {"labelme"}):
             fail(f"splits.{name}", f'must hold "images" and "annotations", "list", "images" and "coco" (a COCO '
                                    f'JSON), or "labelme" (a folder of LabelMe files); got {sorted(spec)}')
+            continue
         for key, relative in spec.items():
-            if not (Path(path).parent / str(relative)).exists():
+            if not isinstance(relative, str) or not relative:
+                fail(f"splits.{name}.{key}", f"must be a path relative to {Path(path).parent}, got {relative!r}")
+            elif not (Path(path).parent / relative).exists():
                 fail(f"splits.{name}.{key}", f"names {relative!r}, which does not exist in {Path(path).parent}")
+    if problems:
+        raise refusal(problems)
     return manifest

@@ -31,6 +31,16 @@ class DataError(UserError):
     """Bad input data: a file, a sample or a manifest key that is not what it should be; names it."""
 
 
+def refusal(problems: list[str]) -> DataError:
+    """One DataError for every problem found in a file or a folder of them (a labelling tool's export, a
+    manifest): its message the first, with how many more there are; `problems` every one, which the dataset
+    doctor lists."""
+    more = f" (and {len(problems) - 1} more: python -m data doctor lists them)" if len(problems) > 1 else ""
+    error = DataError(problems[0] + more)
+    error.problems = list(problems)
+    return error
+
+
 class ConfigError(UserError):
     """A setting that cannot be honoured, or settings that contradict each other; names the flag or key."""
 

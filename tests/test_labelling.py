@@ -337,6 +337,61 @@ def test_every_structural_problem_of_a_coco_file_is_named_and_the_doctor_lists_t
     assert "image id 2: the id is used by two images" in err and "(and 6 more: python -m data doctor" in err
 
 
+def test_every_problem_of_labelme_files_a_labelmap_and_a_manifest_is_listed_at_once(tmp_path, capsys):
+    """The doctor stopped at the first bad LabelMe file (of a folder of hundreds), the first bad line of a
+    labelmap.txt and the first bad key of a dataset.json; now each lists them all, and train.py names the first
+    in one line with how many more there are. 300 CVAT labels made a colour table the doctor named without its
+    file."""
+    import train
+    from data.__main__ import main as doctor
+    labelme = tmp_path / "labelme"
+    labelme.mkdir()
+    changes = [lambda s: s.update(points=[[0, 0], ["a", 0], [4, 4]]), lambda s: s.update(shape_type="bogus"),
+               lambda s: s.update(points=[[0, 0], [400, 0], [4, 4]]), lambda s: s.update(label=5),
+               lambda s: s.update(label="dog"), lambda s: None]
+    for i, change in enumerate(changes):
+        random_image(8, 8, seed=i).save(labelme / f"a{i}.png")
+        shape = {"label": "cat", "shape_type": "polygon", "points": [[0, 0], [4, 0], [4, 4]]}
+        change(shape)
+        (labelme / f"a{i}.json").write_text(json.dumps({"shapes": [shape], "imagePath": f"a{i}.png",
+                                                        "imageHeight": 8, "imageWidth": 8}))
+    (labelme / "labels.txt").write_text("__ignore__\n_background_\ncat\n")
+    expected = [r"a0.json shape 0 \('cat'\): \"points\" must be \[x, y\] pairs of numbers",
+                r"a1.json shape 0 \('cat'\): shape type 'bogus'",
+                r"a2.json shape 0 \('cat'\): polygon point \(400, 0\) is outside the 8x8 image",
+                r"a3.json shape 0: \"label\" must be a string, got 5",
+                r"a4.json shape 0 \('dog'\): label 'dog' is not a class \(background, cat\)"]
+    cvat = tmp_path / "cvat"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (cvat / sub).mkdir(parents=True)
+    (cvat / "labelmap.txt").write_text("background:0,0,0::\ncat:1,2::\ndog:0,0,0::\n"
+                                       + "".join(f"c{i}:{i % 256},{i // 256},7::\n" for i in range(300)))
+    random_image(8, 8).save(cvat / "JPEGImages" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(cvat / "SegmentationClass" / "a.png")
+    (cvat / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    cvat_expected = [r"labelmap.txt line 2: expected 'name:r,g,b::', got 'cat:1,2::'",
+                     r"labelmap.txt line 3: 'dog' has the colour \(0, 0, 0\) of 'background'; each label needs",
+                     r"labelmap.txt: 302 labels; the label maps hold 255"]
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    (manifest / "dataset.json").write_text(json.dumps({"classes": ["a", "a"], "bands": "x", "palette": [[1, 2, 3]],
+                                                       "splits": {"train": {"images": 5, "annotations": "nope"}}}))
+    manifest_expected = [r"key 'classes' names 'a' twice", r"key 'palette' has 1 colours for 2 classes",
+                         r"key 'bands' must be the images' band count, 1..64, got 'x'",
+                         r"key 'splits.train.images' must be a path relative to .*, got 5",
+                         r"key 'splits.train.annotations' names 'nope', which does not exist"]
+    for folder, messages in ((labelme, expected), (cvat, cvat_expected), (manifest, manifest_expected)):
+        assert doctor([str(folder)]) == 1
+        out = capsys.readouterr().out
+        for message in messages:
+            assert __import__("re").search(message, out), (message, out)
+        assert f"{len(messages)} problem(s) found" in out
+        code = train.main(["--data", str(folder), "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-plots"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert f"(and {len(messages) - 1} more: python -m data doctor lists them)" in err
+
+
 @pytest.mark.parametrize("count, background", [(255, True), (254, True), (300, False)])
 def test_more_classes_than_the_label_maps_hold_is_refused_not_ignored(tmp_path, count, background):
     """With the background, 255 categories made the last one class 255, the ignore index: its pixels silently
