@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .images import check_pixel_count, file_bytes
+from .images import check_pixel_count, decode, file_bytes
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -80,11 +80,7 @@ def read_bands(data: bytes | str | Path, name: str | None = None) -> np.ndarray:
     data, name = file_bytes(data, name)
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # a TIFF (BigTIFF too)
         return _read_tiff(data, name)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image)
-    except Exception as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    array = np.asarray(decode(data, name))  # PIL's images as everywhere: the pixel limit, one frame, upright
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -176,8 +172,11 @@ def display_rgb(array: np.ndarray) -> Image.Image:
     each stretched between its 2nd and 98th percentiles to 0..255."""
     shown = array[..., :3] if array.shape[-1] >= 3 else np.repeat(array[..., :1], 3, axis=-1)
     shown = shown.astype(np.float64)
-    low, high = np.percentile(shown, 2, axis=(0, 1)), np.percentile(shown, 98, axis=(0, 1))
-    scaled = (shown - low) / np.maximum(high - low, 1e-12) * 255
+    shown[~np.isfinite(shown)] = np.nan  # no data: left out of the percentiles, drawn black
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a band with no finite value: all black
+        low, high = np.nanpercentile(shown, 2, axis=(0, 1)), np.nanpercentile(shown, 98, axis=(0, 1))
+    scaled = np.nan_to_num((shown - low) / np.maximum(high - low, 1e-12) * 255, nan=0.0)
     return Image.fromarray(scaled.clip(0, 255).round().astype(np.uint8))
 
 

@@ -13,6 +13,7 @@ Two rules, decided here and nowhere else:
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,15 @@ def pixel_count_problem(width: int, height: int, name: str, limit: int, *, decla
             f"may have ({PIXEL_LIMIT_VARIABLE} raises the limit)")
 
 
+def pil_refusal(error: Exception, name: str, limit: int) -> str:
+    """PIL's own header check (DecompressionBombError, at the same limit: `declared_pixel_limit` sets it) as the
+    one refusal line: PIL refuses before it returns the image, so its message gives the count, not the sides."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    count = f"{int(found.group(1)):,}" if found else "more"
+    return (f"{name}: is {count} pixels, more than the {limit:,} an image may have ({PIXEL_LIMIT_VARIABLE} raises "
+            f"the limit)")
+
+
 def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
     """An image file (its bytes or its path), decoded fully now (a corrupt or truncated file fails here,
     naming it) and turned as its EXIF orientation says. The image keeps `name` as PIL's `filename`, for
@@ -89,6 +99,8 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except DataError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DataError(pil_refusal(e, name, limit)) from None
     except Exception as e:  # not an image, truncated, a broken EXIF block
         reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer: the file is named already
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
@@ -101,12 +113,17 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
 
 def displayed_size(data: bytes, name: str) -> tuple[int, int]:
     """(width, height) of an image file as `decode` turns it, read from its header without decoding."""
+    limit = declared_pixel_limit()
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError as e:
+        raise DataError(pil_refusal(e, name, limit)) from None
     except Exception as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {str(e).split(' <_io.BytesIO')[0]})") \
+            from None
+    check_pixel_count(width, height, name)
     return (height, width) if orientation in TRANSPOSED else (width, height)
 
 

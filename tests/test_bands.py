@@ -209,3 +209,46 @@ def test_no_data_pixels_are_labelled_as_the_data_says_in_training_and_in_the_mas
     with pytest.raises(DataError, match=r"dataset\.json: \"uncovered\" \(what a pixel with no data in any band is\) "
                                         r"must be 'ignore' or 'background', got 'nothing'"):
         build_dataset(str(root), "train", size=64)
+
+
+def test_band_images_pil_decodes_hold_the_pixel_limit_one_frame_and_orientation(tmp_path, monkeypatch):
+    """read_bands' PIL path (16-bit PNGs, greys) decoded whatever it was given: no pixel limit of its own (PIL's
+    DecompressionBombError, or nothing under a lower SEGFORMER_MAX_IMAGE_PIXELS), the first frame of an
+    animation without a word, and the stored pixels of a rotated photo whose annotation is read upright."""
+    from segformer.images import decode
+    image = Image.fromarray(np.arange(40 * 60, dtype=np.uint16).reshape(40, 60))
+    image.save(tmp_path / "grey16.png")
+    assert read_bands(tmp_path / "grey16.png").shape == (40, 60, 1)
+    monkeypatch.setenv("SEGFORMER_MAX_IMAGE_PIXELS", "2000")
+    for read in (read_bands, decode):  # PIL refuses in its header check: its count, in the one line
+        with pytest.raises(DataError, match=r"grey16\.png: is 2,400 pixels, more than the 2,000 an image may have"):
+            read(tmp_path / "grey16.png")
+    monkeypatch.delenv("SEGFORMER_MAX_IMAGE_PIXELS")
+    frames = [Image.new("L", (8, 8), v) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"anim\.png: 2 frames or pages; expected one image"):
+        read_bands(tmp_path / "anim.png")
+    rotated = Image.fromarray(np.arange(6 * 4, dtype=np.uint8).reshape(4, 6))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees
+    rotated.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    assert read_bands(tmp_path / "rotated.jpg").shape[:2] == np.asarray(decode(tmp_path / "rotated.jpg")).shape[:2] \
+        == (6, 4)
+
+
+def test_a_raster_with_no_data_is_drawn_black_there_and_stretched_elsewhere():
+    """The overlay's picture of a float raster took its percentiles over NaN: every pixel came out as the cast of
+    NaN (a RuntimeWarning, an undefined colour)."""
+    import warnings
+
+    from segformer.bands import display_rgb
+    raster = np.linspace(0, 1000, 20 * 20 * 3, dtype=np.float32).reshape(20, 20, 3)
+    raster[:5] = np.nan
+    raster[10, 10, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shown = np.asarray(display_rgb(raster))
+    assert (shown[:5] == 0).all() and shown[10, 10, 0] == 0
+    assert shown[5:].max() == 255 and len(np.unique(shown[5:])) > 100  # the finite values, stretched
+    all_nan = np.full((4, 4, 1), np.nan, np.float32)
+    assert (np.asarray(display_rgb(all_nan)) == 0).all()
