@@ -250,6 +250,8 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
         if where is not None:  # a GeoTIFF: the mask where the image lies, for GIS tools
             label_map = prediction.label_map.cpu().numpy()
             atomic_write(output_path(stem, "_mask.tif"), lambda tmp: write_geotiff(label_map, Path(tmp), where))
+    except UserError as e:  # the model's logits not finite (NonFiniteLogits)
+        return f"{path}: {one_line(e)}"
     except Exception as e:  # out of memory (a RuntimeError), an unwritable output, ...
         return f"{path}: {type(e).__name__}: {one_line(e)}"
     return None
@@ -294,8 +296,9 @@ def segment_video(source, stem: Path, predictor, *, colours, names, alpha, masks
 
             atomic_write(output_path(stem, "_overlay.mp4"), write_video)
         seconds = time.perf_counter() - start
-    except UserError as e:
-        return one_line(e)
+    except UserError as e:  # named by the file already, or the model's logits not finite on a frame
+        line = one_line(e)
+        return line if str(source) in line else f"{source}: {line}"
     except Exception as e:  # out of memory, an unwritable output, ...
         return f"{source}: {type(e).__name__}: {one_line(e)}"
     if not written:

@@ -40,7 +40,7 @@ from .images import to_tensor
 from .labels import default_name
 from .metrics import predicted_classes
 from .device import AMP_DTYPES, autocast
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .preprocess import DEFAULT_SIZE, aspect_size, normalize, resize_image
 
 ROWS = 512  # rows of a label map updated at a time: small temporaries
@@ -250,6 +250,11 @@ def top_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- the predictor -------------------------------------------------------------------------------------
 
+class NonFiniteLogits(DataError):
+    """The model's logits for an image hold NaN or infinity: no label map is made of them (the argmax of NaN is
+    class 0 at every pixel, a mask that looks like an answer)."""
+
+
 class Predictor:
     """model: any `segformer.runtimes.InferenceModel`: a `SegFormer`, or a graph a runtime runs
     (`segformer.runtimes.onnx.OnnxModel`): `id2label`, and a forward from normalised pixel values to logits.
@@ -357,6 +362,14 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device.type, self.amp):
             logits = self.model(x).float()
+        if not bool(torch.isfinite(logits).all()):
+            error = NonFiniteLogits(
+                f"the model's logits are NaN or infinite at {int((~torch.isfinite(logits)).sum()):,} of "
+                f"{logits.numel():,} values, so no mask is made of them: an input far outside the values the model "
+                f"was trained on" + (f", or {self.amp} autocast overflowing (amp 'off' computes in float32)"
+                                     if self.amp != "off" else ""))
+            error.amp = self.amp
+            raise error
         return logits / self.temperature if self.temperature else logits
 
     def slide(self, image: torch.Tensor, size: tuple[int, int], flipped: bool) -> SlideView:

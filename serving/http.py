@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from segformer.inference import NonFiniteLogits
+
 from .batcher import Batcher, QueueFull
 from .protocol import BadRequest, Limits, body_kind, decode_image, parse_options
 
@@ -85,6 +87,8 @@ async def answer_predict(request: Request, segmenter, limits: Limits, submit) ->
         prediction = await submit(options.mode, image)
     except QueueFull as e:
         return error(503, str(e))
+    except NonFiniteLogits as e:  # no answer made of NaN: this image, not the service
+        return error(422, f"this image: {e}")
     except (MemoryError, torch.OutOfMemoryError):  # this image alone: the others in its batch were answered
         return error(503, f"out of memory for this {image.width} x {image.height} image in mode={options.mode}; "
                           f"send a smaller image, or mode=resize")

@@ -7,10 +7,11 @@ the answer to a request. serve.py, app.py and the Ray deployment each hold one.
 """
 
 import torch
+from PIL import Image
 
 from segformer.device import check_device, resolve_amp
-from segformer.errors import ConfigError
-from segformer.inference import Predictor
+from segformer.errors import CheckpointError, ConfigError
+from segformer.inference import NonFiniteLogits, Predictor
 from segformer.runtimes import RUNTIMES, load_for_inference
 
 from .protocol import MODES, BadRequest, Options, answer
@@ -48,7 +49,21 @@ class Segmenter:
         if threads:
             torch.set_num_threads(threads)
         model, facts = load_for_inference(source, size=size, trust_code=trust_code, runtime=runtime, threads=threads)
-        return cls(model, facts, **options)
+        segmenter = cls(model, facts, **options)
+        segmenter.check(source)
+        return segmenter
+
+    def check(self, source: str) -> None:
+        """One forward pass on a plain gradient image, before any client's: a model whose logits are not finite
+        even there (weights finite but too large for float32, a graph exported from such weights) is one line
+        naming it, not a service that answers every request with an error."""
+        try:
+            self.predict(self.default_mode, [Image.linear_gradient("L").convert("RGB")])
+        except NonFiniteLogits as e:
+            cause = f"{e.amp} autocast overflows (amp 'off' computes in float32)" if e.amp != "off" else \
+                "its weights are finite but too large for float32 arithmetic"
+            raise CheckpointError(f"{source}: the model's logits are NaN or infinite on a plain gradient image: "
+                                  f"{cause}") from None
 
     def check_mode(self, mode: str) -> None:
         """A mode this model cannot run (a graph of one input size) is the request's 400, with why."""

@@ -352,3 +352,40 @@ def test_the_confidence_leaves_the_label_map_the_logits_own_argmax():
     assert plain.unique().tolist() == [1]
     assert torch.equal(sure, plain)
     assert confidence["margin"].max() < 1e-6  # the probabilities are tied: the margin says so
+
+
+def test_logits_that_are_not_finite_make_no_mask_and_say_so(tmp_path, capsys):
+    """Weights that are finite but too large for float32 (here the first patch embedding x 1e37), or a band
+    image of values far beyond its statistics, made NaN logits, whose argmax is class 0 everywhere: infer.py
+    wrote a mask of one class and exited 0. Now the Predictor refuses (NonFiniteLogits), infer.py names the
+    file and writes nothing for it, and the service refuses such a model at load, in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers import tiny_checkpoint
+    from segformer.bands import Bands
+    from segformer.errors import CheckpointError
+    from segformer.inference import NonFiniteLogits
+    from serving.segmenter import Segmenter
+    folder = tiny_checkpoint(tmp_path / "huge", num_labels=3, seed=0)
+    weights = load_file(folder / "model.safetensors")
+    weights["segformer.encoder.patch_embeddings.0.proj.weight"] *= 1e37
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    random_image(40, 48).save(tmp_path / "photo.png")
+    model = SegFormer.from_pretrained(folder).eval()  # every weight finite: it loads
+    with pytest.raises(NonFiniteLogits, match=r"logits are NaN or infinite at [\d,]+ of [\d,]+ values, so no mask"):
+        Predictor(model, size=64, device="cpu")(load_image(tmp_path / "photo.png"))
+    assert infer.main(infer.get_args(["--checkpoint", str(folder), str(tmp_path / "photo.png"),
+                                      "--out", str(tmp_path / "masks")])) == 1
+    out = capsys.readouterr()
+    assert "photo.png: the model's logits are NaN or infinite" in out.out and "Traceback" not in out.err
+    assert not list((tmp_path / "masks").glob("photo*"))
+    with pytest.raises(CheckpointError, match=r"huge: the model's logits are NaN or infinite on a plain gradient "
+                                              r"image: its weights are finite but too large"):
+        Segmenter.load(str(folder), device="cpu")
+    bands = SegFormer.from_variant("b0", num_labels=3, in_channels=2, depths=(1, 1, 1, 1)).eval()
+    predictor = Predictor(bands, size=64, bands=Bands(2, (0.0, 0.0), (1.0, 1.0)), device="cpu")
+    raster = np.ones((40, 40, 2), np.float32)
+    assert predictor(raster).label_map.shape == (40, 40)
+    raster[:20] = 3e38  # finite, and far beyond a std of 1
+    with pytest.raises(NonFiniteLogits, match=r"an input far outside the values the model was trained on"):
+        predictor(raster)

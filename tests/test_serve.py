@@ -203,6 +203,32 @@ def test_concurrent_requests_run_as_one_batch_and_a_failing_one_fails_alone(chec
     assert stats["requests"] == 7 and stats["in_flight"] == 0
 
 
+class NaNOnUniform(torch.nn.Module):
+    """A model whose logits are NaN for an image of one colour."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.id2label = model, model.id2label
+
+    def forward(self, x):
+        logits = self.model(x)
+        uniform = (x.flatten(2).std(2) == 0).all(1)
+        return torch.where(uniform[:, None, None, None], torch.nan, logits)
+
+
+def test_an_image_the_model_makes_nan_of_is_a_422_and_the_others_are_answered(checkpoint, images):
+    """NaN logits made a mask of class 0 (the argmax of NaN) answered with 200; now that image alone is refused,
+    saying so, and a batch it was in is answered one at a time."""
+    model, facts = load_for_inference(str(checkpoint))
+    segmenter = Segmenter(NaNOnUniform(model), facts, device="cpu", batch_size=8)
+    with running(build_app(segmenter, Batcher(segmenter.predict, max_batch=8, max_wait=0.005), LIMITS)) as url:
+        uniform = httpx.post(f"{url}/predict", content=png(Image.new("RGB", (50, 40), (9, 9, 9))), timeout=60)
+        photo = httpx.post(f"{url}/predict", content=images[0].read_bytes(), timeout=60)
+    assert uniform.status_code == 422
+    assert uniform.json()["error"].startswith("this image: the model's logits are NaN or infinite at")
+    assert photo.status_code == 200 and photo.json()
+
+
 def test_batched_answers_agree_with_one_at_a_time(checkpoint, images):
     """One forward pass of several images: each image's label map as when it runs alone (a batched
     convolution rounds differently in the last bits, so a pixel whose two best classes are within 1e-5
