@@ -321,7 +321,10 @@ def train_step(run: Run, micro_batches: list[dict]) -> tuple[float, float]:
         run.scaler.scale(loss).backward()
         step_loss += loss.item()
     if any_process(not math.isfinite(step_loss), run.world_size, run.device):  # all stop at the same step
-        raise Diverged(f"the loss is {step_loss} at step {run.loop.step + 1}; stopping without saving: "
+        samples = run.train_loader.dataset.samples
+        names = [samples.name(i) for batch in micro_batches for i in batch.get("indices", [])]
+        raise Diverged(f"the loss is {step_loss} at step {run.loop.step + 1} (its samples: {', '.join(names[:4])}"
+                       f"{f' and {len(names) - 4} more' if len(names) > 4 else ''}); stopping without saving: "
                        f"{last_checkpoint_note(run.out)}")
     if config.clip_grad:
         run.scaler.unscale_(run.optimizer)
