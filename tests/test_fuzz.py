@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import build_dataset
@@ -95,7 +96,8 @@ MANIFEST = document({
          "annotations": maybe(st.sampled_from(["annotations", "images", "nowhere"]))}), max_size=2)),
     "image_suffix": maybe(st.sampled_from([".png", "", "_x"])),
 })
-LABELMAP_LINES = st.lists(st.text(alphabet="abc:,0123456789# -", max_size=24), max_size=5)
+LABELMAP_LINES = st.lists(st.text(alphabet="abc:,0123456789# -", max_size=24).map(str.encode) | st.binary(max_size=12),
+                          max_size=5)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -115,8 +117,12 @@ def read_every_sample(folder: Path) -> None:
     tracemalloc.start()
     try:
         dataset = build_dataset(str(folder), "train", test_size=0, size=32)
-        for i in range(len(dataset)):
-            dataset.load(i)
+        names = dataset.class_names
+        assert all(isinstance(n, str) and n.strip() for n in names) and len(set(names)) == len(names), names
+        for i in range(len(dataset)):  # what is read is right: the image's size, class ids or the ignore index
+            image, labels = dataset.load(i)
+            assert labels.shape == image.shape[-2:] and torch.isfinite(image.float()).all()
+            assert ((labels < max(dataset.num_labels, 2)) | (labels == 255)).all()
     except UserError as e:
         message = str(e)
         assert message and "\n" not in message, f"not one line: {message!r}"
@@ -181,5 +187,21 @@ def test_any_cvat_labelmap_is_read_or_refused_in_one_line(lines):
         (folder / "JPEGImages" / "img.png").write_bytes(PHOTO)
         (folder / "SegmentationClass" / "img.png").write_bytes(COLOUR_MASK)
         (folder / "ImageSets" / "Segmentation" / "default.txt").write_text("img\n")
-        (folder / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "\n".join(lines) + "\n")
+        (folder / "labelmap.txt").write_bytes(b"# label:color_rgb:parts:actions\n" + b"\n".join(lines) + b"\n")
+        read_every_sample(folder)
+
+
+@FUZZ
+@given(image=st.sampled_from([PHOTO, INDEX_MASK]).flatmap(
+    lambda png: st.integers(0, len(png)).map(lambda n: png[:n]) | st.binary(max_size=64).map(lambda b: png[:33] + b)),
+       which=st.sampled_from(["images", "annotations"]))
+def test_any_bytes_as_an_image_or_annotation_file_are_read_or_refused_in_one_line(image, which):
+    """A PNG cut anywhere (an interrupted copy), or its header followed by anything: one line naming the file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "data"
+        (folder / "images").mkdir(parents=True)
+        (folder / "annotations").mkdir()
+        (folder / "images" / "a.png").write_bytes(image if which == "images" else PHOTO)
+        (folder / "annotations" / "a.png").write_bytes(image if which == "annotations" else INDEX_MASK)
+        write_json(folder / "dataset.json", {"classes": ["a", "b", "c", "d"], "reduce_labels": False})
         read_every_sample(folder)
