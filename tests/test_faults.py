@@ -82,6 +82,8 @@ def planted_checkpoint(tmp_path, monkeypatch):
     return folder
 
 
+PRETRAIN = ["--train-split", "train[:8]", "--eval-split", "validation[:4]", "--size", "32", "--batch-size", "4",
+            "--max-steps", "1", "--no-plots"]
 ENTRY_POINTS = {  # each command a user runs on a checkpoint they were given, without --trust-code
     "train --pretrained": lambda c, t: train.main(QUICK + ["--pretrained", str(c), "--out", str(t / "run"),
                                                            "--max-steps", "1"]),
@@ -99,7 +101,10 @@ ENTRY_POINTS = {  # each command a user runs on a checkpoint they were given, wi
         ["--checkpoint", str(c), "--port", "0"]))),
     "app": lambda c, t: run_main(lambda: __import__("app").build(__import__("app").get_args(
         ["--checkpoint", str(c)]))),
-}  # (train.py --resume: tests/test_architecture.py and tests/test_finetune.py, with a run's saved settings)
+    "pretrain --model": lambda c, t: __import__("pretrain").main(PRETRAIN + ["--model", str(c / "config.json"),
+                                                                             "--out", str(t / "pre")]),
+}  # (--resume, with a run's saved settings: below for pretrain.py; train.py's in tests/test_architecture.py and
+#    tests/test_finetune.py)
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
@@ -113,6 +118,25 @@ def test_a_checkpoint_naming_a_module_imports_nothing_without_trust_code(entry, 
     assert code == 2 and err and "Traceback" not in "\n".join(err), err
     assert "names code from outside this project (decoder planted_part:Head)" in err[-1], err[-1]
     assert "--trust-code" in err[-1]
+    assert not (tmp_path / "imported").exists() and "planted_part" not in sys.modules
+
+
+def test_resuming_a_pretraining_run_whose_files_name_a_module_imports_nothing(planted_checkpoint, tmp_path, capsys):
+    """pretrain.py --resume of a run whose config.json and training_args.json were made to name a module: the
+    saved run is a file's word, not the user's; refused in one line, nothing imported."""
+    import sys
+
+    import pretrain
+    assert pretrain.main(PRETRAIN + ["--out", str(tmp_path / "pre")]) == 0
+    resumed = tmp_path / "pre" / "checkpoint-1"
+    for name, key in (("config.json", "segformer_parts"), ("training_args.json", None)):
+        content = json.loads((resumed / name).read_text())
+        content.update({key: {"attention": "planted_part:Head"}} if key else {"attention": "planted_part:Head"})
+        (resumed / name).write_text(json.dumps(content))
+    capsys.readouterr()
+    assert pretrain.main(PRETRAIN + ["--resume", str(resumed), "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "names code from outside this project (attention planted_part:Head)" in err[-1] and "--trust-code" in err[-1]
     assert not (tmp_path / "imported").exists() and "planted_part" not in sys.modules
 
 
