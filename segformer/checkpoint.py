@@ -2,6 +2,7 @@
 one reader every script asks), and reading its tensors. Writing them: `segformer/files.py`."""
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -214,27 +215,67 @@ def describe(source: str | Path) -> CheckpointFacts:
 
 
 def read_side_files(folder: Path) -> dict:
-    """What the files beside a model say: the input size and label reduction (preprocessor_config.json),
-    the class colours (palette.json) and the run's settings (training_args.json, where train.py wrote it)."""
-    preprocessor = folder / "preprocessor_config.json"
-    preprocessor = read_json_object(preprocessor) if preprocessor.is_file() else {}
-    size = preprocessor.get("size", {})
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge")
-    reduce_labels = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))  # older: reduce_labels
-    bands = None
-    if preprocessor.get("do_rescale") is False and "num_bands" in preprocessor:  # ours, for full-precision bands
-        try:
-            bands = Bands(int(preprocessor["num_bands"]), tuple(map(float, preprocessor["image_mean"])),
-                          tuple(map(float, preprocessor["image_std"])), nodata=preprocessor.get("nodata", "ignore"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder / 'preprocessor_config.json'}: bands without a valid image_mean / "
-                                  f"image_std / nodata ({e})") from None
-    return dict(bands=bands, temperature=read_temperature(folder),
-                size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
-                reduce_labels=reduce_labels if isinstance(reduce_labels, bool) else None,
+    """What the files beside a model say: the input size, label reduction and normalisation
+    (preprocessor_config.json), the class colours (palette.json) and the run's settings (training_args.json,
+    where train.py wrote it)."""
+    return dict(**read_preprocessor(folder / "preprocessor_config.json"), temperature=read_temperature(folder),
                 palette=_read_palette(folder / "palette.json"),
                 training_args=folder / "training_args.json" if (folder / "training_args.json").is_file() else None)
+
+
+def read_preprocessor(path: Path) -> dict:
+    """A `preprocessor_config.json` (SegformerImageProcessor's keys; `num_bands`/`nodata` ours), each key it has
+    checked: a value that would be ignored or misread (a size that is not a positive whole number, a reduction
+    that is not true or false, 8-bit RGB normalised other than ImageNet's way, which this project's inference
+    and training apply) is a CheckpointError naming the file and key, never a silent default."""
+    from .images import declared_pixel_limit
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD  # here: loading a model needs no torchvision
+    preprocessor = read_json_object(path) if path.is_file() else {}
+
+    def fail(key, expected):
+        raise CheckpointError(f"{path}: key {key!r} must be {expected}, got {preprocessor[key]!r:.80}")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    size = preprocessor.get("size")
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    if "size" in preprocessor and not whole(size):
+        fail("size", '{"height": H, "width": W} (or an integer) of positive whole numbers')
+    if size is not None and size * size > declared_pixel_limit():
+        fail("size", f"an input size of at most {declared_pixel_limit():,} pixels")
+    reduce_labels = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))  # older: reduce_labels
+    for key in ("do_reduce_labels", "reduce_labels", "do_rescale", "do_normalize", "do_resize"):
+        if key in preprocessor and not isinstance(preprocessor[key], bool):
+            fail(key, "true or false")
+    if preprocessor.get("do_normalize") is False:
+        fail("do_normalize", "true: this project normalises every image the model is fed")
+    if "num_bands" in preprocessor and preprocessor.get("do_rescale") is not False:
+        fail("num_bands", 'given with "do_rescale": false (full-precision bands, which are not rescaled)')
+    numbers = lambda v, n: isinstance(v, list) and len(v) == n and all(  # noqa: E731
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if preprocessor.get("do_rescale") is False and "num_bands" in preprocessor:  # ours, for full-precision bands
+        count = preprocessor["num_bands"]
+        if not (whole(count) and count <= 64):
+            fail("num_bands", "the images' band count, 1..64")
+        for key in ("image_mean", "image_std"):
+            value = preprocessor.get(key)
+            if not numbers(value, count) or (key == "image_std" and min(value) <= 0):
+                raise CheckpointError(f"{path}: key {key!r} must be {count} finite numbers (one per band"
+                                      f"{', positive' if key == 'image_std' else ''}), got {value!r:.80}")
+        try:
+            bands = Bands(count, tuple(map(float, preprocessor["image_mean"])),
+                          tuple(map(float, preprocessor["image_std"])), nodata=preprocessor.get("nodata", "ignore"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return dict(size=size, reduce_labels=reduce_labels, bands=bands)
+    for key, imagenet in (("image_mean", IMAGENET_MEAN), ("image_std", IMAGENET_STD)):
+        if key in preprocessor and not (numbers(preprocessor[key], 3) and
+                                        all(abs(a - b) < 1e-3 for a, b in zip(preprocessor[key], imagenet))):
+            fail(key, f"ImageNet's {list(imagenet)}, with which this project normalises 8-bit RGB images (every "
+                      f"SegFormer checkpoint's); a model trained with other values would be fed inputs it never saw")
+    factor = preprocessor.get("rescale_factor", 1 / 255)
+    if preprocessor.get("do_rescale", True) and not (isinstance(factor, (int, float)) and abs(factor - 1 / 255) < 1e-6):
+        fail("rescale_factor", "1/255 (8-bit values to 0..1), as this project rescales")
+    return dict(size=size, reduce_labels=reduce_labels, bands=None)
 
 
 def _read_palette(file: Path) -> tuple | None:

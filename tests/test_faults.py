@@ -551,6 +551,34 @@ def test_nonsense_in_config_json_names_the_file_and_key(hf_b0_dir, tmp_path, edi
         SegFormer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"size": {"height": "abc", "width": 64}}, r"key 'size' must be \{\"height\": H, \"width\": W\} \(or an "),
+    ({"size": -5}, r"key 'size' must be .* of positive whole numbers, got -5"),
+    ({"size": 10**9}, r"key 'size' must be an input size of at most [\d,]+ pixels"),
+    ({"do_reduce_labels": "yes"}, r"key 'do_reduce_labels' must be true or false, got 'yes'"),
+    ({"image_mean": [0.5, 0.5, 0.5]}, r"key 'image_mean' must be ImageNet's \[0.485, 0.456, 0.406\], with which"),
+    ({"image_std": [0, 0, 0]}, r"key 'image_std' must be ImageNet's"),
+    ({"do_normalize": False}, r"key 'do_normalize' must be true: this project normalises every image"),
+    ({"rescale_factor": 1.0}, r"key 'rescale_factor' must be 1/255"),
+    ({"num_bands": "x"}, r"key 'num_bands' must be given with \"do_rescale\": false"),
+    ({"do_rescale": False, "num_bands": True}, r"key 'num_bands' must be the images' band count, 1..64, got True"),
+    ({"do_rescale": False, "num_bands": 2}, r"key 'image_mean' must be 2 finite numbers \(one per band\)"),
+])
+def test_nonsense_in_preprocessor_config_names_the_file_and_key(tmp_path, edit, message):
+    """A size that was not a positive whole number fell back to the default input size without a word, a
+    reduction that was not a boolean was taken as none, an RGB normalisation other than ImageNet's (which
+    inference applies) was ignored, and 10^9 x 10^9 was an allocation of exabytes at the first image."""
+    from transformers import SegformerImageProcessor
+
+    from segformer.checkpoint import read_preprocessor
+    SegformerImageProcessor().save_pretrained(tmp_path)  # the reference's own file reads as it says
+    assert read_preprocessor(tmp_path / "preprocessor_config.json") == dict(size=512, reduce_labels=False, bands=None)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(CheckpointError, match=rf"preprocessor_config\.json: {message}"):
+        read_preprocessor(tmp_path / "preprocessor_config.json")
+
+
 def test_weights_num_batches_tracked_may_be_missing_but_not_integers_or_nans(hf_b0_dir, tmp_path):
     weights = load_file(hf_b0_dir / "model.safetensors")
     without = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
