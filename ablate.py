@@ -43,6 +43,7 @@ from segformer import SegFormer
 from segformer.cli import run_main
 from segformer.config import PARTS, VARIANTS
 from segformer.errors import ConfigError
+from segformer.files import read_json, writable_folder, write_bytes, write_json
 from segformer.visual import pyplot, save_figure
 
 # two-sided 5% critical values of Student's t, by degrees of freedom (the normal's past 30)
@@ -78,8 +79,9 @@ def finished_or_trained(out: Path, flags: list[str]) -> dict:
     last checkpoint. Returns {"mean_iou", "best_miou"} of the run's end."""
     done = out / "done.json"
     if done.exists():
-        return json.loads(done.read_text())
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+        return read_json(done, error=ConfigError)
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                         key=lambda p: int(p.name.rsplit("-", 1)[1]))  # (not a killed write's leftovers)
     if checkpoints:
         print(f"{out}: resuming from {checkpoints[-1].name}", flush=True)
         summary = train.execute(["--resume", str(checkpoints[-1])] + (["--trust-code"] if "--trust-code" in flags
@@ -92,7 +94,7 @@ def finished_or_trained(out: Path, flags: list[str]) -> dict:
         print(f"{out}: stopped at step {summary['step']}; the same command continues the ablation", flush=True)
         sys.exit(128 + summary["interrupted"])
     result = {"mean_iou": summary["mean_iou"], "best_miou": summary["best_miou"]}
-    done.write_text(json.dumps(result))
+    write_json(result, done)  # atomic: a killed write leaves no half file
     return result
 
 
@@ -143,7 +145,7 @@ def write_table(rows: list[dict], path: Path, *, size: int, threads: int, recipe
         lines.append(f"| {row['name']} | {row['params_m']:.2f} | {row['gflops']:.2f} | {row['latency_ms']:.0f} ms | "
                      f"{row['latency_vs_stock']:.2f}x | {mean_sd(row['mean_iou'])} | {difference} | {verdict} |")
     text = "\n".join(lines) + f"\n\n(train.py {recipe}; seeds {rows[0]['seeds']})\n"
-    path.write_text(text)
+    write_bytes(text.encode(), path)
     return text
 
 
@@ -190,7 +192,7 @@ def execute(argv=None) -> list[dict]:
     variants = [("stock", [])] + [variant_flags(v) for v in args.variants]
     if len({name for name, _ in variants}) < len(variants):
         raise ConfigError(f"variants {' '.join(args.variants)}: two have the same name")
-    out = Path(args.out)
+    out = writable_folder(args.out)  # before the first of many trainings
 
     def folder(name: str, seed: int) -> Path:  # a variant's name as a folder name: attention:linear -> attention_linear
         return out / re.sub(r"[^\w.+=-]", "_", name) / f"seed-{seed}"
@@ -210,7 +212,7 @@ def execute(argv=None) -> list[dict]:
         rows.append(dict(name=name, seeds=args.seeds, mean_iou=results[name], differences=differences, t=t,
                          significant=significant, params_m=params, gflops=gflops, latency_ms=latency,
                          latency_vs_stock=ratio))
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_bytes(json.dumps(rows, indent=2).encode(), out / "results.json")  # atomic
     print("\n" + write_table(rows, out / "table.md", size=args.size, threads=args.threads,
                              recipe=" ".join(shlex.split(args.train_args))))
     if plot(rows, out / "ablation.png"):

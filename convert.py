@@ -29,7 +29,7 @@ import torch
 from segformer import SegFormer
 from segformer.weight_layouts import WEIGHT_LAYOUTS
 from segformer.checkpoint import describe
-from segformer.files import write_json, write_safetensors, write_torch
+from segformer.files import writable_folder, write_json, write_safetensors, write_torch
 from segformer.cli import run_main
 from segformer.errors import CheckpointError, ConfigError
 
@@ -61,6 +61,9 @@ def smp_config(model: SegFormer) -> dict:
 
 def convert(checkpoint: str, to: str, out: Path, *, encoder_only: bool = False, trust_code: bool = False) -> Path:
     """Everything main does; returns what it wrote. A problem is a UserError naming it."""
+    if to != "mmseg" and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file; --to {to} writes a folder")
+    writable_folder(out.parent if to == "mmseg" else out)  # before any work: a read-only or full disk is one line
     facts = describe(checkpoint)
     model = SegFormer.from_pretrained(facts, trust_code=trust_code).eval()
     native = model.state_dict()
@@ -75,8 +78,6 @@ def convert(checkpoint: str, to: str, out: Path, *, encoder_only: bool = False, 
         write_torch({"meta": meta, "state_dict": weights}, out)
         written = out
     else:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: a file; --to {to} writes a folder")
         if to == "hf":
             if model.config.parts:
                 raise ConfigError(f"transformers builds the stock SegFormer only, not {model.config.describe()}")

@@ -939,6 +939,15 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp
                        "--eval-split", "validation[:2]"]) == 2
     err = capsys.readouterr().err
     assert "--report /sys/segformer-report: cannot write there" in err and len(err.strip().splitlines()) == 1
+    import ablate
+    import convert  # a raw PermissionError; ablate.py refused at its first training, after printing its plan
+    for script, argv in ((convert, [str(checkpoint), "--to", "hf", "--out", "/sys/segformer-hf"]),
+                         (convert, [str(checkpoint), "--to", "mmseg", "--out", "/sys/segformer-mm/b0.pth"]),
+                         (ablate, ["decoder:mmseg", "--out", "/sys/segformer-ablation"])):
+        assert script.main(argv) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith("error: --out /sys/segformer-") and "cannot write there" in out.err
+        assert len(out.err.strip().splitlines()) == 1
 
 
 def test_a_folder_no_run_has_used_keeps_the_users_files_without_overwrite(tmp_path, capsys, monkeypatch):
