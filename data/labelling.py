@@ -321,8 +321,9 @@ def labelme_problems(content, path: Path) -> list[str]:
         where = f"{path} shape {number}"
         if not isinstance(shape, dict):
             problems.append(f"{where}: expected an object, got {type(shape).__name__}")
-        elif not isinstance(shape.get("label"), str):
-            problems.append(f"{where}: \"label\" must be a string, got {shape.get('label')!r:.40}")
+        elif not isinstance(shape.get("label"), str) or not shape["label"].strip():
+            problems.append(f"{where}: \"label\" must be a class name (a non-empty string), got "
+                            f"{shape.get('label')!r:.40}")
         elif shape.get("shape_type") is not None and not isinstance(shape["shape_type"], str):  # null: a polygon
             problems.append(f"{where}: \"shape_type\" must be a string, got {shape['shape_type']!r:.40}")
         else:
@@ -377,16 +378,23 @@ def labelme_classes(folder: Path, files: list[Path], manifest_classes) -> tuple[
     """The class names: the manifest's, labels.txt's (labelme2voc's: __ignore__, _background_, ...), or
     "background" and the labels found, sorted."""
     if manifest_classes:
-        return tuple(manifest_classes)
+        return tuple(manifest_classes)  # (checked by read_manifest)
     labels_file = folder / "labels.txt"
     if labels_file.is_file():
         text = read_text(labels_file, error=DataError, expected="class names, one per line")
         names = [line.strip() for line in text.splitlines() if line.strip()]
-        names = [n for n in names if n != LABELME_IGNORE]
+        names = tuple("background" if n == "_background_" else n for n in names if n != LABELME_IGNORE)
         if not names:
             raise DataError(f"{labels_file}: no class names")
-        return tuple("background" if n == "_background_" else n for n in names)
-    return ("background", *labelme_labels(files))
+        if twice := sorted({n for n in names if names.count(n) > 1}):  # a class would vanish from label2id
+            raise DataError(f"{labels_file}: the class {twice[0]!r} is named twice (_background_ is background)")
+        origin = labels_file
+    else:
+        names, origin = ("background", *labelme_labels(files)), folder
+    if len(names) > IGNORE_INDEX:
+        raise DataError(f"{origin}: {len(names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
+                        f"{IGNORE_INDEX} is the ignore index): merge labels")
+    return names
 
 
 def labelme_pairs(files: list[Path], class_names: tuple[str, ...]) -> tuple[list, list[str]]:

@@ -348,7 +348,7 @@ def test_every_problem_of_labelme_files_a_labelmap_and_a_manifest_is_listed_at_o
     labelme.mkdir()
     changes = [lambda s: s.update(points=[[0, 0], ["a", 0], [4, 4]]), lambda s: s.update(shape_type="bogus"),
                lambda s: s.update(points=[[0, 0], [400, 0], [4, 4]]), lambda s: s.update(label=5),
-               lambda s: s.update(label="dog"), lambda s: None]
+               lambda s: s.update(label="dog"), lambda s: s.update(label=" "), lambda s: None]
     for i, change in enumerate(changes):
         random_image(8, 8, seed=i).save(labelme / f"a{i}.png")
         shape = {"label": "cat", "shape_type": "polygon", "points": [[0, 0], [4, 0], [4, 4]]}
@@ -359,8 +359,9 @@ def test_every_problem_of_labelme_files_a_labelmap_and_a_manifest_is_listed_at_o
     expected = [r"a0.json shape 0 \('cat'\): \"points\" must be \[x, y\] pairs of numbers",
                 r"a1.json shape 0 \('cat'\): shape type 'bogus'",
                 r"a2.json shape 0 \('cat'\): polygon point \(400, 0\) is outside the 8x8 image",
-                r"a3.json shape 0: \"label\" must be a string, got 5",
-                r"a4.json shape 0 \('dog'\): label 'dog' is not a class \(background, cat\)"]
+                r"a3.json shape 0: \"label\" must be a class name \(a non-empty string\), got 5",
+                r"a4.json shape 0 \('dog'\): label 'dog' is not a class \(background, cat\)",
+                r"a5.json shape 0: \"label\" must be a class name \(a non-empty string\), got ' '"]
     cvat = tmp_path / "cvat"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (cvat / sub).mkdir(parents=True)
@@ -390,6 +391,20 @@ def test_every_problem_of_labelme_files_a_labelmap_and_a_manifest_is_listed_at_o
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert f"(and {len(messages) - 1} more: python -m data doctor lists them)" in err
+
+
+@pytest.mark.parametrize("labels, said", [
+    ("__ignore__\n_background_\ncat\ncat\n", r"labels\.txt: the class 'cat' is named twice"),
+    ("_background_\nbackground\n", r"labels\.txt: the class 'background' is named twice \(_background_ is"),
+    ("".join(f"c{i}\n" for i in range(300)), r"labels\.txt: 300 classes; the label maps hold 255"),
+])
+def test_labels_txt_naming_a_class_twice_or_too_many_is_refused_by_name(tmp_path, labels, said):
+    """A name twice in labels.txt made one of the classes vanish from label2id (its pixels trained as the
+    other), and 300 names failed only when the first label map was drawn."""
+    from data.labelling import labelme_classes
+    (tmp_path / "labels.txt").write_text(labels)
+    with pytest.raises(DataError, match=said):
+        labelme_classes(tmp_path, [], None)
 
 
 @pytest.mark.parametrize("count, background", [(255, True), (254, True), (300, False)])
