@@ -44,6 +44,7 @@ def file_bytes(data: bytes | str | Path, name: str | None = None) -> tuple[bytes
 
 
 PIXEL_LIMIT_VARIABLE = "SEGFORMER_MAX_IMAGE_PIXELS"
+DEFAULT_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's refusal as it comes (not as set later)
 
 
 def declared_pixel_limit() -> int:
@@ -53,7 +54,7 @@ def declared_pixel_limit() -> int:
     unless the environment variable SEGFORMER_MAX_IMAGE_PIXELS sets another, which PIL then follows too."""
     value = os.environ.get(PIXEL_LIMIT_VARIABLE)
     if value is None:
-        return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+        return DEFAULT_PIXEL_LIMIT
     if not value.strip().isdigit() or int(value) < 1:
         from .errors import ConfigError
         raise ConfigError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: expected a positive whole number of pixels")

@@ -216,6 +216,7 @@ def test_band_images_pil_decodes_hold_the_pixel_limit_one_frame_and_orientation(
     DecompressionBombError, or nothing under a lower SEGFORMER_MAX_IMAGE_PIXELS), the first frame of an
     animation without a word, and the stored pixels of a rotated photo whose annotation is read upright."""
     from segformer.images import decode
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     image = Image.fromarray(np.arange(40 * 60, dtype=np.uint16).reshape(40, 60))
     image.save(tmp_path / "grey16.png")
     assert read_bands(tmp_path / "grey16.png").shape == (40, 60, 1)
