@@ -116,8 +116,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = self.corruption(image, index)
         labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
         if image.shape[-2:] != labels.shape:
-            raise DataError(f"{name}: annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the image is "
-                            f"{image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
+            where = getattr(annotation, "filename", "") or name  # the annotation's own file (a COCO entry, a JSON)
+            raise DataError(f"{where}: the annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but its image {name} "
+                            f"is {image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
                             f"annotation must be drawn on the image as a viewer shows it)")
         if bands is not None:  # a raster's no-data (NaN, infinity): the band mean in, the pixel labelled as the
             image, nodata = fill_nonfinite(image, bands)  # data says ("uncovered": ignored, or class 0)

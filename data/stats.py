@@ -48,9 +48,13 @@ def read_annotation(samples, i: int, mapping: LabelMapping):
     """(name, image size from its header, class ids) of sample i, or (name, None, the DataError's message)."""
     try:
         annotation, size, name = samples.peek(i)
-        return name, size, mapping.apply(annotation_to_tensor(annotation, name, mapping))
+        labels = mapping.apply(annotation_to_tensor(annotation, name, mapping))
     except DataError as e:
         return samples.name(i), None, str(e)
+    if (labels.shape[1], labels.shape[0]) != tuple(size):  # named by the annotation's file (a COCO entry, a JSON)
+        return name, None, (f"{getattr(annotation, 'filename', '') or name}: the annotation is {labels.shape[1]}x"
+                            f"{labels.shape[0]} (WxH) but its image {name} is {size[0]}x{size[1]}")
+    return name, size, labels
 
 
 def collect(samples, mapping: LabelMapping, num_labels: int, *, progress: bool = True,
@@ -75,9 +79,6 @@ def collect(samples, mapping: LabelMapping, num_labels: int, *, progress: bool =
 def add_annotation(stats: SplitStats, name: str, size: tuple[int, int], labels: torch.Tensor, highest: int) -> None:
     stats.images += 1
     stats.sizes[size] += 1
-    if (labels.shape[1], labels.shape[0]) != tuple(size):
-        stats.unreadable.append((name, f"{name}: the annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but the "
-                                       f"image is {size[0]}x{size[1]}"))
     ignored = labels == IGNORE_INDEX
     beyond = labels[(labels > highest) & ~ignored].unique()
     if len(beyond):

@@ -246,7 +246,7 @@ def test_corrupt_and_truncated_images_are_named(tmp_path):
 
 def test_annotation_size_mode_and_values_are_checked(tmp_path):
     image, label = make_pairs(1)[0]
-    with pytest.raises(DataError, match=r"pair0: annotation is 50x50 \(WxH\) but the image is 91x67"):
+    with pytest.raises(DataError, match=r"pair0: the annotation is 50x50 \(WxH\) but its image pair0 is 91x67"):
         build_dataset_from_pairs([(image, label.resize((50, 50)))])[0]
     grey_as_rgb = build_dataset_from_pairs([(image, label.convert("RGB"))])[0]["labels"]  # a grey map saved as RGB
     assert torch.equal(grey_as_rgb, build_dataset_from_pairs([(image, label)])[0]["labels"])

@@ -702,8 +702,8 @@ def test_bad_validation_files_are_found_before_training(tmp_path):
         train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "4"])
     assert not list((tmp_path / "run").glob("checkpoint-*")) and steps == []
     Image.fromarray(np.full((20, 32), 1, np.uint8)).save(bad)
-    with pytest.raises(DataError, match=r"ADE_validation_00000001\.jpg: the annotation is 32x20 \(WxH\) but the "
-                                        r"image is 32x32"):
+    with pytest.raises(DataError, match=r"ADE_validation_00000001\.png: the annotation is 32x20 \(WxH\) but its "
+                                        r"image .*ADE_validation_00000001\.jpg is 32x32"):
         train.execute(FOLDER + ["--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "4"])
 
 
@@ -813,7 +813,8 @@ def test_the_doctor_names_the_file_of_a_size_mismatch(tmp_path, capsys):
     Image.fromarray(np.full((16, 32), 1, np.uint8)).save(folder / "annotations" / "001.png")
     import data.__main__ as doctor
     assert doctor.main([str(folder), "--num-labels", "2"]) == 1
-    assert f"{folder / 'images' / '001.png'}: the annotation is 32x16 (WxH) but the image is 32x32" in \
+    assert f"{folder / 'annotations' / '001.png'}: the annotation is 32x16 (WxH) but its image " \
+        f"{folder / 'images' / '001.png'} is 32x32" in \
         capsys.readouterr().out
 
 
