@@ -99,10 +99,13 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
             sizes = dict(zip(series.axes, series.shape))
             check_pixel_count(sizes.get("X", 1), sizes.get("Y", 1), name)  # from the header, before decoding
             array, axes = series.asarray(), series.axes
+            nodata = tiff.pages[0].tags.get("GDAL_NODATA")  # GDAL's no-data value (-9999, 0, 65535, ...)
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{name}: cannot decode TIFF ({type(e).__name__}: {e})") from None
+    if nodata is not None:
+        array = with_nodata(array, nodata.value, name)
     if axes == "YX":
         return array[..., None]
     if axes in ("YXS", "YXC"):
@@ -110,6 +113,19 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
     if axes in ("SYX", "CYX", "QYX", "IYX"):  # planar: bands first
         return np.moveaxis(array, 0, -1)
     raise DataError(f"{name}: a TIFF of axes {axes!r} {array.shape}; expected one image, (Y, X[, bands])")
+
+
+def with_nodata(array: np.ndarray, value: str, name: str) -> np.ndarray:
+    """The values a GeoTIFF's GDAL_NODATA tag names as no data, made NaN (float32; float64 stays), so that they
+    are what NaN is everywhere: left out of the statistics, fed as the band mean, labelled as "uncovered" says."""
+    try:
+        nodata = float(str(value).strip().rstrip("\x00"))
+    except ValueError:
+        raise DataError(f"{name}: its GDAL_NODATA tag is {str(value)[:40]!r}; expected a number") from None
+    missing = np.isnan(array) if math.isnan(nodata) else array == nodata  # compared in the stored type
+    result = array.astype(np.float64 if array.dtype == np.float64 else np.float32)
+    result[missing] = np.nan
+    return result
 
 
 def to_band_tensor(array: np.ndarray, name: str, count: int) -> torch.Tensor:

@@ -253,3 +253,23 @@ def test_a_raster_with_no_data_is_drawn_black_there_and_stretched_elsewhere():
     assert shown[5:].max() == 255 and len(np.unique(shown[5:])) > 100  # the finite values, stretched
     all_nan = np.full((4, 4, 1), np.nan, np.float32)
     assert (np.asarray(display_rgb(all_nan)) == 0).all()
+
+
+def test_a_geotiffs_gdal_nodata_value_is_no_data_like_nan(tmp_path):
+    """Integer rasters mark no data with a value their GDAL_NODATA tag names (0, -9999, 65535), not NaN: those
+    pixels were read as data, pulling the measured mean toward 0 and trained on as whatever class they were
+    labelled. Now they are NaN when read, with all that NaN means (statistics, the model's input, the labels)."""
+    root = write_multiband(tmp_path / "tiles", val=2)
+    for path in sorted((root / "img_dir").rglob("*.tif")):
+        image = tifffile.imread(path)
+        image[:8, :8] = 65535
+        tifffile.imwrite(path, image, extratags=[(42113, "s", 0, "65535", True)])  # GDAL_NODATA = "65535"
+    raw = read_bands(root / "img_dir" / "train" / "tile0.tif")
+    assert raw.dtype == np.float32 and np.isnan(raw[:8, :8]).all() and np.isfinite(raw[8:]).all()
+    dataset = build_dataset(str(root), "train", train=False, size=64)
+    assert dataset.spec.bands.mean[3] == pytest.approx(20000.0)  # the constant band: no 65535 averaged in
+    sample = dataset[0]
+    assert torch.isfinite(sample["pixel_values"]).all() and (sample["labels"][:8, :8] == 255).all()
+    tifffile.imwrite(tmp_path / "odd.tif", np.zeros((8, 8, 4), np.uint16), extratags=[(42113, "s", 0, "none", True)])
+    with pytest.raises(DataError, match=r"odd\.tif: its GDAL_NODATA tag is 'none'; expected a number"):
+        read_bands(tmp_path / "odd.tif")
