@@ -30,7 +30,7 @@ from segformer.metrics import NamedClasses, predicted_classes
 from segformer.preprocess import DEFAULT_SIZE
 from segformer.visual import class_colours
 
-from .mapping import ADE, LabelMapping
+from .mapping import ADE, IGNORE_INDEX, LabelMapping
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,10 @@ def decide_labels(*, data: SourceLabels | None = None, checkpoint=None, pretrain
     else:
         raise ConfigError(f"{data.source if data else 'the data'}: the data does not name its classes; give "
                           f"--num-labels N or --id2label FILE")
+    if len(names) > IGNORE_INDEX:  # 16-bit label maps hold more, but class 255 would be the ignore index
+        raise ConfigError(f"{origin}: {len(names)} classes; training and evaluation count classes 0..{IGNORE_INDEX - 1}"
+                          f", {IGNORE_INDEX} being the ignore index: class {IGNORE_INDEX} ({names[IGNORE_INDEX]!r}) "
+                          f"would never be trained or scored. Merge classes into {IGNORE_INDEX} or fewer")
     if num_labels is not None and num_labels != len(names):
         raise ConfigError(f"--num-labels {num_labels}, but {origin} has {len(names)} classes ({show(names)}): drop "
                           f"--num-labels, or give a list of {num_labels} names")

@@ -257,6 +257,26 @@ def test_a_dataset_json_whose_labels_changed_since_the_run_started_is_not_resume
     assert train.main(["--resume", str(tmp_path / "run" / "checkpoint-2"), "--max-steps", "3"]) == 0
 
 
+def test_a_class_id_that_is_the_ignore_index_is_refused_not_silently_ignored(tmp_path, capsys):
+    """16-bit label maps hold class ids past 255, and a run of 300 classes trained: class 255, the ignore index,
+    was never trained or scored, without a word. Refused by train.py and the doctor; 255 classes still train."""
+    from data.__main__ import main as doctor
+    for split in ("train", "val"):
+        (tmp_path / "img_dir" / split).mkdir(parents=True)
+        (tmp_path / "ann_dir" / split).mkdir(parents=True)
+        for i in range(2):
+            random_image(16, 16, seed=i).save(tmp_path / "img_dir" / split / f"a{i}.png")
+            Image.fromarray(np.full((16, 16), 200 + 50 * i, np.uint16)).save(tmp_path / "ann_dir" / split / f"a{i}.png")
+    said = (r"--num-labels 300: 300 classes; training and evaluation count classes 0..254, 255 being the ignore "
+            r"index: class 255 \('LABEL_255'\) would never be trained or scored")
+    with pytest.raises(ConfigError, match=said):
+        train.execute(["--data", str(tmp_path), "--num-labels", "300", "--max-steps", "1", "--size", "32",
+                       "--batch-size", "2", "--out", str(tmp_path / "run")])
+    assert doctor([str(tmp_path), "--num-labels", "300"]) == 2
+    assert "class 255 ('LABEL_255') would never be trained" in capsys.readouterr().err
+    assert doctor([str(tmp_path), "--num-labels", "255"]) == 0  # 200 and 250: classes of 255
+
+
 def test_skip_bad_with_every_sample_bad_fails_naming_the_reasons(tmp_path):
     folder = write_flat_folder(tmp_path / "data", [np.full((32, 32), 1)] * 10)
     for image in (folder / "images").iterdir():
