@@ -4,7 +4,7 @@ guide downloads `ade20k-id2label.json` from the hub; we work offline), and a rea
 
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, UserError
 from .files import read_json
 
 # The 150 classes by reduced id (0 = wall), exactly as the hub's `ade20k-id2label.json` lists them,
@@ -102,17 +102,25 @@ def is_default_names(names) -> bool:
     return all(name == default_name(i) for i, name in items)
 
 
-def read_id2label(path: str | Path) -> dict[int, str]:
-    """Read an `id2label.json` ({"0": "wall", ...}); ids must be 0..N-1."""
+def read_id2label(path: str | Path, *, error: type[UserError] = DataError) -> dict[int, str]:
+    """Read an `id2label.json` ({"0": "wall", ...}): ids 0..N-1, each named, no name twice; anything else is
+    an `error` naming the file."""
     path = Path(path)
-    raw = read_json(path, error=DataError)
+    raw = read_json(path, error=error)
     if not isinstance(raw, dict) or not raw:
-        raise DataError(f"{path}: expected a JSON object mapping ids to names ({{\"0\": \"wall\", ...}}), got "
-                        f"{type(raw).__name__ if raw else 'nothing'}")
+        raise error(f"{path}: expected a JSON object mapping ids to names ({{\"0\": \"wall\", ...}}), got "
+                    f"{type(raw).__name__ if raw else 'nothing'}")
     try:
         id2label = {int(k): str(v) for k, v in raw.items()}
     except ValueError:
-        raise DataError(f"{path}: keys must be integer ids, got {list(raw)[:5]}") from None
+        raise error(f"{path}: keys must be integer ids, got {list(raw)[:5]}") from None
     if sorted(id2label) != list(range(len(id2label))):
-        raise DataError(f"{path}: ids must be 0..{len(id2label) - 1} without gaps")
-    return id2label
+        raise error(f"{path}: ids must be 0..{len(id2label) - 1} without gaps")
+    bad = [(k, v) for k, v in raw.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise error(f"{path}: class {bad[0][0]} is named {bad[0][1]!r}; every class needs a name (a string)")
+    names = list(id2label.values())
+    if twice := sorted({n for n in names if names.count(n) > 1}):  # a class would vanish from label2id
+        raise error(f"{path}: the name {twice[0]!r} is given to classes "
+                    f"{[i for i, n in sorted(id2label.items()) if n == twice[0]]}; a name is one class")
+    return dict(sorted(id2label.items()))

@@ -599,6 +599,24 @@ def test_nonsense_in_preprocessor_config_names_the_file_and_key(tmp_path, edit, 
         read_preprocessor(tmp_path / "preprocessor_config.json")
 
 
+@pytest.mark.parametrize("content, said", [
+    ({"0": "wall", "1": "wall"}, r"the name 'wall' is given to classes \[0, 1\]; a name is one class"),
+    ({"0": "wall", "1": " "}, r"class 1 is named ' '; every class needs a name"),
+    ({"0": "wall", "1": 7}, r"class 1 is named 7; every class needs a name \(a string\)"),
+    ({"0": "wall", "2": "sky"}, r"ids must be 0..1 without gaps"),
+])
+def test_an_id2label_file_naming_a_class_twice_or_not_at_all_is_refused(tmp_path, content, said):
+    """--id2label with a name twice made one class vanish from label2id (its pixels scored as the other's), and a
+    number or blank was taken as a name; the same reader checks an exported graph's id2label.json."""
+    from segformer.labels import read_id2label
+    from segformer.runtimes.graph import GraphModel
+    (tmp_path / "id2label.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"id2label\.json: " + said):
+        read_id2label(tmp_path / "id2label.json")
+    with pytest.raises(CheckpointError, match=r"id2label\.json: " + said):
+        GraphModel(tmp_path / "model.onnx")
+
+
 def test_weights_num_batches_tracked_may_be_missing_but_not_integers_or_nans(hf_b0_dir, tmp_path):
     weights = load_file(hf_b0_dir / "model.safetensors")
     without = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}

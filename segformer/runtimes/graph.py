@@ -19,7 +19,8 @@ import torch
 
 from ..checkpoint import read_side_files, write_preprocessor_config
 from ..errors import CheckpointError, ConfigError, ExportError, first_line
-from ..files import read_json, write_json
+from ..files import write_json
+from ..labels import read_id2label
 
 MIN_SIDE = 32  # the first stage's 8x8 key/value reduction needs a map of at least 8 = 32 / 4
 # A traced graph serves every size; tracing assumes every stage's reduced key/value map is at least 2 x 2
@@ -137,11 +138,7 @@ class GraphModel:
         names = path.parent / "id2label.json"
         if not names.is_file():
             raise CheckpointError(f"{names}: the class names export.py writes beside the graph are missing")
-        try:
-            id2label = {int(k): str(v) for k, v in read_json(names).items()}
-        except (ValueError, AttributeError) as e:
-            raise CheckpointError(f"{names}: expected {{\"0\": \"name\", ...}} ({e})") from None
-        self.id2label, self.path = dict(sorted(id2label.items())), path
+        self.id2label, self.path = read_id2label(names, error=CheckpointError), path
         self.side_files = read_side_files(path.parent)  # input size, normalisation, colours
 
     def eval(self) -> "GraphModel":
