@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, ConfigError
+from .files import regular_file
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
 
@@ -55,7 +56,8 @@ class Frames:
                 device, form = ((f"/dev/video{source}", "v4l2") if Path("/dev").joinpath(f"video{source}").exists()
                                 else (str(source), "avfoundation"))
                 self.container = av.open(device, format=form)
-            else:
+            else:  # a regular file: FFmpeg would wait on a FIFO for ever (streamed: no size limit)
+                regular_file(Path(source), error=DataError, expected="a video file", limit=1 << 62)
                 self.container = av.open(str(source))
             self.stream = self.container.streams.video[0]
         except (av.FFmpegError, IndexError, OSError) as e:

@@ -1,6 +1,7 @@
 """Video: infer.py on a video file (an overlay video at its frame rate, each frame's mask), temporal smoothing."""
 
 import json
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -87,6 +88,10 @@ def test_a_file_that_is_not_a_video_is_one_line(checkpoint, tmp_path, capsys):
     assert infer.main(infer.get_args(["--checkpoint", str(checkpoint), str(tmp_path / "broken.mp4"), "--out",
                                       str(tmp_path / "out")])) == 1
     assert "broken.mp4: cannot read it as a video" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.mp4")  # FFmpeg waited on it for ever
+    assert infer.main(infer.get_args(["--checkpoint", str(checkpoint), str(tmp_path / "pipe.mp4"), "--out",
+                                      str(tmp_path / "out")])) == 1
+    assert "pipe.mp4: a FIFO, not a file; expected a video file" in capsys.readouterr().err
 
 
 def test_smoothing_refuses_the_slide_mode(checkpoint, capsys):
