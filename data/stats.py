@@ -123,10 +123,14 @@ def read_class_weights(path: str | Path, class_names: list[str]) -> list[float]:
     elif isinstance(raw, dict):
         weights = [1.0] * K
         by_name = {name.strip(): i for i, name in enumerate(class_names)}
+        given = {}
         for key, value in raw.items():
             index = int(key) if str(key).isdigit() else by_name.get(str(key).strip())
             if index is None or not 0 <= index < K:
                 raise DataError(f"{path}: {key!r} is not a class (ids 0..{K - 1} or names)")
+            if index in given:  # by id and by name: one of the two would be dropped without a word
+                raise DataError(f"{path}: {given[index]!r} and {key!r} are both class {index}; give it one weight")
+            given[index] = key
             weights[index] = value
     else:
         raise DataError(f"{path}: expected a list of weights or an object {{class: weight}}")
@@ -134,6 +138,8 @@ def read_class_weights(path: str | Path, class_names: list[str]) -> list[float]:
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w) or w < 0:
             raise DataError(f"{path}: the weight of class {i} ({class_names[i].strip()}) must be a number >= 0, "
                             f"got {w!r}")
+    if not any(weights):
+        raise DataError(f"{path}: every class weight is 0, so no pixel would count in the loss")
     return [float(w) for w in weights]
 
 

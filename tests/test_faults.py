@@ -870,6 +870,25 @@ def test_class_weights_on_binary_data_are_refused_before_training(tmp_path, caps
     assert "--class-weights auto" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("content, said", [
+    ({"0": 2.0, "sky": 3.0}, r"'0' and 'sky' are both class 0; give it one weight"),
+    ([0, 0, 0], r"every class weight is 0, so no pixel would count in the loss"),
+    ([1, 2], r"2 class weights for 3 classes"),
+    ({"sea": 1}, r"'sea' is not a class \(ids 0..2 or names\)"),
+    ([1, -1, 1], r"the weight of class 1 \(wall\) must be a number >= 0, got -1"),
+    ({"2": "heavy"}, r"the weight of class 2 \(road\) must be a number >= 0, got 'heavy'"),
+])
+def test_a_class_weights_file_that_says_two_things_or_nothing_is_refused(tmp_path, content, said):
+    """A weight given by id and by name kept the later without a word; all zero made the loss 0/0 = NaN at step
+    one; each is one line naming the file."""
+    from data.stats import read_class_weights
+    (tmp_path / "weights.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"weights\.json: " + said):
+        read_class_weights(tmp_path / "weights.json", ["sky", "wall", "road"])
+    (tmp_path / "weights.json").write_text(json.dumps({"wall": 2, "2": 0.5}))
+    assert read_class_weights(tmp_path / "weights.json", ["sky", "wall", "road"]) == [1.0, 2.0, 0.5]
+
+
 def test_class_names_are_spreadsheet_safe_in_the_csv_files(tmp_path):
     """10. A class named like a formula is written as text, as spreadsheet-safe CSV writers do."""
     import csv
