@@ -30,7 +30,7 @@ from typing import Callable
 
 from segformer.bands import NODATA_RULES, Bands
 from segformer.errors import DataError
-from segformer.files import read_text
+from segformer.files import is_file, read_text
 from segformer.images import IMAGE_SUFFIXES, is_image_file
 from segformer.labels import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS,
                               CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE)
@@ -165,7 +165,7 @@ def voc_layout(root: Path, suffixes: dict) -> FolderLayout:
             found, lonely = [], []
             for line in read_text(list_file, error=DataError, expected="a list of file stems").split():
                 image, annotation = root / "JPEGImages" / f"{line}.jpg", root / "SegmentationClass" / f"{line}.png"
-                missing = [str(p) for p in (image, annotation) if not p.is_file()]
+                missing = [str(p) for p in (image, annotation) if not is_file(p)]
                 (lonely.extend(missing) if missing else found.append((image, annotation)))
             return found, lonely
         return pairs
@@ -202,7 +202,7 @@ def cvat_mask_layout(root: Path, suffixes: dict) -> FolderLayout:
             found, lonely = [], []
             for stem in read_text(list_file, error=DataError, expected="a list of file stems").split():
                 image, annotation = images.get(stem), root / "SegmentationClass" / f"{stem}.png"
-                if image is None or not annotation.is_file():
+                if image is None or not is_file(annotation):
                     lonely.append(str(annotation if image else root / "JPEGImages" / f"{stem}.*"))
                 else:
                     found.append((image, annotation))
@@ -379,7 +379,7 @@ def _list_pairs(list_file: Path, base: Path):
             if len(fields) != 2:
                 raise DataError(f"{list_file} line {number}: expected 'image annotation', got {line.strip()!r}")
             image, annotation = (base / f.strip() for f in fields)
-            missing = [str(p) for p in (image, annotation) if not p.is_file()]
+            missing = [str(p) for p in (image, annotation) if not is_file(p)]
             (lonely.extend(missing) if missing else found.append((image, annotation)))
         return found, lonely
     return pairs

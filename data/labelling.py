@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from segformer.errors import DataError, refusal
-from segformer.files import read_json, read_text
+from segformer.files import is_file, read_json, read_text
 from segformer.images import decode, declared_pixel_limit, pixel_count_problem
 
 from .mapping import IGNORE_INDEX
@@ -120,9 +120,9 @@ class CocoFile:
         for image_id in sorted(self.coco.imgs):
             entry = self.coco.imgs[image_id]
             path = images_dir / entry["file_name"]
-            if not path.is_file() and (images_dir / Path(entry["file_name"]).name).is_file():
+            if not is_file(path) and is_file(images_dir / Path(entry["file_name"]).name):
                 path = images_dir / Path(entry["file_name"]).name  # a tool's folder prefix on file_name
-            if not path.is_file():
+            if not is_file(path):
                 lonely.append(f"{self.path}: image id {image_id}, {entry['file_name']}: not in {images_dir}")
                 continue
             found.append((path, Drawn(f"{self.path} image id {image_id} ({entry['file_name']})",
@@ -402,7 +402,7 @@ def labelme_pairs(files: list[Path], class_names: tuple[str, ...]) -> tuple[list
     found, lonely = [], []
     for path, content in read_labelme_files(files, class_names).items():
         image = path.parent / content["imagePath"] if content.get("imagePath") else None
-        if image is not None and image.is_file():
+        if image is not None and is_file(image):
             source = image
         elif content.get("imageData"):
             source = EmbeddedImage(path)

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 from segformer.errors import DataError, refusal
-from segformer.files import read_json_object
+from segformer.files import exists, read_json_object
 
 from .mapping import IGNORE_INDEX
 
@@ -129,7 +129,7 @@ def read_manifest(path: Path) -> dict:
         for key, relative in spec.items():
             if not isinstance(relative, str) or not relative:
                 fail(f"splits.{name}.{key}", f"must be a path relative to {Path(path).parent}, got {relative!r}")
-            elif not (Path(path).parent / relative).exists():
+            elif not exists(Path(path).parent / relative):
                 fail(f"splits.{name}.{key}", f"names {relative!r}, which does not exist in {Path(path).parent}")
     if problems:
         raise refusal(problems)

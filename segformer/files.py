@@ -79,6 +79,23 @@ JSON_LIMIT = 1 << 30  # bytes: COCO's largest official annotation files are unde
 FILE_LIMIT = 1 << 32  # bytes: an image at the pixel limit, 4 float32 bands, uncompressed, is 2.9 GB
 
 
+def is_file(path: str | Path) -> bool:
+    """`Path.is_file` for a name a file wrote (a COCO file_name, a line of a list): False, not an exception,
+    where the system cannot look it up (a NUL byte in it, a name too long); FIFOs and devices are not files."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def exists(path: str | Path) -> bool:
+    """`Path.exists` for a name a file wrote, False where the system cannot look it up (see `is_file`)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def regular_file(path: Path, *, error: type[UserError], expected: str, limit: int) -> Path:
     """`path` if it is a regular file (through symlinks: what would be read) of at most `limit` bytes; else an
     `error` naming it and what it is: a FIFO would block the reader for ever, a device such as /dev/zero behind a

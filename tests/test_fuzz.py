@@ -60,7 +60,8 @@ RLE = st.fixed_dictionaries({"counts": st.text(max_size=10) | st.lists(st.intege
                              "size": st.lists(SIZES, min_size=0, max_size=3)})
 COCO = document({
     "images": maybe(st.lists(document({"id": maybe(st.integers(0, 3)), "file_name": maybe(st.sampled_from(
-        ["img.png", "missing.png", "../img.png", "/etc/hostname", "", "sub/img.png"])), "height": maybe(SIZES),
+        ["img.png", "missing.png", "../img.png", "/etc/hostname", "", "sub/img.png", "a\0.png", "x" * 300])),
+        "height": maybe(SIZES),
         "width": maybe(SIZES)}), max_size=3)),
     "categories": maybe(st.lists(document({"id": maybe(st.integers(0, 3)), "name": maybe(st.sampled_from(
         ["cat", "dog", "", "cat "]))}), max_size=3)),
@@ -72,7 +73,8 @@ COCO = document({
 POINTS = st.lists(st.lists(COORDINATES, min_size=0, max_size=3), max_size=6)
 LABELME = document({
     "version": maybe(st.just("5.4.1")), "flags": maybe(st.just({})),
-    "imagePath": maybe(st.sampled_from(["img.png", "missing.png", "../img.png", "/etc/hostname", ""])),
+    "imagePath": maybe(st.sampled_from(["img.png", "missing.png", "../img.png", "/etc/hostname", "", "a\0.png",
+                                        "x" * 300])),
     "imageData": maybe(st.none() | st.just("embedded") | st.text(max_size=8)),
     "imageHeight": maybe(SIZES), "imageWidth": maybe(SIZES),
     "shapes": maybe(st.lists(document({
@@ -92,7 +94,7 @@ MANIFEST = document({
     "bands": maybe(st.integers(-1, 5)), "mean": maybe(st.lists(st.floats(allow_nan=True), max_size=4)),
     "std": maybe(st.lists(st.floats(allow_nan=True), max_size=4)),
     "splits": maybe(st.dictionaries(st.sampled_from(["train", "validation"]), st.fixed_dictionaries(
-        {"images": maybe(st.sampled_from(["images", "../images", "/tmp", "nowhere"])),
+        {"images": maybe(st.sampled_from(["images", "../images", "/tmp", "nowhere", "im\0ages", "x" * 300])),
          "annotations": maybe(st.sampled_from(["annotations", "images", "nowhere"]))}), max_size=2)),
     "image_suffix": maybe(st.sampled_from([".png", "", "_x"])),
 })

@@ -477,3 +477,32 @@ def test_files_named_from_outside_the_data_folder_are_refused_unless_allowed(tmp
     assert train.main(["--data", str(coco), "--max-steps", "1", "--out", str(tmp_path / "allowed"), "--no-plots",
                        "--size", "32", "--batch-size", "2", "--allow-outside-data"]) == 0
     assert "2 training / 1 validation samples" in capsys.readouterr().out
+
+
+def test_names_the_system_cannot_look_up_are_files_missing_not_tracebacks(tmp_path, capsys):
+    """A COCO file_name or LabelMe imagePath of 5,000 characters (or with a NUL byte), and a dataset.json folder
+    of that length: Path.is_file raised OSError (File name too long) out of the reader."""
+    from data.__main__ import main as doctor
+    long_name, nul_name = "x" * 5000 + ".png", "a\0.png"
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    random_image(H, W).save(coco / "images" / "img0.png")
+    document = coco_json(["img0.png", long_name, nul_name], SHAPES)
+    (coco / "annotations" / "instances_train.json").write_text(json.dumps(document))
+    assert doctor([str(coco)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("unpaired: ") == 2 and "image id 2, xxxx" in out and "2 problem(s) found" in out
+    labelme = tmp_path / "labelme"
+    labelme.mkdir()
+    for i, name in enumerate((long_name, nul_name)):
+        (labelme / f"a{i}.json").write_text(json.dumps({"shapes": [], "imagePath": name, "imageHeight": H,
+                                                        "imageWidth": W}))
+    assert doctor([str(labelme)]) == 1
+    assert "its image 'xxxx" in capsys.readouterr().out
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    (manifest / "dataset.json").write_text(json.dumps({"classes": ["a"], "splits": {"train": {
+        "images": "x" * 5000, "annotations": "b"}}}))
+    assert doctor([str(manifest)]) == 1
+    assert "key 'splits.train.images' names 'xxxx" in capsys.readouterr().out
