@@ -21,7 +21,9 @@ The rules, the same in training, evaluation and the dataset doctor:
   line), decoded exactly by those colours (data/folders.py).
 
 Every problem names the file and the annotation: a polygon outside its image, an unknown category, an
-image the JSON names but the folder lacks, a shape LabelMe does not define.
+image the JSON names but the folder lacks, a shape LabelMe does not define. A file's (or a LabelMe folder's)
+structure is checked before anything is drawn, and every problem found is kept (`segformer.errors.refusal`):
+training stops at the first, naming how many more there are; `python -m data doctor` lists them all.
 """
 
 import base64
