@@ -26,6 +26,7 @@ from PIL import Image
 from segformer.cli import SIZE_RANGE, bounded, run_main
 from segformer.errors import ConfigError
 from segformer.images import is_image_file, to_rgb
+from segformer.inference import NonFiniteLogits
 
 DEFAULT_CHECKPOINT = "runs/synthetic/best"
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's own: no request to a font CDN
@@ -89,7 +90,10 @@ class Demo:
         if image is None:
             raise gr.Error("upload an image, or pick a sample")
         image = to_rgb(image)
-        prediction = self.segmenter.predict(mode, [image])[0]
+        try:
+            prediction = self.segmenter.predict(mode, [image])[0]
+        except NonFiniteLogits as e:  # no mask made of NaN: said on the page, as the service answers 422
+            raise gr.Error(f"this image: {e}") from None
         names, colours = self.segmenter.names, self.segmenter.colours
         label_map = prediction.label_map.numpy()
         classes, counts = np.unique(label_map, return_counts=True)

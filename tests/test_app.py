@@ -78,3 +78,21 @@ def test_the_demo_function_matches_the_service(demo):
     label_map = segmenter.predict("slide", [image])[0].label_map.numpy()
     assert sum(row[1] for row in table) == label_map.size
     assert {row[0] for row in table} == {segmenter.names[int(c)] for c in np.unique(label_map)}
+
+
+def test_an_image_the_model_makes_nan_of_is_said_on_the_page(demo):
+    """NaN logits made a one-class overlay shown as an answer; the page now says why there is none."""
+    import gradio as gr
+    import torch
+
+    from segformer.runtimes import load_for_inference
+    _, segmenter = demo
+    model, facts = load_for_inference(segmenter.facts.source)
+
+    class NaNs(torch.nn.Module):
+        id2label = model.id2label
+
+        def forward(self, x):
+            return model(x) * float("nan")
+    with pytest.raises(gr.Error, match=r"this image: the model's logits are NaN or infinite"):
+        app.Demo(Segmenter(NaNs(), facts, device="cpu")).segment(random_image(40, 48), "resize", 0.5)
