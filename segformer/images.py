@@ -74,13 +74,18 @@ def pixel_count_problem(width: int, height: int, name: str, limit: int, *, decla
             f"may have ({PIXEL_LIMIT_VARIABLE} raises the limit)")
 
 
-def pil_refusal(error: Exception, name: str, limit: int) -> str:
-    """PIL's own header check (DecompressionBombError, at the same limit: `declared_pixel_limit` sets it) as the
-    one refusal line: PIL refuses before it returns the image, so its message gives the count, not the sides."""
-    found = re.search(r"\((\d+) pixels\)", str(error))
-    count = f"{int(found.group(1)):,}" if found else "more"
-    return (f"{name}: is {count} pixels, more than the {limit:,} an image may have ({PIXEL_LIMIT_VARIABLE} raises "
-            f"the limit)")
+def cannot_decode(error: Exception, name: str, limit: int) -> DataError:
+    """PIL's failure to open or decode an image file as one line naming the file: its own header check
+    (DecompressionBombError, at the same limit: `declared_pixel_limit` sets it) as the one pixel-limit line, with
+    PIL's count (it refuses before it returns the image: no sides); anything else as PIL says it, without the
+    name of its buffer (the file is named already)."""
+    if isinstance(error, Image.DecompressionBombError):
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        count = f"{int(found.group(1)):,}" if found else "more"
+        return DataError(f"{name}: is {count} pixels, more than the {limit:,} an image may have "
+                         f"({PIXEL_LIMIT_VARIABLE} raises the limit)")
+    reason = str(error).split(" <_io.BytesIO")[0]
+    return DataError(f"{name}: cannot decode image ({type(error).__name__}: {reason})")
 
 
 def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
@@ -100,11 +105,8 @@ def decode(data: bytes | str | Path, name: str | None = None) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except DataError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DataError(pil_refusal(e, name, limit)) from None
-    except Exception as e:  # not an image, truncated, a broken EXIF block
-        reason = str(e).split(" <_io.BytesIO")[0]  # PIL names its buffer: the file is named already
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {reason})") from None
+    except Exception as e:  # not an image, truncated, a broken EXIF block, past PIL's own limit
+        raise cannot_decode(e, name, limit) from None
     if frames > 1:  # an animation or a multi-page file: its first frame would be read without a word
         raise DataError(f"{name}: {frames} frames or pages; expected one image (a video goes to infer.py as a "
                         f"video file; save the frame or page you mean as its own image)")
@@ -119,12 +121,10 @@ def displayed_size(data: bytes, name: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Image.DecompressionBombError as e:
-        raise DataError(pil_refusal(e, name, limit)) from None
     except Exception as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {str(e).split(' <_io.BytesIO')[0]})") \
-            from None
-    check_pixel_count(width, height, name)
+        raise cannot_decode(e, name, limit) from None
+    if width * height > limit:  # the same line as decode's
+        raise DataError(pixel_count_problem(width, height, name, limit))
     return (height, width) if orientation in TRANSPOSED else (width, height)
 
 
