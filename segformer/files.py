@@ -96,8 +96,9 @@ def exists(path: str | Path) -> bool:
         return False
 
 
-def regular_file(path: Path, *, error: type[UserError], expected: str, limit: int) -> Path:
-    """`path` if it is a regular file (through symlinks: what would be read) of at most `limit` bytes; else an
+def regular_file(path: Path, *, error: type[UserError], expected: str, limit: int | None) -> Path:
+    """`path` if it is a regular file (through symlinks: what would be read) of at most `limit` bytes (None: any
+    size, for a file that is streamed); else an
     `error` naming it and what it is: a FIFO would block the reader for ever, a device such as /dev/zero behind a
     symlink would fill the memory, a sparse file can claim terabytes it does not hold."""
     path = Path(path)
@@ -109,7 +110,7 @@ def regular_file(path: Path, *, error: type[UserError], expected: str, limit: in
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
             "a device or socket"
         raise error(f"{path}: {kind}, not a file; expected {expected}")
-    if info.st_size > limit:
+    if limit is not None and info.st_size > limit:
         raise error(f"{path}: {info.st_size / 2**20:,.0f} MB; {expected} of at most {limit / 2**20:,.0f} MB is read")
     return path
 

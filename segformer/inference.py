@@ -363,13 +363,11 @@ class Predictor:
         with autocast(self.device.type, self.amp):
             logits = self.model(x).float()
         if not bool(torch.isfinite(logits).all()):
-            error = NonFiniteLogits(
+            raise NonFiniteLogits(
                 f"the model's logits are NaN or infinite at {int((~torch.isfinite(logits)).sum()):,} of "
                 f"{logits.numel():,} values, so no mask is made of them: an input far outside the values the model "
                 f"was trained on" + (f", or {self.amp} autocast overflowing (amp 'off' computes in float32)"
                                      if self.amp != "off" else ""))
-            error.amp = self.amp
-            raise error
         return logits / self.temperature if self.temperature else logits
 
     def slide(self, image: torch.Tensor, size: tuple[int, int], flipped: bool) -> SlideView:

@@ -57,7 +57,7 @@ class Frames:
                                 else (str(source), "avfoundation"))
                 self.container = av.open(device, format=form)
             else:  # a regular file: FFmpeg would wait on a FIFO for ever (streamed: no size limit)
-                regular_file(Path(source), error=DataError, expected="a video file", limit=1 << 62)
+                regular_file(Path(source), error=DataError, expected="a video file", limit=None)
                 self.container = av.open(str(source))
             self.stream = self.container.streams.video[0]
         except (av.FFmpegError, IndexError, OSError) as e:

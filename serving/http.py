@@ -13,7 +13,6 @@ import contextlib
 import logging
 
 import torch
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,6 +23,7 @@ from segformer.inference import NonFiniteLogits
 
 from .batcher import Batcher, QueueFull
 from .protocol import BadRequest, Limits, body_kind, decode_image, parse_options
+from .segmenter import PLAIN_IMAGE
 
 log = logging.getLogger("serve")
 
@@ -116,7 +116,7 @@ def build_app(segmenter, batcher: Batcher, limits: Limits) -> Starlette:
     async def lifespan(app):
         await batcher.start()
         # the first forward pass (allocations, kernels) before the first client's
-        await batcher.submit(segmenter.default_mode, Image.linear_gradient("L").convert("RGB"))
+        await batcher.submit(segmenter.default_mode, PLAIN_IMAGE)
         batcher.sizes.clear()
         state["ready"] = True
         yield

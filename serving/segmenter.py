@@ -16,6 +16,8 @@ from segformer.runtimes import RUNTIMES, load_for_inference
 
 from .protocol import MODES, BadRequest, Options, answer
 
+PLAIN_IMAGE = Image.linear_gradient("L").convert("RGB")  # 256 x 256: the check at load, the service's warm-up
+
 
 class Segmenter:
     def __init__(self, model, facts, *, device: str | None = None, amp: str = "off", batch_size: int = 8,
@@ -50,20 +52,20 @@ class Segmenter:
             torch.set_num_threads(threads)
         model, facts = load_for_inference(source, size=size, trust_code=trust_code, runtime=runtime, threads=threads)
         segmenter = cls(model, facts, **options)
-        segmenter.check(source)
+        segmenter.check()
         return segmenter
 
-    def check(self, source: str) -> None:
+    def check(self) -> None:
         """One forward pass on a plain gradient image, before any client's: a model whose logits are not finite
         even there (weights finite but too large for float32, a graph exported from such weights) is one line
         naming it, not a service that answers every request with an error."""
         try:
-            self.predict(self.default_mode, [Image.linear_gradient("L").convert("RGB")])
-        except NonFiniteLogits as e:
-            cause = f"{e.amp} autocast overflows (amp 'off' computes in float32)" if e.amp != "off" else \
+            self.predict(self.default_mode, [PLAIN_IMAGE])
+        except NonFiniteLogits:
+            cause = f"{self.amp} autocast overflows (amp 'off' computes in float32)" if self.amp != "off" else \
                 "its weights are finite but too large for float32 arithmetic"
-            raise CheckpointError(f"{source}: the model's logits are NaN or infinite on a plain gradient image: "
-                                  f"{cause}") from None
+            raise CheckpointError(f"{self.facts.source}: the model's logits are NaN or infinite on a plain gradient "
+                                  f"image: {cause}") from None
 
     def check_mode(self, mode: str) -> None:
         """A mode this model cannot run (a graph of one input size) is the request's 400, with why."""
