@@ -62,6 +62,15 @@ def annotation_to_tensor(annotation: Image.Image, name: str, mapping: LabelMappi
     return torch.from_numpy(array.copy() if array.dtype == np.uint8 else array.astype(np.int64))
 
 
+def size_mismatch(annotation: Image.Image, name: str, labels: torch.Tensor, width: int, height: int) -> str | None:
+    """What is wrong when an annotation's label map is not its image's width x height (None: nothing), named by
+    the annotation's own file (an annotation PNG, a LabelMe JSON, a COCO entry) and its image's `name`."""
+    if labels.shape == (height, width):
+        return None
+    return (f"{getattr(annotation, 'filename', '') or name}: the annotation is {labels.shape[1]}x{labels.shape[0]} "
+            f"(WxH) but its image {name} is {width}x{height}")
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """The samples of one split under a label spec (`data.spec.LabelSpec`: the classes and the mapping of
     stored values to them), transformed, as bytes (see the module's docstring)."""
@@ -115,11 +124,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.corruption is not None:
             image = self.corruption(image, index)
         labels = self.mapping.apply(annotation_to_tensor(annotation, name, self.mapping))
-        if image.shape[-2:] != labels.shape:
-            where = getattr(annotation, "filename", "") or name  # the annotation's own file (a COCO entry, a JSON)
-            raise DataError(f"{where}: the annotation is {labels.shape[1]}x{labels.shape[0]} (WxH) but its image {name} "
-                            f"is {image.shape[2]}x{image.shape[1]} (as displayed: its EXIF orientation applied; an "
-                            f"annotation must be drawn on the image as a viewer shows it)")
+        if problem := size_mismatch(annotation, name, labels, image.shape[2], image.shape[1]):
+            raise DataError(f"{problem} (as displayed: its EXIF orientation applied; an annotation must be drawn on "
+                            f"the image as a viewer shows it)")
         if bands is not None:  # a raster's no-data (NaN, infinity): the band mean in, the pixel labelled as the
             image, nodata = fill_nonfinite(image, bands)  # data says ("uncovered": ignored, or class 0)
             if nodata is not None:

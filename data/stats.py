@@ -22,7 +22,7 @@ from tqdm import tqdm
 from segformer.errors import DataError
 from segformer.files import read_json
 
-from .dataset import annotation_to_tensor
+from .dataset import annotation_to_tensor, size_mismatch
 from .mapping import IGNORE_INDEX, LabelMapping
 
 
@@ -51,9 +51,8 @@ def read_annotation(samples, i: int, mapping: LabelMapping):
         labels = mapping.apply(annotation_to_tensor(annotation, name, mapping))
     except DataError as e:
         return samples.name(i), None, str(e)
-    if (labels.shape[1], labels.shape[0]) != tuple(size):  # named by the annotation's file (a COCO entry, a JSON)
-        return name, None, (f"{getattr(annotation, 'filename', '') or name}: the annotation is {labels.shape[1]}x"
-                            f"{labels.shape[0]} (WxH) but its image {name} is {size[0]}x{size[1]}")
+    if problem := size_mismatch(annotation, name, labels, *size):
+        return name, None, problem
     return name, size, labels
 
 
