@@ -39,8 +39,9 @@ from PIL import Image
 from segformer.errors import DataError, refusal
 from segformer.files import is_file, read_json, read_text
 from segformer.images import decode, declared_pixel_limit, pixel_count_problem
+from segformer.labels import named_twice
 
-from .mapping import IGNORE_INDEX
+from .mapping import IGNORE_INDEX, LABEL_MAPS_HOLD
 
 COCO_RULES = {"uncovered": ("background", "ignore"), "crowd": ("ignore", "label")}
 
@@ -237,8 +238,7 @@ def coco_problems(content, path: Path, *, background: bool) -> list[str]:
     classes = len(categories) + background
     if classes > IGNORE_INDEX:
         problems.append(f"{path}: {len(categories)} categories{' and the background' if background else ''} make "
-                        f"{classes} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; {IGNORE_INDEX} "
-                        f"is the ignore index): merge categories, or drop some from the file")
+                        f"{classes} classes; {LABEL_MAPS_HOLD}: merge categories, or drop some from the file")
     seen = set()
     for i, annotation in enumerate(content.get("annotations", [])):
         if not isinstance(annotation, dict) or not is_id(annotation.get("id")):
@@ -388,14 +388,13 @@ def labelme_classes(folder: Path, files: list[Path], manifest_classes) -> tuple[
         names = tuple("background" if n == "_background_" else n for n in names if n != LABELME_IGNORE)
         if not names:
             raise DataError(f"{labels_file}: no class names")
-        if twice := sorted({n for n in names if names.count(n) > 1}):  # a class would vanish from label2id
+        if twice := named_twice(names):
             raise DataError(f"{labels_file}: the class {twice[0]!r} is named twice (_background_ is background)")
         origin = labels_file
     else:
         names, origin = ("background", *labelme_labels(files)), folder
     if len(names) > IGNORE_INDEX:
-        raise DataError(f"{origin}: {len(names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
-                        f"{IGNORE_INDEX} is the ignore index): merge labels")
+        raise DataError(f"{origin}: {len(names)} classes; {LABEL_MAPS_HOLD}: merge labels")
     return names
 
 
@@ -467,9 +466,6 @@ def shape_polygon(shape: dict, where: str) -> list[float] | None:
 def draw_labelme(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
     content = read_labelme(path)  # checked again: the file may have changed since the folder was listed
     height, width = content["imageHeight"], content["imageWidth"]
-    if len(class_names) > IGNORE_INDEX:
-        raise DataError(f"{path}: {len(class_names)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
-                        f"{IGNORE_INDEX} is the ignore index): merge labels")
     ids = {name: i for i, name in enumerate(class_names)}
     label = np.full((height, width), ids.get("background", IGNORE_INDEX), np.uint8)
     for number, shape in enumerate(content["shapes"]):
@@ -513,8 +509,7 @@ def read_labelmap(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, in
     if not names and not problems:
         problems.append(f"{path}: no labels")
     if len(names) > IGNORE_INDEX:
-        problems.append(f"{path}: {len(names)} labels; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
-                        f"{IGNORE_INDEX} is the ignore index): merge labels in CVAT, or export fewer")
+        problems.append(f"{path}: {len(names)} labels; {LABEL_MAPS_HOLD}: merge labels in CVAT, or export fewer")
     if problems:
         raise refusal(problems)
     return tuple(names), tuple(colours)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from segformer.errors import DataError, refusal
 from segformer.files import exists, read_json_object
+from segformer.labels import named_twice
 
-from .mapping import IGNORE_INDEX
+from .mapping import IGNORE_INDEX, LABEL_MAPS_HOLD
 
 MANIFEST_KEYS = {
     "classes": "list of class names; class id = position",
@@ -50,13 +51,12 @@ def read_manifest(path: Path) -> dict:
         empty = [i for i, name in enumerate(classes) if not name.strip()]
         if empty:
             fail("classes", f"class {empty[0]} has an empty name; every class needs one")
-        twice = sorted({name for name in classes if classes.count(name) > 1})
+        twice = named_twice(classes)
         if twice:
             fail("classes", f"names {twice[0]!r} twice (classes {[i for i, n in enumerate(classes) if n == twice[0]]}): "
                             f"a name is one class")
         if len(classes) > IGNORE_INDEX:
-            fail("classes", f"has {len(classes)} classes; the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; "
-                            f"{IGNORE_INDEX} is the ignore index)")
+            fail("classes", f"has {len(classes)} classes; {LABEL_MAPS_HOLD}")
     if manifest.get("annotation_format", "index") not in ("index", "rgb"):
         fail("annotation_format", f"must be \"index\" or \"rgb\", got {manifest['annotation_format']!r}")
     palette = manifest.get("palette")

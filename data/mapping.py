@@ -18,6 +18,8 @@ from PIL import Image
 from segformer.errors import DataError
 
 IGNORE_INDEX = 255
+# said wherever a data set has more classes than that (COCO, LabelMe, CVAT, dataset.json)
+LABEL_MAPS_HOLD = f"the label maps hold {IGNORE_INDEX} (0..{IGNORE_INDEX - 1}; {IGNORE_INDEX} is the ignore index)"
 
 
 @dataclass(frozen=True)

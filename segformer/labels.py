@@ -102,6 +102,12 @@ def is_default_names(names) -> bool:
     return all(name == default_name(i) for i, name in items)
 
 
+def named_twice(names) -> list[str]:
+    """The names given to more than one class, sorted: with any, label2id would keep one class of each."""
+    names = list(names)
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def read_id2label(path: str | Path, *, error: type[UserError] = DataError) -> dict[int, str]:
     """Read an `id2label.json` ({"0": "wall", ...}): ids 0..N-1, each named, no name twice; anything else is
     an `error` naming the file."""
@@ -119,8 +125,7 @@ def read_id2label(path: str | Path, *, error: type[UserError] = DataError) -> di
     bad = [(k, v) for k, v in raw.items() if not isinstance(v, str) or not v.strip()]
     if bad:
         raise error(f"{path}: class {bad[0][0]} is named {bad[0][1]!r}; every class needs a name (a string)")
-    names = list(id2label.values())
-    if twice := sorted({n for n in names if names.count(n) > 1}):  # a class would vanish from label2id
+    if twice := named_twice(id2label.values()):
         raise error(f"{path}: the name {twice[0]!r} is given to classes "
                     f"{[i for i, n in sorted(id2label.items()) if n == twice[0]]}; a name is one class")
     return dict(sorted(id2label.items()))
