@@ -237,8 +237,8 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
                 print(f"{path}: {int(nodata.sum())} pixels have no finite value in any band (no data); labelled "
                       f"{predictor.bands.nodata_label} in the mask ({predictor.bands.nodata}, as the checkpoint's "
                       f"data says: \"uncovered\" in its dataset.json)")
-    except UserError as e:  # unreadable, not an image, missing: the message names the file
-        return one_line(e)
+    except UserError as e:  # unreadable, not an image, missing
+        return named(path, e)
     try:
         prediction = predictor(pixels, confidence=confidence)
         if nodata is not None and nodata.any():  # the model saw the bands' means there: its guess is not written
@@ -251,7 +251,7 @@ def segment_one(path: Path, stem: Path, predictor, *, colours, names, alpha, con
             label_map = prediction.label_map.cpu().numpy()
             atomic_write(output_path(stem, "_mask.tif"), lambda tmp: write_geotiff(label_map, Path(tmp), where))
     except UserError as e:  # the model's logits not finite (NonFiniteLogits)
-        return f"{path}: {one_line(e)}"
+        return named(path, e)
     except Exception as e:  # out of memory (a RuntimeError), an unwritable output, ...
         return f"{path}: {type(e).__name__}: {one_line(e)}"
     return None
@@ -296,9 +296,8 @@ def segment_video(source, stem: Path, predictor, *, colours, names, alpha, masks
 
             atomic_write(output_path(stem, "_overlay.mp4"), write_video)
         seconds = time.perf_counter() - start
-    except UserError as e:  # named by the file already, or the model's logits not finite on a frame
-        line = one_line(e)
-        return line if str(source) in line else f"{source}: {line}"
+    except UserError as e:  # unreadable, not a video, or the model's logits not finite on a frame
+        return named(source, e)
     except Exception as e:  # out of memory, an unwritable output, ...
         return f"{source}: {type(e).__name__}: {one_line(e)}"
     if not written:
@@ -318,6 +317,12 @@ def segment_video(source, stem: Path, predictor, *, colours, names, alpha, masks
 def one_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+def named(source, error: Exception) -> str:
+    """A UserError's line naming the input: as it is where it names it already, else after its name."""
+    line = one_line(error)
+    return line if str(source) in line else f"{source}: {line}"
 
 
 def main(args) -> int:

@@ -240,8 +240,8 @@ def read_preprocessor(path: Path) -> dict:
         size = size.get("height", size.get("shortest_edge"))
     if "size" in preprocessor and not whole(size):
         fail("size", '{"height": H, "width": W} (or an integer) of positive whole numbers')
-    if size is not None and size * size > declared_pixel_limit():
-        fail("size", f"an input size of at most {declared_pixel_limit():,} pixels")
+    if size is not None and size * size > (limit := declared_pixel_limit()):
+        fail("size", f"an input size of at most {limit:,} pixels")
     reduce_labels = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))  # older: reduce_labels
     for key in ("do_reduce_labels", "reduce_labels", "do_rescale", "do_normalize", "do_resize"):
         if key in preprocessor and not isinstance(preprocessor[key], bool):
