@@ -360,8 +360,7 @@ def read_labelme_files(files: list[Path], class_names: tuple[str, ...] | None = 
             continue
         for number, shape in enumerate(content["shapes"]):
             name = shape["label"]
-            if class_names is not None and name != LABELME_IGNORE and name not in class_names and \
-                    (shape.get("shape_type") or "polygon") not in LABELME_NO_AREA:
+            if class_names is not None and name != LABELME_IGNORE and name not in class_names and covers_pixels(shape):
                 problems.append(f"{path} shape {number} ({name!r}): label {name!r} is not a class "
                                 f"({', '.join(class_names)}); add it to labels.txt or the manifest's \"classes\"")
     if problems:
@@ -372,7 +371,7 @@ def read_labelme_files(files: list[Path], class_names: tuple[str, ...] | None = 
 def labelme_labels(files: list[Path]) -> list[str]:
     """Every label the files use, sorted (the ignore label left out)."""
     labels = {shape["label"] for content in read_labelme_files(files).values() for shape in content["shapes"]
-              if (shape.get("shape_type") or "polygon") not in LABELME_NO_AREA}
+              if covers_pixels(shape)}
     return sorted(labels - {LABELME_IGNORE})
 
 
@@ -430,10 +429,18 @@ class EmbeddedImage:
         return f"{self.path} (imageData)"
 
 
+def shape_type(shape: dict) -> str:
+    return shape.get("shape_type") or "polygon"  # null or missing: LabelMe's default
+
+
+def covers_pixels(shape: dict) -> bool:
+    """A shape with an area (lines and points cover no pixel)."""
+    return shape_type(shape) not in LABELME_NO_AREA
+
 
 def shape_polygon(shape: dict, where: str) -> list[float] | None:
     """A LabelMe shape as one polygon [x0, y0, ...] (labelme2coco's conversion), None for shapes with no area."""
-    kind = shape.get("shape_type") or "polygon"
+    kind = shape_type(shape)
     points = shape.get("points") or []
     if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(is_number, p))
                                                for p in points):
